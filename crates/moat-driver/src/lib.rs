@@ -1,0 +1,127 @@
+//! Drivers run machines. Each backend (the built-in container runtime
+//! `native`, later `nspawn`, `qemu`, `firecracker`, `incus`) implements
+//! [`Driver`]. The engine picks a driver per machine from the machine's
+//! `driver:` field and asks it to [`Driver::probe`] the host first, so an
+//! unusable backend is reported before anything is changed.
+//!
+//! Drivers are the source of truth for observed machine state: `observe`
+//! re-reads the host every time.
+
+use moat_core::model::{Machine, MachineType, ResolvedNic};
+use moat_core::observed::{Limits, ObservedMachine};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a driver needs to know about the moat root it works in.
+#[derive(Clone, Debug)]
+pub struct Ctx {
+    /// The moat root (state, images, machines live below it).
+    pub root: PathBuf,
+    /// Run-time folder (sockets, pid files), e.g. `/run/moat`.
+    pub run_dir: PathBuf,
+    /// See `moat_core::naming::root_tag`.
+    pub root_tag: String,
+}
+
+/// Everything a driver needs to create one machine.
+#[derive(Clone, Debug)]
+pub struct MachineSpec {
+    pub machine: Machine,
+    /// Present when `network: domain`.
+    pub nic: Option<ResolvedNic>,
+    /// Bridge to attach the NIC to, with gateway and prefix length.
+    pub bridge: Option<BridgeInfo>,
+    /// Hash of the settings that require a re-create; drivers record it and
+    /// report it back in `ObservedMachine::spec_hash`.
+    pub spec_hash: String,
+    /// DNS names of the machine's domain peers (name → address) for /etc/hosts.
+    pub hosts: Vec<(String, std::net::Ipv4Addr)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct BridgeInfo {
+    pub name: String,
+    pub gateway: std::net::Ipv4Addr,
+    pub prefix_len: u8,
+}
+
+/// Result of probing the host for a driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    Available,
+    /// Why not, and what to do about it.
+    Unavailable { reason: String, hint: String },
+}
+
+/// Optional features a driver may offer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub exec: bool,
+    pub snapshot: bool,
+    pub clone: bool,
+    pub console: bool,
+    pub update_limits: bool,
+}
+
+/// Output of a non-interactive exec.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOutput {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// driver '{driver}' is not usable on this host: {reason}
+    #[error("driver '{driver}' is not usable on this host: {reason}")]
+    Unavailable { driver: String, reason: String },
+    #[error("machine '{machine}' does not exist")]
+    NoSuchMachine { machine: String },
+    #[error("driver '{driver}' does not support {what}")]
+    Unsupported { driver: String, what: String },
+    #[error("{machine}: {message}")]
+    Failed { machine: String, message: String },
+    #[error("{machine}: {source}")]
+    Io {
+        machine: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, DriverError>;
+
+/// A backend that runs machines.
+///
+/// Every method is idempotent where that makes sense: `create` of an existing
+/// machine with the same spec hash succeeds, `destroy` of a missing one too.
+pub trait Driver: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn probe(&self, ctx: &Ctx) -> Probe;
+    fn supports(&self, kind: MachineType) -> bool;
+    fn capabilities(&self) -> Capabilities;
+
+    /// All machines of this root that this driver knows about.
+    fn list(&self, ctx: &Ctx) -> Result<Vec<ObservedMachine>>;
+    fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>>;
+
+    fn create(&self, ctx: &Ctx, spec: &MachineSpec) -> Result<()>;
+    fn start(&self, ctx: &Ctx, full_name: &str) -> Result<()>;
+    fn stop(&self, ctx: &Ctx, full_name: &str, timeout: Duration) -> Result<()>;
+    fn destroy(&self, ctx: &Ctx, full_name: &str) -> Result<()>;
+
+    fn update_limits(&self, _ctx: &Ctx, full_name: &str, _limits: &Limits) -> Result<()> {
+        Err(DriverError::Unsupported {
+            driver: self.name().into(),
+            what: format!("changing limits in place ({full_name})"),
+        })
+    }
+
+    fn exec(&self, _ctx: &Ctx, full_name: &str, _argv: &[String]) -> Result<ExecOutput> {
+        Err(DriverError::Unsupported {
+            driver: self.name().into(),
+            what: format!("exec ({full_name})"),
+        })
+    }
+}

@@ -1,0 +1,1 @@
+//! Image store: content-addressed layers, per-machine writable layers (overlayfs / btrfs), image sources

@@ -1,0 +1,1 @@
+//! moat's built-in container runtime (youki's libcontainer) and the per-machine supervisor
