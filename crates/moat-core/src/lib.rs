@@ -20,3 +20,28 @@ pub mod diag;
 pub mod model;
 pub mod naming;
 pub mod observed;
+pub mod address;
+pub mod load;
+
+use diag::Diagnostics;
+use model::Allocations;
+use std::path::Path;
+
+/// Load, validate and allocate: what `moat validate` and `moat plan` run first.
+/// Warnings from both stages are returned together with the result.
+pub fn check(path: &Path, prior: &Allocations, root: &str) -> Result<(address::Allocated, Diagnostics), Diagnostics> {
+    let loaded = load::load(path)?;
+    let mut warnings = loaded.warnings;
+    match address::allocate(&loaded.project, prior, root) {
+        Ok(a) => {
+            warnings.extend(a.warnings.clone());
+            Ok((a, warnings))
+        }
+        Err(mut errs) => {
+            warnings.extend(errs);
+            errs = warnings;
+            errs.sort();
+            Err(errs)
+        }
+    }
+}
