@@ -303,6 +303,8 @@ pub struct Machine {
     /// Command to run instead of the image's init/entrypoint.
     pub command: Option<Vec<String>>,
     pub loc: Option<Loc>,
+    /// Where `ip:` was written (for address errors); `None` when no `ip:` was given.
+    pub ip_loc: Option<Loc>,
 }
 
 /// A policy opens a flow between two endpoints.
