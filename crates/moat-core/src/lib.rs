@@ -16,12 +16,14 @@
 //! [`load`]. No `unsafe`. Everything is deterministic (BTreeMaps, sorted output).
 #![forbid(unsafe_code)]
 
+pub mod address;
 pub mod diag;
+pub mod load;
+pub mod suggest;
+pub mod yaml;
 pub mod model;
 pub mod naming;
 pub mod observed;
-pub mod address;
-pub mod load;
 
 use diag::Diagnostics;
 use model::Allocations;
@@ -29,7 +31,11 @@ use std::path::Path;
 
 /// Load, validate and allocate: what `moat validate` and `moat plan` run first.
 /// Warnings from both stages are returned together with the result.
-pub fn check(path: &Path, prior: &Allocations, root: &str) -> Result<(address::Allocated, Diagnostics), Diagnostics> {
+pub fn check(
+    path: &Path,
+    prior: &Allocations,
+    root: &str,
+) -> Result<(address::Allocated, Diagnostics), Diagnostics> {
     let loaded = load::load(path)?;
     let mut warnings = loaded.warnings;
     match address::allocate(&loaded.project, prior, root) {
