@@ -1,0 +1,471 @@
+//! Acting on the host: bridges, veth pairs, the nftables tables, ip_forward.
+//!
+//! Everything goes through `ip`, `nft`, `nsenter` and `sysctl` run by an
+//! [`Executor`], so each host change is one logged command (and unit tests
+//! use the recording fake). Commands are idempotent where the kernel allows;
+//! `ensure_*` read the host first and only change what differs.
+
+use crate::render::{delete_script, Ruleset, HASH_COMMENT_PREFIX};
+use crate::NetError;
+use ipnet::Ipv4Net;
+use moat_core::model::{ResolvedNetwork, ResolvedNic};
+use moat_core::naming;
+use moat_core::observed::ObservedNetwork;
+use moat_host::exec::{Cmd, Executor, Output};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+/// The network namespace a machine's NIC goes into.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetnsTarget {
+    /// Any process in the namespace (its `/proc/PID/ns/net`).
+    Pid(u32),
+    /// A namespace file: `/proc/PID/ns/net` or `/run/netns/NAME`.
+    Path(PathBuf),
+}
+
+impl NetnsTarget {
+    /// The namespace file.
+    pub fn path(&self) -> String {
+        match self {
+            NetnsTarget::Pid(p) => format!("/proc/{p}/ns/net"),
+            NetnsTarget::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+/// What [`NetHost::apply_ruleset`] changed besides the tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// `net.ipv4.ip_forward` before the apply (it is on afterwards).
+    pub previous_ip_forward: bool,
+}
+
+/// Host networking of moat, over an executor.
+#[derive(Clone, Debug)]
+pub struct NetHost<E: Executor> {
+    exec: E,
+}
+
+impl<E: Executor> NetHost<E> {
+    pub fn new(exec: E) -> NetHost<E> {
+        NetHost { exec }
+    }
+
+    pub fn executor(&self) -> &E {
+        &self.exec
+    }
+
+    fn run(&self, what: &str, cmd: Cmd) -> Result<Output, NetError> {
+        self.exec.run(&cmd).map_err(|source| NetError::Command {
+            what: what.to_string(),
+            source,
+        })
+    }
+
+    fn json(&self, what: &str, cmd: Cmd) -> Result<Value, NetError> {
+        let out = self.run(what, cmd)?;
+        if out.stdout.trim().is_empty() {
+            return Ok(Value::Array(Vec::new()));
+        }
+        serde_json::from_str(&out.stdout).map_err(|e| NetError::Parse {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })
+    }
+
+    fn sysctl_set(&self, what: &str, key: &str, value: &str) -> Result<(), NetError> {
+        self.run(
+            what,
+            Cmd::new("sysctl").args(["-q", "-w", &format!("{key}={value}")]),
+        )?;
+        Ok(())
+    }
+
+    /// Addresses (`addr/prefix`) of a link, or `None` when the link is absent.
+    fn link_addrs(&self, name: &str) -> Result<Option<(Vec<String>, Value)>, NetError> {
+        let what = format!("reading link {name}");
+        let out = self.run(
+            &what,
+            Cmd::new("ip")
+                .args(["-j", "-d", "addr", "show", "dev", name])
+                .allow_failure(),
+        )?;
+        if !out.success() {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| NetError::Parse {
+            what: what.clone(),
+            detail: e.to_string(),
+        })?;
+        let Some(link) = v.as_array().and_then(|a| a.first()).cloned() else {
+            return Ok(None);
+        };
+        Ok(Some((inet_addrs(&link), link)))
+    }
+
+    /// Create or repair a domain bridge: present, IPv6 off, exactly the
+    /// gateway address, alias `alias` (ownership mark), up. Returns the
+    /// changes made (empty when nothing drifted).
+    pub fn ensure_bridge(
+        &self,
+        net: &ResolvedNetwork,
+        alias: &str,
+    ) -> Result<Vec<String>, NetError> {
+        let br = &net.bridge;
+        let what = format!("ensuring bridge {br} of domain {}", net.domain);
+        let mut changes = Vec::new();
+        let existing = self.link_addrs(br)?;
+        let (addrs, link) = match existing {
+            Some((a, l)) => {
+                let kind = l
+                    .pointer("/linkinfo/info_kind")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if kind != "bridge" {
+                    return Err(NetError::Conflict {
+                        name: br.clone(),
+                        detail: format!("exists but is a `{kind}` link, not a bridge; remove it (`ip link del {br}`) and apply again"),
+                    });
+                }
+                (a, l)
+            }
+            None => {
+                self.run(
+                    &what,
+                    Cmd::new("ip").args(["link", "add", br, "type", "bridge"]),
+                )?;
+                changes.push(format!("created bridge {br}"));
+                (Vec::new(), Value::Null)
+            }
+        };
+        self.sysctl_set(&what, &format!("net.ipv6.conf.{br}.disable_ipv6"), "1")?;
+        let want = format!("{}/{}", net.gateway, net.subnet.prefix_len());
+        for a in addrs.iter().filter(|a| **a != want) {
+            self.run(&what, Cmd::new("ip").args(["addr", "del", a, "dev", br]))?;
+            changes.push(format!("removed stray address {a} from {br}"));
+        }
+        if !addrs.contains(&want) {
+            self.run(
+                &what,
+                Cmd::new("ip").args(["addr", "add", &want, "dev", br]),
+            )?;
+            changes.push(format!("set address {want} on {br}"));
+        }
+        let cur_alias = link.get("ifalias").and_then(Value::as_str).unwrap_or("");
+        let is_up = link
+            .get("flags")
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.iter().any(|x| x == "UP"));
+        if cur_alias != alias || !is_up {
+            self.run(
+                &what,
+                Cmd::new("ip").args(["link", "set", "dev", br, "alias", alias, "up"]),
+            )?;
+            if !link.is_null() {
+                changes.push(format!("set alias/up on {br}"));
+            }
+        }
+        Ok(changes)
+    }
+
+    /// Delete a bridge (and so detach its ports). Absent is fine.
+    pub fn delete_bridge(&self, bridge: &str) -> Result<(), NetError> {
+        self.del_link(bridge)
+    }
+
+    fn del_link(&self, name: &str) -> Result<(), NetError> {
+        let out = self.run(
+            &format!("deleting link {name}"),
+            Cmd::new("ip")
+                .args(["link", "del", "dev", name])
+                .allow_failure(),
+        )?;
+        if out.success()
+            || out.stderr.contains("Cannot find device")
+            || out.stderr.contains("does not exist")
+        {
+            Ok(())
+        } else {
+            Err(NetError::Command {
+                what: format!("deleting link {name}"),
+                source: moat_host::exec::HostError::Failed {
+                    argv: format!("ip link del dev {name}"),
+                    status: out.status,
+                    stderr: out.stderr.trim().to_string(),
+                },
+            })
+        }
+    }
+
+    /// Give a machine its NIC: a veth pair whose host side `nic.host_if`
+    /// (alias `alias`, IPv6 off) is a port of `net.bridge`, and whose other
+    /// side is created directly inside `netns` as `eth0` with the machine's
+    /// MAC, address, a default route via the gateway, and `lo` up.
+    /// An existing host interface of that name is replaced.
+    pub fn attach(
+        &self,
+        nic: &ResolvedNic,
+        net: &ResolvedNetwork,
+        alias: &str,
+        netns: &NetnsTarget,
+    ) -> Result<(), NetError> {
+        let hif = &nic.host_if;
+        let what = format!(
+            "attaching machine {} ({hif}) to {}",
+            nic.machine, net.bridge
+        );
+        self.del_link(hif)?;
+        let ns = netns.path();
+        let mac = naming::mac_string(&nic.mac);
+        self.run(
+            &what,
+            Cmd::new("ip").args([
+                "link", "add", hif, "type", "veth", "peer", "name", "eth0", "address", &mac,
+                "netns", &ns,
+            ]),
+        )?;
+        self.sysctl_set(&what, &format!("net.ipv6.conf.{hif}.disable_ipv6"), "1")?;
+        self.run(
+            &what,
+            Cmd::new("ip").args([
+                "link",
+                "set",
+                "dev",
+                hif,
+                "alias",
+                alias,
+                "master",
+                &net.bridge,
+                "up",
+            ]),
+        )?;
+        let inside = format!(
+            "addr add {}/{} dev eth0\nlink set dev eth0 up\nlink set dev lo up\nroute replace default via {} dev eth0\n",
+            nic.ip,
+            net.subnet.prefix_len(),
+            net.gateway
+        );
+        self.run(
+            &what,
+            Cmd::new("nsenter")
+                .args([
+                    format!("--net={ns}"),
+                    "ip".into(),
+                    "-batch".into(),
+                    "-".into(),
+                ])
+                .stdin(inside),
+        )?;
+        Ok(())
+    }
+
+    /// Remove a machine's NIC (deleting the host side removes both ends).
+    pub fn detach(&self, host_if: &str) -> Result<(), NetError> {
+        self.del_link(host_if)
+    }
+
+    /// Replace moat's tables with `rs` in one `nft -f` transaction, then turn
+    /// `net.ipv4.ip_forward` on (policies between domains and egress are routed).
+    pub fn apply_ruleset(&self, rs: &Ruleset) -> Result<Applied, NetError> {
+        self.run(
+            &format!("applying nftables table {}", rs.table),
+            Cmd::new("nft").args(["-f", "-"]).stdin(rs.script()),
+        )?;
+        let previous_ip_forward = self.set_ip_forward(true)?;
+        Ok(Applied {
+            previous_ip_forward,
+        })
+    }
+
+    /// Remove both tables of a root (absent is fine).
+    pub fn remove_ruleset(&self, root_tag: &str) -> Result<(), NetError> {
+        self.run(
+            &format!("removing nftables table {}", naming::nft_table(root_tag)),
+            Cmd::new("nft")
+                .args(["-f", "-"])
+                .stdin(delete_script(root_tag)),
+        )?;
+        Ok(())
+    }
+
+    /// Current `net.ipv4.ip_forward`.
+    pub fn ip_forward(&self) -> Result<bool, NetError> {
+        let out = self.run(
+            "reading net.ipv4.ip_forward",
+            Cmd::new("sysctl").args(["-n", "net.ipv4.ip_forward"]),
+        )?;
+        Ok(out.stdout.trim() == "1")
+    }
+
+    /// Set `net.ipv4.ip_forward`; returns the previous value.
+    pub fn set_ip_forward(&self, on: bool) -> Result<bool, NetError> {
+        let prev = self.ip_forward()?;
+        if prev != on {
+            self.sysctl_set(
+                "setting net.ipv4.ip_forward",
+                "net.ipv4.ip_forward",
+                if on { "1" } else { "0" },
+            )?;
+        }
+        Ok(prev)
+    }
+
+    /// Bridges of this root (by domain name, from the `mt<tag>-` prefix and a
+    /// `moat:` alias) and the hash of the applied ruleset (`None` when the
+    /// table is absent). Re-read from the host on every call.
+    pub fn observe(
+        &self,
+        root_tag: &str,
+    ) -> Result<(BTreeMap<String, ObservedNetwork>, Option<String>), NetError> {
+        let prefix = naming::bridge_name(root_tag, "");
+        let links = self.json(
+            "listing bridges",
+            Cmd::new("ip").args(["-j", "-d", "addr", "show", "type", "bridge"]),
+        )?;
+        let mut nets = BTreeMap::new();
+        for l in links.as_array().into_iter().flatten() {
+            let name = l.get("ifname").and_then(Value::as_str).unwrap_or("");
+            let alias = l.get("ifalias").and_then(Value::as_str).unwrap_or("");
+            let Some(domain) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if !alias.starts_with("moat:") {
+                continue;
+            }
+            let subnet = inet_addrs(l)
+                .first()
+                .and_then(|a| a.parse::<Ipv4Net>().ok())
+                .map(|n| n.trunc());
+            let up = l
+                .get("flags")
+                .and_then(Value::as_array)
+                .is_some_and(|f| f.iter().any(|x| x == "UP"));
+            nets.insert(
+                domain.to_string(),
+                ObservedNetwork {
+                    domain: domain.to_string(),
+                    bridge: name.to_string(),
+                    subnet,
+                    up,
+                },
+            );
+        }
+        Ok((nets, self.firewall_hash(root_tag)?))
+    }
+
+    /// Hash stored in the comment of this root's inet table.
+    pub fn firewall_hash(&self, root_tag: &str) -> Result<Option<String>, NetError> {
+        let t = naming::nft_table(root_tag);
+        let out = self.run(
+            &format!("reading nftables table {t}"),
+            Cmd::new("nft")
+                .args(["-j", "list", "table", "inet", &t])
+                .allow_failure(),
+        )?;
+        if !out.success() {
+            return Ok(None);
+        }
+        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| NetError::Parse {
+            what: format!("nftables table {t}"),
+            detail: e.to_string(),
+        })?;
+        let comment = v
+            .get("nftables")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .find_map(|o| {
+                o.pointer("/table/comment")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            });
+        Ok(Some(
+            comment
+                .and_then(|c| c.strip_prefix(HASH_COMMENT_PREFIX).map(str::to_string))
+                .unwrap_or_else(|| "unknown".into()),
+        ))
+    }
+
+    /// Packet counters of the rules that have a comment, as `(chain, comment, packets)`.
+    pub fn counters(&self, root_tag: &str) -> Result<Vec<(String, String, u64)>, NetError> {
+        let t = naming::nft_table(root_tag);
+        let mut out = Vec::new();
+        for fam in ["inet", "bridge"] {
+            let r = self.run(
+                &format!("reading nftables table {t}"),
+                Cmd::new("nft")
+                    .args(["-j", "list", "table", fam, &t])
+                    .allow_failure(),
+            )?;
+            if !r.success() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&r.stdout).map_err(|e| NetError::Parse {
+                what: format!("nftables table {fam} {t}"),
+                detail: e.to_string(),
+            })?;
+            for o in v
+                .get("nftables")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let Some(rule) = o.get("rule") else { continue };
+                let Some(comment) = rule.get("comment").and_then(Value::as_str) else {
+                    continue;
+                };
+                let chain = rule.get("chain").and_then(Value::as_str).unwrap_or("");
+                let packets = rule
+                    .get("expr")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .find_map(|e| e.pointer("/counter/packets").and_then(Value::as_u64))
+                    .unwrap_or(0);
+                out.push((format!("{fam}/{chain}"), comment.to_string(), packets));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Remove every link and table of a root: bridges `mt<tag>-*`, machine
+    /// interfaces `mv<tag>-*`, both nftables tables. For `destroy --all` and tests.
+    pub fn cleanup_root(&self, root_tag: &str) -> Result<(), NetError> {
+        let links = self.json("listing links", Cmd::new("ip").args(["-j", "link", "show"]))?;
+        let br = naming::bridge_name(root_tag, "");
+        let mv = naming::host_if_name(root_tag, 0);
+        let mv = mv.trim_end_matches('0');
+        let mut names: Vec<String> = links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.get("ifname").and_then(Value::as_str))
+            .filter(|n| n.starts_with(&br) || n.starts_with(mv))
+            .map(str::to_string)
+            .collect();
+        // Machine interfaces first, bridges last.
+        names.sort_by_key(|n| n.starts_with(&br));
+        for n in names {
+            self.del_link(&n)?;
+        }
+        self.remove_ruleset(root_tag)
+    }
+}
+
+/// `addr/prefix` of every IPv4 address in an `ip -j addr` link object.
+fn inet_addrs(link: &Value) -> Vec<String> {
+    link.get("addr_info")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|a| a.get("family").and_then(Value::as_str) == Some("inet"))
+        .filter_map(|a| {
+            let ip: Ipv4Addr = a.get("local")?.as_str()?.parse().ok()?;
+            let p = a.get("prefixlen")?.as_u64()?;
+            Some(format!("{ip}/{p}"))
+        })
+        .collect()
+}
