@@ -211,16 +211,19 @@ impl Cx {
     }
 
     fn int(&mut self, node: &Node, field: &str, min: i128, max: i128) -> Option<i128> {
+        let range = if max >= i128::from(u32::MAX) {
+            format!("at least {min}")
+        } else {
+            format!("from {min} to {max}")
+        };
         let v = match node.as_scalar().map(|s| s.typed()) {
             Some(Typed::Int(i)) => i,
             _ => {
+                let found = node.describe();
                 self.err(
                     &node.loc,
                     field,
-                    format!(
-                        "expected a whole number from {min} to {max}, found {}",
-                        node.describe()
-                    ),
+                    format!("expected a whole number {range}, found {found}"),
                 );
                 return None;
             }
@@ -229,7 +232,7 @@ impl Cx {
             self.err(
                 &node.loc,
                 field,
-                format!("{v} is out of range: expected {min} to {max}"),
+                format!("{v} is out of range: expected a whole number {range}"),
             );
             return None;
         }
@@ -403,6 +406,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
+    if num.is_empty() {
+        return Err(format!("cannot read '{}' as a size", shorten(t)));
+    }
     let mult: u128 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kib" => 1 << 10,
@@ -567,7 +573,19 @@ pub(super) fn convert(
     let tf = cx.fields(&top_node, "", "at the top level", keys::TOP);
 
     if let Some(n) = tf.get("schema_version") {
-        if let Some(v) = cx.int(n, "schema_version", i128::MIN, i128::MAX) {
+        let v = match n.as_scalar().map(|s| s.typed()) {
+            Some(Typed::Int(v)) => Some(v),
+            _ => {
+                cx.err_hint(
+                    &n.loc,
+                    "schema_version",
+                    format!("expected a whole number, found {}", n.describe()),
+                    "write schema_version: 1",
+                );
+                None
+            }
+        };
+        if let Some(v) = v {
             if v > SCHEMA_VERSION {
                 cx.err_hint(
                     &n.loc,
