@@ -24,6 +24,8 @@ pub mod yaml;
 pub mod model;
 pub mod naming;
 pub mod observed;
+pub mod plan;
+pub mod spec;
 
 use diag::Diagnostics;
 use model::Allocations;
