@@ -74,6 +74,9 @@ pub fn load(path: &Path) -> Result<Loaded, Diagnostics> {
         );
     };
 
+    // Absolute, so that the default project name is the folder's (also for ".").
+    let dir = dir.canonicalize().unwrap_or(dir);
+    let mut list_error = None;
     let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut errors = Diagnostics::default();
     let mut read = |name: String, p: PathBuf| match std::fs::read(&p) {
@@ -99,14 +102,21 @@ pub fn load(path: &Path) -> Result<Loaded, Diagnostics> {
                     read(format!("{DOMAINS_DIR}/{n}"), domains_dir.join(&n));
                 }
             }
-            Err(e) => read(
-                format!("{DOMAINS_DIR}/"),
-                domains_dir.join(format!("(cannot list: {e})")),
-            ),
+            Err(e) => list_error = Some(e),
         }
     }
     if top != POLICIES_FILE && dir.join(POLICIES_FILE).is_file() {
         read(POLICIES_FILE.to_string(), dir.join(POLICIES_FILE));
+    }
+    if let Some(e) = list_error {
+        errors.push(
+            Diagnostic::error(
+                None,
+                "",
+                format!("cannot list {}: {e}", domains_dir.display()),
+            )
+            .with_hint("check the folder's permissions"),
+        );
     }
     if errors.has_errors() {
         return Err(errors);

@@ -606,10 +606,6 @@ pub(super) fn convert(
         }
     }
     let default_name = dir
-        .canonicalize()
-        .ok()
-        .as_deref()
-        .unwrap_or(dir)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "moat".to_string());
