@@ -266,7 +266,7 @@ impl Builder<'_> {
                     if !p.is_empty() {
                         p.push('.');
                     }
-                    k.clone()
+                    shorten(k)
                 }
                 Frame::Map { key: None, .. } => continue,
                 Frame::Seq { items, .. } => format!("[{}]", items.len()),
@@ -398,7 +398,22 @@ impl Builder<'_> {
         if anchor != 0 {
             self.anchors.insert(anchor, node.clone());
         }
-        let path = self.path();
+        // Only problems need the field path: build it (before borrowing the
+        // frame) just then, so big documents cost no path copies.
+        let needs_path = match self.stack.last() {
+            Some(Frame::Map { key: None, .. }) => node.as_scalar().is_none(),
+            Some(Frame::Map {
+                key: Some((k, _)),
+                seen,
+                ..
+            }) => seen.contains_key(k),
+            _ => false,
+        };
+        let path = if needs_path {
+            self.path()
+        } else {
+            String::new()
+        };
         match self.stack.last_mut() {
             None => self.root = Some(node),
             Some(Frame::Seq { items, .. }) => items.push(node),
@@ -424,11 +439,10 @@ impl Builder<'_> {
                 }
                 Some((k, key_loc)) => {
                     if let Some(first) = seen.get(&k) {
-                        let field = if path.is_empty() { k.clone() } else { path };
                         self.diags.push(
                             Diagnostic::error(
                                 Some(key_loc),
-                                field,
+                                path,
                                 format!(
                                     "duplicate key '{}' (first defined at line {first})",
                                     shorten(&k)
