@@ -387,3 +387,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn real_showcase_through_the_loader() {
+    let dir = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../../shared/reference/anklume-showcase"
+    ));
+    if !dir.join("anklume.yml").is_file() {
+        eprintln!("SKIP: {} is absent", dir.display());
+        return;
+    }
+    let (a, warnings) =
+        moat_core::check(dir, &Allocations::default(), ROOT).expect("showcase allocates");
+    let nets = &a.resolved.networks;
+    assert_eq!(nets["vault"].subnet, net("10.100.0.0/24"));
+    assert_eq!(nets["ai-tools"].subnet, net("10.110.0.0/24"));
+    assert_eq!(nets["pro"].subnet, net("10.110.1.0/24"));
+    assert_eq!(nets["perso"].subnet, net("10.120.0.0/24"));
+    assert_eq!(nets["sandbox"].subnet, net("10.150.0.0/24"));
+    assert!(!nets.contains_key("gaming"));
+    let w: Vec<String> = warnings.0.iter().map(|d| d.to_string()).collect();
+    assert!(
+        w.iter().any(|w| w.starts_with("warning: domains/vault.yml:19:") && w.contains("10.100.1.100 is outside the subnet of domain 'vault' (10.100.0.0/24); moat assigned 10.100.0.")),
+        "{w:#?}"
+    );
+}
