@@ -18,7 +18,19 @@ use crate::diag::{Diagnostic, Diagnostics, Loc};
 use crate::model::Project;
 use std::path::{Path, PathBuf};
 
+pub use convert::{builtin_image, parse_size, SCHEMA_VERSION};
 pub use keys::NOT_ACTED_ON;
+
+/// Where a machine's `image` comes from: the project's `images:` entry of that
+/// name, else a built-in source (`busybox`, `debian/<suite>`, `ubuntu/<suite>`,
+/// `oci:<ref>`). `None` only for AnKLuMe images moat cannot build (warned at load).
+pub fn resolve_image(project: &Project, reference: &str) -> Option<crate::model::ImageSource> {
+    project
+        .images
+        .get(reference)
+        .cloned()
+        .or_else(|| builtin_image(reference))
+}
 
 /// A loaded project plus the warnings found while loading it.
 #[derive(Debug)]

@@ -182,3 +182,24 @@ fn anklume_maps_onto_the_model() {
         (MachineType::Vm, "debian/12", "qemu", false)
     );
 }
+
+#[test]
+fn images_resolve() {
+    let l = load_str("moat.yml", FULL).expect("loads");
+    let p = &l.project;
+    let r = |s: &str| moat_core::load::resolve_image(p, s);
+    assert_eq!(
+        r("base"),
+        Some(ImageSource::Debian {
+            suite: "bookworm".into()
+        })
+    );
+    assert_eq!(
+        r("ubuntu/24.04"),
+        Some(ImageSource::Ubuntu {
+            suite: "24.04".into()
+        })
+    );
+    assert_eq!(r("nope"), None);
+    assert_eq!(moat_core::load::parse_size("2GiB"), Ok(2 << 30));
+}
