@@ -438,6 +438,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &PlanOptions) -> Plan 
     }
 
     // Machines.
+    let declared: BTreeSet<&str> = project.machines().map(|m| m.full_name.as_str()).collect();
     let mut machine_deletes: Vec<String> = Vec::new();
     let mut creates: Vec<(Op, String, bool, &str, &str)> = Vec::new();
     for m in &scoped_machines {
@@ -540,7 +541,7 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &PlanOptions) -> Plan 
         }
     }
     for (name, seen) in &observed.machines {
-        if project.machine(name).is_some() {
+        if declared.contains(name.as_str()) {
             continue;
         }
         // Which declared domain it belongs to, if any (longest matching name).
@@ -729,8 +730,13 @@ fn topo_order(mut actions: BTreeMap<String, Action>) -> Vec<Action> {
 pub fn simulate(observed: &Observed, plan: &Plan, desired: &Desired) -> Observed {
     let r = &desired.resolved;
     let mut o = observed.clone();
+    let by_name: BTreeMap<&str, &Machine> = r
+        .project
+        .machines()
+        .map(|m| (m.full_name.as_str(), m))
+        .collect();
     let machine_obs = |name: &str| -> Option<ObservedMachine> {
-        let m = r.project.machine(name)?;
+        let m = *by_name.get(name)?;
         Some(ObservedMachine {
             full_name: name.to_string(),
             driver: m.driver.clone(),
