@@ -362,31 +362,20 @@ impl<E: Executor> NetHost<E> {
         let out = self.run(
             &format!("reading nftables table {t}"),
             Cmd::new("nft")
-                .args(["-j", "list", "table", "inet", &t])
+                .args(["list", "table", "inet", &t])
                 .allow_failure(),
         )?;
         if !out.success() {
             return Ok(None);
         }
-        let v: Value = serde_json::from_str(&out.stdout).map_err(|e| NetError::Parse {
-            what: format!("nftables table {t}"),
-            detail: e.to_string(),
-        })?;
-        let comment = v
-            .get("nftables")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .find_map(|o| {
-                o.pointer("/table/comment")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            });
-        Ok(Some(
-            comment
-                .and_then(|c| c.strip_prefix(HASH_COMMENT_PREFIX).map(str::to_string))
-                .unwrap_or_else(|| "unknown".into()),
-        ))
+        // `nft -j` (1.0.6) leaves table comments out: read the text form.
+        let hash = out
+            .stdout
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("comment \""))
+            .and_then(|c| c.trim_end_matches('"').strip_prefix(HASH_COMMENT_PREFIX))
+            .map(str::to_string);
+        Ok(Some(hash.unwrap_or_else(|| "unknown".into())))
     }
 
     /// Packet counters of the rules that have a comment, as `(chain, comment, packets)`.
