@@ -233,8 +233,8 @@ fn attacks_from_a_machine_fail() {
         "a-m1",
         &["ip", "addr", "add", &format!("{b_ip}/32"), "dev", "eth0"],
     );
-    let spoof = env.probe1(a1, tcp("spoof", &env.ip("c-m1")).from_src(&b_ip));
-    let spoof_intra = env.probe1(a1, tcp("spoof-intra", &env.ip("a-m2")).from_src(&b_ip));
+    let spoof = env.probe1(a1, tcp("spoof", &env.ip("c-m1")).with_src(&b_ip));
+    let spoof_intra = env.probe1(a1, tcp("spoof-intra", &env.ip("a-m2")).with_src(&b_ip));
     env.in_ns(
         "a-m1",
         &["ip", "addr", "del", &format!("{b_ip}/32"), "dev", "eth0"],

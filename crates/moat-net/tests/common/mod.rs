@@ -137,7 +137,7 @@ impl Probe {
         }
     }
 
-    pub fn from_src(mut self, src: &str) -> Probe {
+    pub fn with_src(mut self, src: &str) -> Probe {
         self.src = Some(src.into());
         self
     }
