@@ -682,46 +682,41 @@ fn network_change(
 }
 
 /// Kahn's algorithm, smallest id first among the ready actions.
-fn topo_order(mut actions: BTreeMap<String, Action>) -> Vec<Action> {
-    for a in actions.values_mut() {
+fn topo_order(actions: BTreeMap<String, Action>) -> Vec<Action> {
+    // Indices follow id order (the map is sorted), so the smallest ready index
+    // is the smallest ready id.
+    let mut list: Vec<Option<Action>> = actions.into_values().map(Some).collect();
+    let index: BTreeMap<String, usize> = list
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.as_ref().map(|a| (a.id.clone(), i)))
+        .collect();
+    let mut waiting = vec![0usize; list.len()];
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); list.len()];
+    for (i, slot) in list.iter_mut().enumerate() {
+        let Some(a) = slot else { continue };
         a.depends_on.sort();
         a.depends_on.dedup();
-    }
-    let ids: BTreeSet<String> = actions.keys().cloned().collect();
-    for a in actions.values_mut() {
-        a.depends_on.retain(|d| ids.contains(d));
-    }
-    let mut waiting: BTreeMap<String, usize> = actions
-        .iter()
-        .map(|(k, a)| (k.clone(), a.depends_on.len()))
-        .collect();
-    let mut dependents: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (k, a) in &actions {
+        a.depends_on.retain(|d| index.contains_key(d));
+        waiting[i] = a.depends_on.len();
         for d in &a.depends_on {
-            dependents.entry(d.as_str()).or_default().push(k.as_str());
+            dependents[index[d]].push(i);
         }
     }
-    let mut ready: BTreeSet<String> = waiting
-        .iter()
-        .filter(|(_, n)| **n == 0)
-        .map(|(k, _)| k.clone())
-        .collect();
-    let mut order = Vec::with_capacity(actions.len());
-    while let Some(id) = ready.pop_first() {
-        for dep in dependents.get(id.as_str()).into_iter().flatten() {
-            if let Some(n) = waiting.get_mut(*dep) {
-                *n -= 1;
-                if *n == 0 {
-                    ready.insert(dep.to_string());
-                }
+    let mut ready: BTreeSet<usize> = (0..list.len()).filter(|i| waiting[*i] == 0).collect();
+    let mut out = Vec::with_capacity(list.len());
+    while let Some(i) = ready.pop_first() {
+        for &d in &dependents[i] {
+            waiting[d] -= 1;
+            if waiting[d] == 0 {
+                ready.insert(d);
             }
         }
-        order.push(id);
+        out.extend(list[i].take());
     }
     // Edges only point at kinds planned earlier, so there is no cycle; were
     // there one, its actions would still be kept, in id order, at the end.
-    let mut out: Vec<Action> = order.iter().filter_map(|id| actions.remove(id)).collect();
-    out.extend(actions.into_values());
+    out.extend(list.into_iter().flatten());
     out
 }
 
