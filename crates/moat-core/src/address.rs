@@ -202,6 +202,16 @@ pub fn allocate(
     })
 }
 
+/// A subnet recorded earlier, if it is still a usable domain subnet (a state
+/// file edited by hand could hold anything).
+fn prior_subnet(prior: &Allocations, domain: &str) -> Option<Ipv4Net> {
+    prior
+        .subnets
+        .get(domain)
+        .filter(|n| (MIN_PREFIX..=MAX_PREFIX).contains(&n.prefix_len()) && n.network() == n.addr())
+        .copied()
+}
+
 /// Step 1: one subnet per enabled domain (plus reservations of disabled ones).
 fn allocate_subnets(
     project: &Project,
@@ -235,8 +245,8 @@ fn allocate_subnets(
                 continue;
             }
             fixed.push((net, d, true));
-        } else if let Some(net) = prior.subnets.get(&d.name) {
-            fixed.push((*net, d, false));
+        } else if let Some(net) = prior_subnet(prior, &d.name) {
+            fixed.push((net, d, false));
         }
     }
 
@@ -302,10 +312,10 @@ fn allocate_subnets(
 
     // Disabled domains keep their earlier subnet when nothing enabled wants it.
     for d in project.domains.values().filter(|d| !d.enabled) {
-        if let Some(net) = prior.subnets.get(&d.name) {
-            if used.conflict(net).is_none() {
-                out.insert(d.name.clone(), *net);
-                used.insert(net, &d.name);
+        if let Some(net) = prior_subnet(prior, &d.name) {
+            if used.conflict(&net).is_none() {
+                out.insert(d.name.clone(), net);
+                used.insert(&net, &d.name);
             }
         }
     }
@@ -318,7 +328,7 @@ fn allocate_subnets(
     for (level, domains) in by_level {
         let zone = level.zone();
         for (seq, d) in domains.iter().enumerate() {
-            if d.subnet.is_some() || prior.subnets.contains_key(&d.name) {
+            if d.subnet.is_some() || out.contains_key(&d.name) {
                 continue;
             }
             let field = format!("domains.{}.subnet", d.name);

@@ -131,7 +131,8 @@ pub enum Op {
 }
 
 impl Op {
-    fn verb(&self) -> &'static str {
+    /// `create`, `update`, `delete`, `apply`, `ensure`, `start`, `stop`, `replace`.
+    pub fn verb(&self) -> &'static str {
         match self {
             Op::CreateNetwork { .. } | Op::CreateMachine { .. } => "create",
             Op::UpdateNetwork { .. } | Op::UpdateMachine { .. } => "update",
@@ -144,7 +145,8 @@ impl Op {
         }
     }
 
-    fn symbol(&self) -> &'static str {
+    /// One- to three-character mark used in the human rendering (`+`, `~`, `-`, `-/+`, `>`, `.`).
+    pub fn symbol(&self) -> &'static str {
         match self {
             Op::CreateNetwork { .. } | Op::CreateMachine { .. } | Op::EnsureImage { .. } => "+",
             Op::UpdateNetwork { .. } | Op::UpdateMachine { .. } | Op::ApplyFirewall { .. } => "~",

@@ -413,3 +413,92 @@ fn real_showcase_through_the_loader() {
         "{w:#?}"
     );
 }
+
+// --- property: arbitrary overrides, fixed ips and prior state never panic, and
+// a successful allocation is always consistent --------------------------------
+
+fn arb_net() -> impl Strategy<Value = Option<ipnet::Ipv4Net>> {
+    prop::option::weighted(
+        0.3,
+        (
+            prop::sample::select(vec![10u8, 172, 192]),
+            0u8..4,
+            0u8..4,
+            14u8..32,
+        )
+            .prop_map(|(a, b, c, len)| {
+                ipnet::Ipv4Net::new(Ipv4Addr::new(a, 100 + b * 10, c, 0), len)
+                    .unwrap()
+                    .trunc()
+            }),
+    )
+}
+
+fn arb_ip() -> impl Strategy<Value = Option<Ipv4Addr>> {
+    prop::option::weighted(
+        0.3,
+        (
+            0u8..4,
+            0u8..3,
+            prop::sample::select(vec![0u8, 1, 2, 3, 99, 100, 253, 254, 255]),
+        )
+            .prop_map(|(b, c, d)| Ipv4Addr::new(10, 100 + b * 10, c, d)),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn arbitrary_inputs_are_consistent(
+        doms in prop::collection::vec((0u8..6, 0u8..5, any::<bool>(), arb_net()), 0..7),
+        ms in prop::collection::vec((0u8..6, 0u8..8, arb_ip()), 0..25),
+        prior_nets in prop::collection::vec((0u8..6, arb_net()), 0..4),
+        prior_ips in prop::collection::vec((0u8..6, 0u8..8, arb_ip()), 0..6),
+        anklume in any::<bool>(),
+    ) {
+        let mut p = project(if anklume { Format::Anklume } else { Format::Moat });
+        for (d, t, en, net) in doms {
+            let mut dom = domain(&format!("d{d}"), TrustLevel::ALL[t as usize]);
+            dom.enabled = en;
+            dom.subnet = net;
+            p.domains.insert(dom.name.clone(), dom);
+        }
+        for (d, m, ip) in ms {
+            if let Some(dom) = p.domains.get_mut(&format!("d{d}")) {
+                let mut mm = machine(&format!("d{d}"), &format!("m{m}"));
+                mm.ip = ip;
+                dom.machines.insert(mm.name.clone(), mm);
+            }
+        }
+        let mut prior = Allocations::default();
+        for (d, net) in prior_nets {
+            if let Some(net) = net { prior.subnets.insert(format!("d{d}"), net); }
+        }
+        for (i, (d, m, ip)) in prior_ips.into_iter().enumerate() {
+            if let Some(ip) = ip {
+                prior.addresses.insert(format!("d{d}-m{m}"), ip);
+                prior.ifnums.insert(format!("d{d}-m{m}"), i as u32 % 3);
+            }
+        }
+        let Ok(a) = allocate(&p, &prior, ROOT) else { return Ok(()); };
+        let r = a.resolved;
+        let mut seen = std::collections::BTreeSet::new();
+        for d in p.enabled_domains() {
+            let n = &r.networks[&d.name];
+            for m in d.machines.values() {
+                let ip = r.nics[&m.full_name].ip;
+                prop_assert!(seen.insert(ip), "duplicate {}", ip);
+                prop_assert!(n.subnet.contains(&ip));
+                prop_assert!(ip != n.gateway && ip != n.subnet.network() && ip != n.subnet.broadcast());
+            }
+        }
+        let nets: Vec<_> = r.networks.values().map(|n| n.subnet).collect();
+        for (i, a) in nets.iter().enumerate() {
+            for b in &nets[i + 1..] {
+                prop_assert!(!a.contains(&b.network()) && !b.contains(&a.network()), "{} overlaps {}", a, b);
+            }
+        }
+        let mut ifs = std::collections::BTreeSet::new();
+        for n in r.allocations.ifnums.values() { prop_assert!(ifs.insert(*n)); }
+    }
+}
