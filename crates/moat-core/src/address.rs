@@ -246,6 +246,24 @@ fn allocate_subnets(
             }
             fixed.push((net, d, true));
         } else if let Some(net) = prior_subnet(prior, &d.name) {
+            // Kept even when the trust level changed (never renumber), but say
+            // so: the subnet no longer tells the domain's zone.
+            let zone = convention_subnet(project, d.trust_level.zone(), 0)
+                .and_then(|n| Ipv4Net::new(n.network(), 16).ok());
+            if let Some(zone) = zone.filter(|z| !z.contains(&net)) {
+                diags.push(
+                    Diagnostic::warning(
+                        d.loc.clone(),
+                        format!("domains.{}.subnet", d.name),
+                        format!(
+                            "domain '{}' keeps {net}, allocated earlier, although its trust level {} numbers from {zone}",
+                            d.name,
+                            d.trust_level.as_str()
+                        ),
+                    )
+                    .with_hint("set `subnet:` on the domain to move it (its machines get new addresses)"),
+                );
+            }
             fixed.push((net, d, false));
         }
     }

@@ -502,3 +502,23 @@ proptest! {
         for n in r.allocations.ifnums.values() { prop_assert!(ifs.insert(*n)); }
     }
 }
+
+#[test]
+fn trust_level_change_keeps_the_subnet_with_a_warning() {
+    let mut p = project(Format::Moat);
+    add_domain(&mut p, domain("pro", TrustLevel::Trusted));
+    let first = allocate(&p, &Allocations::default(), ROOT)
+        .unwrap()
+        .resolved
+        .allocations;
+    p.domains.get_mut("pro").unwrap().trust_level = TrustLevel::Untrusted;
+    let a = allocate(&p, &first, ROOT).unwrap();
+    assert_eq!(a.resolved.networks["pro"].subnet, net("10.110.0.0/24"));
+    let w: Vec<String> = a
+        .warnings
+        .0
+        .iter()
+        .map(|d| format!("{}: {}", d.field, d.message))
+        .collect();
+    assert_eq!(w, ["domains.pro.subnet: domain 'pro' keeps 10.110.0.0/24, allocated earlier, although its trust level untrusted numbers from 10.140.0.0/16"]);
+}
