@@ -1,0 +1,3 @@
+fn main() {
+    std::process::exit(moat_runtime::supervisor::main_entry());
+}

@@ -1,0 +1,193 @@
+//! One container through youki's libcontainer: create (namespaces exist,
+//! init waits) → start (init execs PID 1's program) → kill → delete, plus
+//! exec of extra processes. The caller owns waiting on PID 1: libcontainer
+//! clones init as a sibling, so it is a child of the process that called
+//! [`create`].
+//!
+//! State of libcontainer lives under `state_root/<name>/`; the bundle
+//! (config.json) under `bundle/`.
+
+use crate::rootfs;
+use crate::spec::{oci_config, ContainerSpec, NetworkSpec};
+use crate::RuntimeError;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use std::fs;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+/// Where libcontainer keeps container state and where bundles are written.
+#[derive(Clone, Debug)]
+pub struct Paths {
+    /// libcontainer's root (`<state_root>/<name>/state.json`).
+    pub state_root: PathBuf,
+    /// Folder holding config.json.
+    pub bundle: PathBuf,
+}
+
+/// File descriptors given to PID 1 (none = /dev/null).
+#[derive(Debug, Default)]
+pub struct Stdio {
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
+}
+
+/// A created container: its init waits for [`start`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Created {
+    /// Host PID of the container's init (use `/proc/<pid>/ns/net` to attach a NIC).
+    pub pid: i32,
+}
+
+/// Output of a finished exec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ExecResult {
+    /// Exit code, or 128 + signal number.
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+fn lc_err<'a>(
+    container: &'a str,
+    op: &'static str,
+) -> impl Fn(libcontainer::error::LibcontainerError) -> RuntimeError + 'a {
+    move |e| RuntimeError::Libcontainer {
+        container: container.to_string(),
+        op,
+        message: e.to_string(),
+    }
+}
+
+fn dev_null() -> Result<OwnedFd, RuntimeError> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| RuntimeError::io("/dev/null", e))?;
+    Ok(OwnedFd::from(f))
+}
+
+/// Writes config.json, prepares the rootfs (ownership, /etc files) and creates
+/// the container. On return the namespaces exist and init waits for [`start`].
+pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Created, RuntimeError> {
+    let config = oci_config(spec)?;
+    fs::create_dir_all(&paths.bundle).map_err(|e| RuntimeError::io(&paths.bundle, e))?;
+    fs::create_dir_all(&paths.state_root).map_err(|e| RuntimeError::io(&paths.state_root, e))?;
+    let cfg_path = paths.bundle.join("config.json");
+    let text = serde_json::to_vec_pretty(&config).map_err(|e| RuntimeError::InvalidSpec {
+        container: spec.name.clone(),
+        reason: e.to_string(),
+    })?;
+    fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
+    rootfs::prepare(spec)?;
+
+    // A stale state folder from a crashed supervisor would make create fail.
+    let stale = paths.state_root.join(&spec.name);
+    if stale.exists() {
+        let _ = delete(&spec.name, &paths.state_root, true);
+        let _ = fs::remove_dir_all(&stale);
+    }
+
+    let stdin = match stdio.stdin {
+        Some(fd) => fd,
+        None => dev_null()?,
+    };
+    let stdout = match stdio.stdout {
+        Some(fd) => fd,
+        None => dev_null()?,
+    };
+    let stderr = match stdio.stderr {
+        Some(fd) => fd,
+        None => dev_null()?,
+    };
+    let err = lc_err(&spec.name, "create");
+    let container = ContainerBuilder::new(spec.name.clone(), SyscallType::default())
+        .with_executor(DefaultExecutor {})
+        .with_root_path(&paths.state_root)
+        .map_err(&err)?
+        .with_stdin(stdin)
+        .with_stdout(stdout)
+        .with_stderr(stderr)
+        .validate_id()
+        .map_err(&err)?
+        .as_init(&paths.bundle)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(&err)?;
+    let pid = container
+        .pid()
+        .map(|p| p.as_raw())
+        .ok_or_else(|| RuntimeError::Libcontainer {
+            container: spec.name.clone(),
+            op: "create",
+            message: "no init pid after create".into(),
+        })?;
+    if matches!(spec.network, NetworkSpec::Own | NetworkSpec::None) {
+        crate::sys::loopback_up(pid).map_err(|e| RuntimeError::Sys {
+            container: spec.name.clone(),
+            op: "bring loopback up",
+            source: e,
+        })?;
+    }
+    Ok(Created { pid })
+}
+
+fn load(name: &str, state_root: &Path) -> Result<Container, RuntimeError> {
+    let dir = state_root.join(name);
+    if !dir.join("state.json").exists() {
+        return Err(RuntimeError::NoSuchContainer {
+            container: name.into(),
+        });
+    }
+    Container::load(dir).map_err(lc_err(name, "load"))
+}
+
+/// Lets a created container's init run its program.
+pub fn start(name: &str, state_root: &Path) -> Result<(), RuntimeError> {
+    let mut c = load(name, state_root)?;
+    c.start().map_err(lc_err(name, "start"))
+}
+
+/// What libcontainer reports, `None` if the container does not exist.
+pub fn status(
+    name: &str,
+    state_root: &Path,
+) -> Result<Option<(ContainerStatus, Option<i32>)>, RuntimeError> {
+    match load(name, state_root) {
+        Ok(mut c) => {
+            let _ = c.refresh_status();
+            Ok(Some((c.status(), c.pid().map(|p| p.as_raw()))))
+        }
+        Err(RuntimeError::NoSuchContainer { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// SIGKILL to every process of the container.
+pub fn kill_all(name: &str, state_root: &Path) -> Result<(), RuntimeError> {
+    let mut c = load(name, state_root)?;
+    let sig = libcontainer::signal::Signal::try_from(libc::SIGKILL).map_err(|e| {
+        RuntimeError::Libcontainer {
+            container: name.into(),
+            op: "kill",
+            message: e.to_string(),
+        }
+    })?;
+    c.kill(sig, true).map_err(lc_err(name, "kill"))
+}
+
+/// Removes the container: its processes (when `force`), cgroups and state.
+/// A missing container is not an error.
+pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeError> {
+    let mut c = match load(name, state_root) {
+        Ok(c) => c,
+        Err(RuntimeError::NoSuchContainer { .. }) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    c.delete(force).map_err(lc_err(name, "delete"))
+}

@@ -1,0 +1,471 @@
+//! The lifecycle API: one machine = one folder holding its supervisor's
+//! config, status, socket and logs. Callers launch a supervisor, talk to it
+//! over its socket, and read its status file; the state they get back is
+//! re-derived from the status file plus a liveness check of the supervisor
+//! (PID and start time), so a supervisor killed with SIGKILL shows up as
+//! crashed instead of running.
+//!
+//! ```text
+//! <dir>/supervisor.json   what to run (SupervisorConfig), written by launch()
+//! <dir>/status.json       written by the supervisor (atomic rename)
+//! <dir>/supervisor.sock   requests: start | stop <ms> | kill <sig>
+//! <dir>/supervisor.log    the supervisor's own messages
+//! <dir>/logs/{stdout,stderr}.log[.N]
+//! <dir>/bundle/config.json, <dir>/state/<name>/ (libcontainer)
+//! ```
+
+use crate::container::{self, ExecResult};
+use crate::spec::ContainerSpec;
+use crate::sys;
+use crate::RuntimeError;
+pub use moat_core::model::RestartPolicy;
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// What the supervisor runs and how it treats the container's end.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorConfig {
+    pub container: ContainerSpec,
+    pub restart: RestartPolicy,
+    /// Give up after this many restarts (`None` = never).
+    pub max_restarts: Option<u32>,
+    /// Create the container, then wait for a `start` request (lets the caller
+    /// attach a NIC to `/proc/<pid>/ns/net` first).
+    pub wait_for_start: bool,
+    /// Grace period between the stop signal and SIGKILL.
+    pub stop_timeout_ms: u64,
+    pub log_max_bytes: u64,
+    pub log_keep: u32,
+}
+
+impl SupervisorConfig {
+    pub fn new(container: ContainerSpec) -> Self {
+        SupervisorConfig {
+            container,
+            restart: RestartPolicy::No,
+            max_restarts: None,
+            wait_for_start: false,
+            stop_timeout_ms: 10_000,
+            log_max_bytes: crate::logs::DEFAULT_MAX_BYTES,
+            log_keep: crate::logs::DEFAULT_KEEP,
+        }
+    }
+}
+
+/// Where the supervisor is in the container's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Starting,
+    /// Namespaces exist, init waits for `start`.
+    Created,
+    Running,
+    /// Waiting for the backoff delay before the next restart.
+    Restarting,
+    Stopping,
+    /// Stopped on request; the supervisor has exited.
+    Stopped,
+    /// PID 1 ended on its own and is not restarted; the supervisor has exited.
+    Exited,
+    /// The container could not be created or started; the supervisor has exited.
+    Failed,
+}
+
+/// The status file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub phase: Phase,
+    pub supervisor_pid: i32,
+    /// Start time of the supervisor (clock ticks since boot), against PID reuse.
+    pub supervisor_start: u64,
+    /// Host PID of the container's init, while it exists.
+    pub pid: Option<i32>,
+    /// Unix time (seconds) of the last start.
+    pub started_at: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+    pub restarts: u32,
+    pub message: Option<String>,
+}
+
+/// What a caller sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MachineState {
+    /// Never launched, or its folder holds no status.
+    Absent,
+    Created {
+        pid: i32,
+    },
+    Running {
+        pid: i32,
+    },
+    /// The supervisor is alive and about to restart the container.
+    Restarting {
+        restarts: u32,
+    },
+    Stopped {
+        exit_code: Option<i32>,
+        exit_signal: Option<i32>,
+    },
+    /// PID 1 ended badly, the container failed to start, or the supervisor died.
+    Crashed {
+        reason: String,
+    },
+}
+
+/// A machine folder.
+#[derive(Clone, Debug)]
+pub struct MachineDir {
+    pub dir: PathBuf,
+}
+
+impl MachineDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        MachineDir { dir: dir.into() }
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("supervisor.json")
+    }
+    pub fn status_path(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.join("supervisor.sock")
+    }
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+    pub fn stdout_log(&self) -> PathBuf {
+        self.logs_dir().join("stdout.log")
+    }
+    pub fn stderr_log(&self) -> PathBuf {
+        self.logs_dir().join("stderr.log")
+    }
+    pub fn supervisor_log(&self) -> PathBuf {
+        self.dir.join("supervisor.log")
+    }
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.dir.join("bundle")
+    }
+    pub fn state_root(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+    pub fn container_paths(&self) -> container::Paths {
+        container::Paths {
+            state_root: self.state_root(),
+            bundle: self.bundle_dir(),
+        }
+    }
+
+    fn err(&self, message: impl Into<String>) -> RuntimeError {
+        RuntimeError::Machine {
+            dir: self.dir.clone(),
+            message: message.into(),
+        }
+    }
+
+    pub fn read_config(&self) -> Result<SupervisorConfig, RuntimeError> {
+        let p = self.config_path();
+        let text = fs::read(&p).map_err(|e| RuntimeError::io(&p, e))?;
+        serde_json::from_slice(&text).map_err(|e| self.err(format!("bad {}: {e}", p.display())))
+    }
+
+    pub fn read_status(&self) -> Option<Status> {
+        let text = fs::read(self.status_path()).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Is the supervisor recorded in the status file still alive?
+    pub fn supervisor_alive(&self) -> bool {
+        self.read_status()
+            .map(|s| sys::alive(s.supervisor_pid, s.supervisor_start))
+            .unwrap_or(false)
+    }
+
+    /// The machine's state, re-derived from its status file and the host.
+    pub fn state(&self) -> MachineState {
+        let Some(s) = self.read_status() else {
+            return MachineState::Absent;
+        };
+        let alive = sys::alive(s.supervisor_pid, s.supervisor_start);
+        match s.phase {
+            Phase::Starting
+            | Phase::Created
+            | Phase::Running
+            | Phase::Restarting
+            | Phase::Stopping
+                if !alive =>
+            {
+                MachineState::Crashed {
+                    reason: format!(
+                        "supervisor died (pid {}); the next apply repairs it",
+                        s.supervisor_pid
+                    ),
+                }
+            }
+            Phase::Starting | Phase::Restarting => MachineState::Restarting {
+                restarts: s.restarts,
+            },
+            Phase::Created => MachineState::Created {
+                pid: s.pid.unwrap_or(0),
+            },
+            Phase::Running | Phase::Stopping => MachineState::Running {
+                pid: s.pid.unwrap_or(0),
+            },
+            Phase::Stopped => MachineState::Stopped {
+                exit_code: s.exit_code,
+                exit_signal: s.exit_signal,
+            },
+            Phase::Exited => match (s.exit_code, s.exit_signal) {
+                (Some(0), None) => MachineState::Stopped {
+                    exit_code: Some(0),
+                    exit_signal: None,
+                },
+                (code, sig) => MachineState::Crashed {
+                    reason: match sig {
+                        Some(sig) => format!("PID 1 was killed by signal {sig}"),
+                        None => format!("PID 1 exited with status {}", code.unwrap_or(-1)),
+                    },
+                },
+            },
+            Phase::Failed => MachineState::Crashed {
+                reason: s
+                    .message
+                    .unwrap_or_else(|| "the container failed to start".into()),
+            },
+        }
+    }
+
+    /// Sends one request line to the supervisor and returns its answer.
+    fn request(&self, line: &str) -> Result<String, RuntimeError> {
+        let sock = self.socket_path();
+        let mut s = UnixStream::connect(&sock).map_err(|e| RuntimeError::io(&sock, e))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| RuntimeError::io(&sock, e))?;
+        s.write_all(format!("{line}\n").as_bytes())
+            .map_err(|e| RuntimeError::io(&sock, e))?;
+        let mut answer = String::new();
+        BufReader::new(s)
+            .read_line(&mut answer)
+            .map_err(|e| RuntimeError::io(&sock, e))?;
+        let answer = answer.trim().to_string();
+        match answer.strip_prefix("err ") {
+            Some(msg) => Err(self.err(format!("supervisor refused '{line}': {msg}"))),
+            None => Ok(answer),
+        }
+    }
+}
+
+/// Finds the `moat-supervisor` binary: `$MOAT_SUPERVISOR`, next to the
+/// current executable (or its parent, for test binaries in `deps/`), then PATH.
+pub fn find_supervisor() -> Result<PathBuf, RuntimeError> {
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("MOAT_SUPERVISOR") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+        tried.push(p.display().to_string());
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(2) {
+            let p = dir.join("moat-supervisor");
+            if p.is_file() {
+                return Ok(p);
+            }
+            tried.push(p.display().to_string());
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("moat-supervisor");
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+        tried.push("PATH".into());
+    }
+    Err(RuntimeError::NoSupervisor {
+        tried: tried.join(", "),
+    })
+}
+
+/// Starts a detached supervisor for the machine in `dir` and waits until the
+/// container is created (and, unless `wait_for_start`, started).
+/// Returns the state then: `Created`/`Running` with init's host PID.
+pub fn launch(
+    dir: &MachineDir,
+    config: &SupervisorConfig,
+    supervisor: &Path,
+) -> Result<MachineState, RuntimeError> {
+    config.container.validate()?;
+    if dir.supervisor_alive() {
+        return Err(dir.err("a supervisor is already running for this machine; stop it first"));
+    }
+    fs::create_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))?;
+    let text = serde_json::to_vec_pretty(config)
+        .map_err(|e| dir.err(format!("cannot encode the supervisor config: {e}")))?;
+    let cfg = dir.config_path();
+    fs::write(&cfg, text).map_err(|e| RuntimeError::io(&cfg, e))?;
+    let _ = fs::remove_file(dir.status_path());
+
+    // The supervisor forks and its first process exits at once: waiting for
+    // it leaves no zombie, and the real supervisor is re-parented to init.
+    let st = Command::new(supervisor)
+        .arg(&dir.dir)
+        .stdin(std::process::Stdio::null())
+        .status()
+        .map_err(|e| RuntimeError::io(supervisor, e))?;
+    if !st.success() {
+        return Err(dir.err(format!(
+            "{} {} exited with {st}; see {}",
+            supervisor.display(),
+            dir.dir.display(),
+            dir.supervisor_log().display()
+        )));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = dir.read_status() {
+            match s.phase {
+                Phase::Created if config.wait_for_start => return Ok(dir.state()),
+                Phase::Running | Phase::Exited | Phase::Failed | Phase::Stopped => {
+                    return Ok(dir.state())
+                }
+                Phase::Restarting => return Ok(dir.state()),
+                _ => {}
+            }
+            if !sys::alive(s.supervisor_pid, s.supervisor_start) {
+                return Ok(dir.state());
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(dir.err(format!(
+                "the supervisor did not report the container as started within 30 s; see {}",
+                dir.supervisor_log().display()
+            )));
+        }
+        std::thread::sleep(Duration::from_micros(300));
+    }
+}
+
+/// Lets a container launched with `wait_for_start` run.
+pub fn start(dir: &MachineDir) -> Result<(), RuntimeError> {
+    dir.request("start").map(|_| ())
+}
+
+/// Asks PID 1 to stop (SIGRTMIN+3 for systemd, SIGTERM otherwise, or the
+/// spec's stop signal), SIGKILL after `timeout`, and waits for the supervisor
+/// to exit. A machine that is not running is not an error.
+pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
+    let Some(s) = dir.read_status() else {
+        return Ok(());
+    };
+    if !sys::alive(s.supervisor_pid, s.supervisor_start) {
+        return cleanup_dead(dir);
+    }
+    dir.request(&format!("stop {}", timeout.as_millis()))?;
+    let deadline = Instant::now() + timeout + Duration::from_secs(10);
+    while sys::alive(s.supervisor_pid, s.supervisor_start) {
+        if Instant::now() > deadline {
+            return Err(dir.err("the supervisor did not exit after stop"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Sends `sig` to the container's PID 1 through the supervisor.
+pub fn kill(dir: &MachineDir, sig: i32) -> Result<(), RuntimeError> {
+    dir.request(&format!("kill {sig}")).map(|_| ())
+}
+
+/// Stops the container (if running) and launches it again from the saved config.
+pub fn restart(
+    dir: &MachineDir,
+    timeout: Duration,
+    supervisor: &Path,
+) -> Result<MachineState, RuntimeError> {
+    stop(dir, timeout)?;
+    let cfg = dir.read_config()?;
+    launch(dir, &cfg, supervisor)
+}
+
+fn exec_command(dir: &MachineDir, argv: &[String]) -> Result<Command, RuntimeError> {
+    match dir.state() {
+        MachineState::Running { .. } => {}
+        other => {
+            return Err(dir.err(format!(
+                "machine is not running ({other:?}); start it first"
+            )))
+        }
+    }
+    let mut cmd = Command::new(find_supervisor()?);
+    cmd.arg("--exec").arg(&dir.dir).arg("--").args(argv);
+    Ok(cmd)
+}
+
+/// Runs `argv` in the running container (see [`crate::exec`]); returns its
+/// exit status and captured output.
+pub fn exec(dir: &MachineDir, argv: &[String]) -> Result<ExecResult, RuntimeError> {
+    let out = exec_command(dir, argv)?
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| RuntimeError::io(&dir.dir, e))?;
+    Ok(ExecResult {
+        status: exit_code(out.status),
+        stdout: out.stdout,
+        stderr: out.stderr,
+    })
+}
+
+/// Runs `argv` in the running container with the caller's stdin, stdout and
+/// stderr (a terminal stays a terminal); returns its exit status.
+pub fn exec_interactive(dir: &MachineDir, argv: &[String]) -> Result<i32, RuntimeError> {
+    let st = exec_command(dir, argv)?
+        .status()
+        .map_err(|e| RuntimeError::io(&dir.dir, e))?;
+    Ok(exit_code(st))
+}
+
+fn exit_code(st: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+}
+
+/// After a supervisor died: kill what is left of its container and remove
+/// the libcontainer state and cgroups, so that a new launch starts clean.
+pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
+    let Ok(cfg) = dir.read_config() else {
+        return Ok(());
+    };
+    let name = &cfg.container.name;
+    let root = dir.state_root();
+    if let Some((_, pid)) = container::status(name, &root)? {
+        if let Some(pid) = pid {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while sys::start_time(pid).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        container::delete(name, &root, true)?;
+    }
+    Ok(())
+}
+
+/// Stops the machine (SIGKILL after `timeout`), removes its container,
+/// cgroups and its whole folder (logs included).
+pub fn destroy(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
+    if !dir.dir.exists() {
+        return Ok(());
+    }
+    stop(dir, timeout)?;
+    cleanup_dead(dir)?;
+    fs::remove_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))
+}

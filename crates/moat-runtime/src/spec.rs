@@ -1,0 +1,422 @@
+//! `ContainerSpec` is what moat knows about one container; `oci_config`
+//! turns it into the OCI runtime spec (config.json) that libcontainer runs.
+//! Hardening (user namespace, seccomp, capabilities, masked paths, read-only
+//! /sys) is on unless `privileged` is set.
+
+use crate::profile;
+use crate::RuntimeError;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// What runs as PID 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContainerKind {
+    /// The image's init (`/sbin/init`) is PID 1; stopped with SIGRTMIN+3 when it is systemd.
+    System,
+    /// The image's entrypoint/cmd is PID 1.
+    #[default]
+    Application,
+}
+
+/// Network namespace of the container.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkSpec {
+    /// A new network namespace; the caller attaches a NIC between create and start.
+    #[default]
+    Own,
+    /// The host's network namespace.
+    Host,
+    /// A new network namespace with loopback only.
+    None,
+    /// Join an existing network namespace (e.g. a bind-mounted `/run/netns/X`).
+    Join(PathBuf),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    pub cpus: Option<u32>,
+    /// Bytes.
+    pub memory: Option<u64>,
+    pub pids: Option<u32>,
+}
+
+/// Root inside maps to `host_id` outside, for `size` ids (uids and gids alike).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdRange {
+    pub host_id: u32,
+    pub size: u32,
+}
+
+impl IdRange {
+    /// The range of machine number `n` (see [`profile::id_base_for`]).
+    pub fn for_machine(n: u32) -> Self {
+        IdRange {
+            host_id: profile::id_base_for(n),
+            size: profile::IDS_PER_MACHINE,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindMount {
+    pub source: PathBuf,
+    pub target: String,
+    pub readonly: bool,
+}
+
+/// Everything the runtime needs to run one container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// Container id: `[A-Za-z0-9_.-]`, unique on the host (moat uses the machine's full name).
+    pub name: String,
+    /// A prepared root file system (a folder, possibly an overlay mount point).
+    pub rootfs: PathBuf,
+    pub kind: ContainerKind,
+    /// argv of PID 1; empty = `/sbin/init` for system containers.
+    pub args: Vec<String>,
+    /// `KEY=VALUE`; PATH and TERM get defaults when absent.
+    pub env: Vec<String>,
+    pub cwd: String,
+    /// uid:gid inside the container.
+    pub user: (u32, u32),
+    pub hostname: Option<String>,
+    pub limits: ResourceLimits,
+    /// `None` = no user namespace (only allowed with `privileged`).
+    pub idmap: Option<IdRange>,
+    pub network: NetworkSpec,
+    pub mounts: Vec<BindMount>,
+    pub privileged: bool,
+    /// The machine's domain is untrusted or disposable: `privileged` is refused.
+    pub untrusted_domain: bool,
+    /// Written to `/etc/hosts` in the rootfs when set.
+    pub etc_hosts: Option<String>,
+    /// Written to `/etc/resolv.conf` in the rootfs when set.
+    pub resolv_conf: Option<String>,
+    /// Signal that asks PID 1 to stop; `None` = SIGRTMIN+3 for systemd, SIGTERM otherwise.
+    pub stop_signal: Option<i32>,
+}
+
+impl ContainerSpec {
+    /// A hardened application container running `args` in `rootfs`.
+    pub fn new(name: impl Into<String>, rootfs: impl Into<PathBuf>, args: Vec<String>) -> Self {
+        ContainerSpec {
+            name: name.into(),
+            rootfs: rootfs.into(),
+            kind: ContainerKind::Application,
+            args,
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: (0, 0),
+            hostname: None,
+            limits: ResourceLimits::default(),
+            idmap: Some(IdRange::for_machine(0)),
+            network: NetworkSpec::None,
+            mounts: Vec::new(),
+            privileged: false,
+            untrusted_domain: false,
+            etc_hosts: None,
+            resolv_conf: None,
+            stop_signal: None,
+        }
+    }
+
+    /// Checks that do not need the host.
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let bad = |reason: String| RuntimeError::InvalidSpec {
+            container: self.name.clone(),
+            reason,
+        };
+        if self.name.is_empty()
+            || self.name.len() > 200
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            return Err(bad(
+                "the name must be 1-200 characters of [A-Za-z0-9_.-]".into()
+            ));
+        }
+        if self.privileged && self.untrusted_domain {
+            return Err(bad(
+                "privileged: true is refused in untrusted and disposable domains; \
+                 move the machine to a trusted domain or drop privileged"
+                    .into(),
+            ));
+        }
+        if self.idmap.is_none() && !self.privileged {
+            return Err(bad(
+                "an unprivileged container needs a user namespace id range".into(),
+            ));
+        }
+        if let Some(r) = self.idmap {
+            if r.host_id == 0 || r.size == 0 {
+                return Err(bad("the id range must not map to host root".into()));
+            }
+        }
+        if !self.rootfs.is_absolute() {
+            return Err(bad(format!(
+                "rootfs '{}' must be an absolute path",
+                self.rootfs.display()
+            )));
+        }
+        for m in &self.mounts {
+            if !m.target.starts_with('/') || !m.source.is_absolute() {
+                return Err(bad(format!(
+                    "mount {} -> {}: both paths must be absolute",
+                    m.source.display(),
+                    m.target
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// argv of PID 1 after defaults.
+    pub fn effective_args(&self) -> Vec<String> {
+        if self.args.is_empty() {
+            vec!["/sbin/init".into()]
+        } else {
+            self.args.clone()
+        }
+    }
+
+    fn uses_userns(&self) -> bool {
+        self.idmap.is_some() && !self.privileged
+    }
+}
+
+/// The OCI runtime spec for `spec`, as JSON (what goes into config.json).
+pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
+    spec.validate()?;
+    let hardened = !spec.privileged;
+    let userns = spec.uses_userns();
+
+    let mut env = spec.env.clone();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    if !env.iter().any(|e| e.starts_with("TERM=")) {
+        env.push("TERM=xterm".into());
+    }
+    if spec.kind == ContainerKind::System && !env.iter().any(|e| e.starts_with("container=")) {
+        // systemd adapts its boot to containers when it sees this.
+        env.push("container=moat".into());
+    }
+
+    let caps: &[&str] = match (hardened, spec.kind) {
+        (false, _) => profile::ALL_CAPS,
+        (true, ContainerKind::System) => profile::SYSTEM_CAPS,
+        (true, ContainerKind::Application) => profile::APP_CAPS,
+    };
+    let caps: Vec<&str> = caps.to_vec();
+
+    let mut namespaces = vec![
+        json!({"type": "pid"}),
+        json!({"type": "ipc"}),
+        json!({"type": "uts"}),
+        json!({"type": "mount"}),
+        json!({"type": "cgroup"}),
+    ];
+    match &spec.network {
+        NetworkSpec::Own | NetworkSpec::None => namespaces.push(json!({"type": "network"})),
+        NetworkSpec::Host => {}
+        NetworkSpec::Join(p) => namespaces.push(json!({"type": "network", "path": p})),
+    }
+    if userns {
+        namespaces.push(json!({"type": "user"}));
+    }
+
+    let own_netns = !matches!(spec.network, NetworkSpec::Host);
+    let mut mounts = vec![
+        json!({"destination": "/proc", "type": "proc", "source": "proc",
+               "options": ["nosuid", "noexec", "nodev"]}),
+        json!({"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+               "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]}),
+        json!({"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+               "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]}),
+        json!({"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+               "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]}),
+        json!({"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+               "options": ["nosuid", "noexec", "nodev"]}),
+    ];
+    let sys_ro = if hardened { "ro" } else { "rw" };
+    if own_netns || !userns {
+        mounts.push(
+            json!({"destination": "/sys", "type": "sysfs", "source": "sysfs",
+                           "options": ["nosuid", "noexec", "nodev", sys_ro]}),
+        );
+    } else {
+        // sysfs can only be mounted by the owner of the network namespace.
+        mounts.push(
+            json!({"destination": "/sys", "type": "none", "source": "/sys",
+                           "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+        );
+    }
+    mounts.push(
+        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                       "options": ["nosuid", "noexec", "nodev", "relatime", sys_ro]}),
+    );
+    if spec.kind == ContainerKind::System {
+        mounts.push(
+            json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "nodev", "mode=755"]}),
+        );
+    }
+    for m in &spec.mounts {
+        let mut opts = vec!["rbind", "nosuid", "nodev"];
+        if m.readonly {
+            opts.push("ro");
+        }
+        mounts.push(
+            json!({"destination": m.target, "type": "none", "source": m.source,
+                           "options": opts}),
+        );
+    }
+
+    let mut resources = json!({});
+    if let Some(mem) = spec.limits.memory {
+        resources["memory"] = json!({"limit": mem});
+    }
+    if let Some(cpus) = spec.limits.cpus {
+        resources["cpu"] = json!({"quota": i64::from(cpus) * 100_000, "period": 100_000u64});
+    }
+    if let Some(p) = spec.limits.pids {
+        resources["pids"] = json!({"limit": i64::from(p)});
+    }
+    // Deny device access except the standard nodes (cgroup v1 devices controller).
+    resources["devices"] = if hardened {
+        json!([
+            {"allow": false, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 3, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 7, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 8, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 1, "minor": 9, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 5, "minor": 0, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 5, "minor": 1, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 5, "minor": 2, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 136, "access": "rwm"},
+            {"allow": true, "type": "c", "major": 10, "minor": 200, "access": "rwm"}
+        ])
+    } else {
+        json!([{"allow": true, "access": "rwm"}])
+    };
+
+    let mut linux = json!({
+        "namespaces": namespaces,
+        "cgroupsPath": format!("/moat/{}", spec.name),
+        "resources": resources,
+    });
+    if userns {
+        if let Some(r) = spec.idmap {
+            let map = json!([{"containerID": 0, "hostID": r.host_id, "size": r.size}]);
+            linux["uidMappings"] = map.clone();
+            linux["gidMappings"] = map;
+        }
+    }
+    if hardened {
+        linux["maskedPaths"] = json!(profile::MASKED_PATHS);
+        linux["readonlyPaths"] = json!(profile::READONLY_PATHS);
+        let mut deny: Vec<&str> = profile::DENY_ALWAYS.to_vec();
+        if spec.kind == ContainerKind::Application {
+            deny.extend_from_slice(profile::DENY_APP);
+        }
+        linux["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": deny, "action": "SCMP_ACT_ERRNO", "errnoRet": libc::EPERM}],
+        });
+    }
+
+    let mut process = json!({
+        "terminal": false,
+        "user": {"uid": spec.user.0, "gid": spec.user.1},
+        "args": spec.effective_args(),
+        "env": env,
+        "cwd": spec.cwd,
+        "capabilities": {
+            "bounding": caps, "effective": caps, "permitted": caps,
+        },
+        "noNewPrivileges": hardened,
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 20000u64, "soft": 20000u64}],
+    });
+    if !hardened {
+        process["capabilities"]["inheritable"] = json!(caps);
+        process["capabilities"]["ambient"] = json!(caps);
+    }
+
+    Ok(json!({
+        "ociVersion": "1.0.2",
+        "process": process,
+        "root": {"path": spec.rootfs, "readonly": false},
+        "hostname": spec.hostname.clone().unwrap_or_else(|| spec.name.clone()),
+        "mounts": mounts,
+        "linux": linux,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ContainerSpec {
+        let mut s = ContainerSpec::new("t1", "/tmp/rootfs", vec!["/bin/true".into()]);
+        s.limits = ResourceLimits {
+            cpus: Some(2),
+            memory: Some(64 << 20),
+            pids: Some(50),
+        };
+        s
+    }
+
+    #[test]
+    fn config_parses_as_an_oci_spec() {
+        let v = oci_config(&sample()).expect("config");
+        let spec: libcontainer::oci_spec::runtime::Spec =
+            serde_json::from_value(v).expect("valid OCI spec");
+        let linux = spec.linux().as_ref().expect("linux");
+        assert!(linux.seccomp().is_some());
+        assert_eq!(linux.uid_mappings().as_ref().map(|m| m.len()), Some(1));
+        let pids = linux
+            .resources()
+            .as_ref()
+            .and_then(|r| r.pids().as_ref())
+            .map(|p| p.limit());
+        assert_eq!(pids, Some(50));
+    }
+
+    #[test]
+    fn privileged_drops_hardening_and_is_refused_when_untrusted() {
+        let mut s = sample();
+        s.privileged = true;
+        let v = oci_config(&s).expect("config");
+        assert!(v["linux"].get("seccomp").is_none());
+        assert!(v["linux"].get("uidMappings").is_none());
+        s.untrusted_domain = true;
+        assert!(matches!(
+            oci_config(&s),
+            Err(RuntimeError::InvalidSpec { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let mut s = sample();
+        s.name = "a/b".into();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn system_containers_may_mount_but_not_load_modules() {
+        let mut s = sample();
+        s.kind = ContainerKind::System;
+        s.args.clear();
+        let v = oci_config(&s).expect("config");
+        let names = v["linux"]["seccomp"]["syscalls"][0]["names"].to_string();
+        assert!(names.contains("init_module") && !names.contains("\"mount\""));
+        assert_eq!(v["process"]["args"][0], "/sbin/init");
+    }
+}

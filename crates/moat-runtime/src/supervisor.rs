@@ -1,0 +1,510 @@
+//! The per-machine supervisor (run by the `moat-supervisor` binary).
+//!
+//! One process per running machine, detached from whoever launched it
+//! (fork + setsid), single-threaded, driven by poll(2) over: a self-pipe fed
+//! by SIGCHLD/SIGTERM/SIGINT handlers, the request socket, and the two pipes
+//! carrying the container's stdout/stderr into rotating log files.
+//!
+//! ```text
+//!  Starting ──create──▶ Created ──start──▶ Running ──PID 1 ends──┬─▶ Exited   (policy says no)
+//!     ▲                 (wait_for_start)      │                  ├─▶ Stopped  (stop requested)
+//!     └──── backoff ◀── Restarting ◀──────────┴──────────────────┘   (policy says restart)
+//!  any create/start error ─▶ Failed
+//! ```
+//! The container's init is our child (libcontainer clones it as a sibling of
+//! its intermediate process), so we reap it with waitpid.
+
+use crate::container::{self, Stdio};
+use crate::logs::RotatingLog;
+use crate::machine::{MachineDir, Phase, RestartPolicy, Status, SupervisorConfig};
+use crate::spec::{ContainerKind, ContainerSpec};
+use crate::sys::{self, ExitStatus};
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    let b = sig as u8;
+    // SAFETY: write(2) is async-signal-safe; the fd is a non-blocking pipe.
+    unsafe {
+        libc::write(fd, (&b as *const u8).cast(), 1);
+    }
+}
+
+/// Entry point of the `moat-supervisor` binary: `moat-supervisor <machine dir>`.
+/// Returns the process exit code of the launching (parent) half.
+pub fn main_entry() -> i32 {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).map(|a| a == "--exec").unwrap_or(false) {
+        let (Some(dir), Some("--")) = (args.get(2), args.get(3).and_then(|a| a.to_str())) else {
+            eprintln!("usage: moat-supervisor --exec <machine folder> -- ARGV...");
+            return 2;
+        };
+        let argv: Vec<String> = args[4..]
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        return crate::exec::exec_main(&MachineDir::new(dir), &argv);
+    }
+    let Some(dir) = args.get(1).cloned() else {
+        eprintln!("usage: moat-supervisor <machine folder>");
+        return 2;
+    };
+    let dir = MachineDir::new(dir);
+    let cfg = match dir.read_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("moat-supervisor: {e}");
+            return 1;
+        }
+    };
+    let log = match fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.supervisor_log())
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("moat-supervisor: {}: {e}", dir.supervisor_log().display());
+            return 1;
+        }
+    };
+    // SAFETY: fork while single-threaded (nothing has spawned threads yet).
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        eprintln!("moat-supervisor: fork: {}", io::Error::last_os_error());
+        return 1;
+    }
+    if child > 0 {
+        return 0;
+    }
+    // SAFETY: plain syscalls on valid fds in the forked child.
+    unsafe {
+        libc::setsid();
+        libc::dup2(log.as_raw_fd(), 1);
+        libc::dup2(log.as_raw_fd(), 2);
+        if let Ok(null) = fs::File::open("/dev/null") {
+            libc::dup2(null.as_raw_fd(), 0);
+        }
+    }
+    drop(log);
+    let _ = std::env::set_current_dir("/");
+    let code = match Supervisor::new(dir, cfg) {
+        Ok(mut s) => s.run(),
+        Err(e) => {
+            eprintln!("moat-supervisor: {e}");
+            1
+        }
+    };
+    // SAFETY: leave without running atexit handlers inherited from the parent half.
+    unsafe { libc::_exit(code) }
+}
+
+struct Supervisor {
+    dir: MachineDir,
+    cfg: SupervisorConfig,
+    status: Status,
+    listener: UnixListener,
+    sig_r: OwnedFd,
+    out_r: OwnedFd,
+    out_w: OwnedFd,
+    err_r: OwnedFd,
+    err_w: OwnedFd,
+    out_log: RotatingLog,
+    err_log: RotatingLog,
+    init: Option<i32>,
+    init_exit: Option<ExitStatus>,
+    stop_requested: bool,
+    kill_at: Option<Instant>,
+    start_requested: bool,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn set_nonblock(fd: &OwnedFd) {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
+fn stop_signal(spec: &ContainerSpec) -> i32 {
+    if let Some(s) = spec.stop_signal {
+        return s;
+    }
+    let systemd = spec.kind == ContainerKind::System
+        && (spec.effective_args()[0].contains("systemd")
+            || fs::read_link(spec.rootfs.join("sbin/init"))
+                .map(|t| t.to_string_lossy().contains("systemd"))
+                .unwrap_or(false));
+    if systemd {
+        sys::sigrtmin_plus_3()
+    } else {
+        libc::SIGTERM
+    }
+}
+
+impl Supervisor {
+    fn new(dir: MachineDir, cfg: SupervisorConfig) -> io::Result<Self> {
+        let (sig_r, sig_w) = sys::pipe()?;
+        set_nonblock(&sig_r);
+        set_nonblock(&sig_w);
+        SIGNAL_PIPE.store(sig_w.as_raw_fd(), Ordering::Relaxed);
+        std::mem::forget(sig_w);
+        for sig in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            // SAFETY: installs an async-signal-safe handler; sigaction is zeroed then filled.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as *const () as usize;
+                sa.sa_flags = libc::SA_RESTART | libc::SA_NOCLDSTOP;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+        let sock = dir.socket_path();
+        let _ = fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock)?;
+        listener.set_nonblocking(true)?;
+        fs::create_dir_all(dir.logs_dir())?;
+        let out_log = RotatingLog::open(dir.stdout_log(), cfg.log_max_bytes, cfg.log_keep)?;
+        let err_log = RotatingLog::open(dir.stderr_log(), cfg.log_max_bytes, cfg.log_keep)?;
+        let (out_r, out_w) = sys::pipe()?;
+        let (err_r, err_w) = sys::pipe()?;
+        set_nonblock(&out_r);
+        set_nonblock(&err_r);
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        let status = Status {
+            phase: Phase::Starting,
+            supervisor_pid: me,
+            supervisor_start: sys::start_time(me).unwrap_or(0),
+            pid: None,
+            started_at: None,
+            exit_code: None,
+            exit_signal: None,
+            restarts: 0,
+            message: None,
+        };
+        Ok(Supervisor {
+            dir,
+            cfg,
+            status,
+            listener,
+            sig_r,
+            out_r,
+            out_w,
+            err_r,
+            err_w,
+            out_log,
+            err_log,
+            init: None,
+            init_exit: None,
+            stop_requested: false,
+            kill_at: None,
+            start_requested: false,
+        })
+    }
+
+    fn save(&self) {
+        let tmp = self.dir.dir.join("status.json.tmp");
+        let Ok(text) = serde_json::to_vec(&self.status) else {
+            return;
+        };
+        if fs::write(&tmp, text).is_ok() {
+            let _ = fs::rename(&tmp, self.dir.status_path());
+        }
+    }
+
+    fn set_phase(&mut self, phase: Phase) {
+        self.status.phase = phase;
+        self.save();
+    }
+
+    fn run(&mut self) -> i32 {
+        self.save();
+        let name = self.cfg.container.name.clone();
+        let root = self.dir.state_root();
+        let mut first = true;
+        let mut quick_failures = 0u32;
+        loop {
+            if let Err(e) = self.create() {
+                eprintln!("moat-supervisor: {e}");
+                self.status.message = Some(e.to_string());
+                let _ = container::delete(&name, &root, true);
+                self.set_phase(Phase::Failed);
+                return self.finish(1);
+            }
+            if first && self.cfg.wait_for_start {
+                self.set_phase(Phase::Created);
+                while !self.start_requested && !self.stop_requested {
+                    self.poll_once(None);
+                }
+            }
+            first = false;
+            if !self.stop_requested {
+                if let Err(e) = container::start(&name, &root) {
+                    eprintln!("moat-supervisor: {e}");
+                    self.status.message = Some(e.to_string());
+                    let _ = self.kill_init(libc::SIGKILL);
+                    self.wait_init_exit();
+                    let _ = container::delete(&name, &root, true);
+                    self.set_phase(Phase::Failed);
+                    return self.finish(1);
+                }
+                self.status.started_at = Some(now_secs());
+                self.status.message = None;
+                self.set_phase(Phase::Running);
+            } else {
+                let _ = self.kill_init(libc::SIGKILL);
+            }
+            let run_start = Instant::now();
+            let exit = self.wait_init_exit();
+            self.drain_logs();
+            if let Err(e) = container::delete(&name, &root, true) {
+                eprintln!("moat-supervisor: {e}");
+            }
+            self.init = None;
+            self.status.pid = None;
+            let (code, sig) = match exit {
+                ExitStatus::Code(c) => (Some(c), None),
+                ExitStatus::Signal(s) => (None, Some(s)),
+            };
+            self.status.exit_code = code;
+            self.status.exit_signal = sig;
+            if self.stop_requested {
+                self.set_phase(Phase::Stopped);
+                return self.finish(0);
+            }
+            let failed = exit != ExitStatus::Code(0);
+            let again = match self.cfg.restart {
+                RestartPolicy::No => false,
+                RestartPolicy::OnFailure => failed,
+                RestartPolicy::Always => true,
+            } && self
+                .cfg
+                .max_restarts
+                .is_none_or(|m| self.status.restarts < m);
+            if !again {
+                self.set_phase(Phase::Exited);
+                return self.finish(0);
+            }
+            // Exponential backoff for crash loops, reset after a good run.
+            if run_start.elapsed() > Duration::from_secs(10) {
+                quick_failures = 0;
+            }
+            let delay = Duration::from_millis(100u64 << quick_failures.min(8));
+            quick_failures += 1;
+            self.status.restarts += 1;
+            self.set_phase(Phase::Restarting);
+            let until = Instant::now() + delay;
+            while Instant::now() < until && !self.stop_requested {
+                self.poll_once(Some(until));
+            }
+            if self.stop_requested {
+                self.set_phase(Phase::Stopped);
+                return self.finish(0);
+            }
+            self.set_phase(Phase::Starting);
+        }
+    }
+
+    fn finish(&mut self, code: i32) -> i32 {
+        let _ = fs::remove_file(self.dir.socket_path());
+        code
+    }
+
+    fn create(&mut self) -> Result<(), crate::RuntimeError> {
+        let stdio = Stdio {
+            stdin: None,
+            stdout: self.out_w.try_clone().ok(),
+            stderr: self.err_w.try_clone().ok(),
+        };
+        let created = container::create(&self.cfg.container, &self.dir.container_paths(), stdio)?;
+        self.init = Some(created.pid);
+        self.init_exit = None;
+        self.status.pid = Some(created.pid);
+        Ok(())
+    }
+
+    fn kill_init(&self, sig: i32) -> io::Result<()> {
+        match self.init {
+            Some(pid) => sys::kill(pid, sig),
+            None => Ok(()),
+        }
+    }
+
+    fn wait_init_exit(&mut self) -> ExitStatus {
+        loop {
+            if let Some(e) = self.init_exit {
+                return e;
+            }
+            if self.init.is_none() {
+                return ExitStatus::Code(0);
+            }
+            self.poll_once(self.kill_at);
+        }
+    }
+
+    fn poll_once(&mut self, until: Option<Instant>) {
+        if let Some(at) = self.kill_at {
+            if Instant::now() >= at {
+                self.kill_at = None;
+                let _ = self.kill_init(libc::SIGKILL);
+            }
+        }
+        let deadline = match (until, self.kill_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as i32 + 1)
+            .unwrap_or(-1);
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sig_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.listener.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.out_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.err_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: fds is a valid array of pollfd for its length.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n <= 0 {
+            return;
+        }
+        if fds[2].revents != 0 || fds[3].revents != 0 {
+            self.drain_logs();
+        }
+        if fds[0].revents != 0 {
+            self.on_signals();
+        }
+        if fds[1].revents != 0 {
+            self.on_requests();
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let mut buf = [0u8; 64];
+        loop {
+            // SAFETY: buf is valid for its length; the pipe is non-blocking.
+            let n =
+                unsafe { libc::read(self.sig_r.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            for &s in &buf[..n as usize] {
+                if matches!(i32::from(s), libc::SIGTERM | libc::SIGINT | libc::SIGHUP) {
+                    self.request_stop(Duration::from_millis(self.cfg.stop_timeout_ms));
+                }
+            }
+        }
+        while let Some((pid, st)) = sys::try_wait_any() {
+            if Some(pid) == self.init {
+                self.init_exit = Some(st);
+            }
+        }
+    }
+
+    fn request_stop(&mut self, timeout: Duration) {
+        if self.stop_requested {
+            return;
+        }
+        self.stop_requested = true;
+        if self.init.is_some() {
+            if self.status.phase == Phase::Created {
+                let _ = self.kill_init(libc::SIGKILL);
+                return;
+            }
+            self.status.phase = Phase::Stopping;
+            self.save();
+            let _ = self.kill_init(stop_signal(&self.cfg.container));
+            self.kill_at = Some(Instant::now() + timeout);
+        }
+    }
+
+    fn on_requests(&mut self) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut line = String::new();
+            let mut reader = BufReader::new(&stream);
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let answer = match (words.next(), words.next()) {
+                (Some("start"), _) => {
+                    if self.status.phase == Phase::Created {
+                        self.start_requested = true;
+                        "ok".to_string()
+                    } else {
+                        format!("err not waiting for start ({:?})", self.status.phase)
+                    }
+                }
+                (Some("stop"), ms) => {
+                    let ms = ms
+                        .and_then(|m| m.parse().ok())
+                        .unwrap_or(self.cfg.stop_timeout_ms);
+                    self.request_stop(Duration::from_millis(ms));
+                    "ok".into()
+                }
+                (Some("kill"), Some(sig)) => match sig.parse::<i32>() {
+                    Ok(sig) => match self.kill_init(sig) {
+                        Ok(()) => "ok".into(),
+                        Err(e) => format!("err {e}"),
+                    },
+                    Err(_) => "err bad signal number".into(),
+                },
+                (Some("status"), _) => serde_json::to_string(&self.status).unwrap_or_default(),
+                _ => "err unknown request".into(),
+            };
+            let mut w = &stream;
+            let _ = w.write_all(format!("{answer}\n").as_bytes());
+        }
+    }
+
+    fn drain_logs(&mut self) {
+        let mut buf = vec![0u8; 16 * 1024];
+        for (fd, log) in [
+            (&self.out_r, &mut self.out_log),
+            (&self.err_r, &mut self.err_log),
+        ] {
+            loop {
+                // SAFETY: buf is valid for buf.len() bytes; fd is a non-blocking pipe we own.
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                if let Err(e) = log.write_all(&buf[..n as usize]) {
+                    eprintln!("moat-supervisor: writing a log: {e}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Privileged tests of the runtime: real containers on this host. They skip
+//! with a reason when not root. Each test uses unique names and destroys its
+//! machine on drop.
+
+mod common;
+
+use common::*;
+use moat_runtime::machine::{self, MachineDir, MachineState, Phase};
+use moat_runtime::{
+    ContainerKind, ContainerSpec, IdRange, NetworkSpec, ResourceLimits, RestartPolicy,
+    SupervisorConfig,
+};
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+fn supervisor() -> std::path::PathBuf {
+    machine::find_supervisor().expect("moat-supervisor")
+}
+
+fn exec_ok(dir: &MachineDir, cmd: &str) -> (i32, String, String) {
+    let r = machine::exec(dir, &sh(cmd)).expect("exec");
+    assert!(
+        r.status != 126,
+        "exec helper failed: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    (
+        r.status,
+        String::from_utf8_lossy(&r.stdout).into_owned(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    )
+}
+
+fn wait_phase(dir: &MachineDir, want: Phase, within: Duration) -> moat_runtime::Status {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = dir.read_status() {
+            if s.phase == want {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "phase {want:?} not reached: {:?}",
+            dir.read_status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn app_container_exec_limits_hardening_logs_lifecycle() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("app");
+    let n = machine_number();
+    let ids = IdRange::for_machine(n);
+    let mut spec = ContainerSpec::new(
+        &name,
+        &fx.rootfs,
+        sh("echo hello-out; echo hello-err >&2; exec sleep 1000"),
+    );
+    spec.idmap = Some(ids);
+    spec.limits = ResourceLimits {
+        cpus: Some(1),
+        memory: Some(32 << 20),
+        pids: Some(30),
+    };
+    spec.hostname = Some("apphost".into());
+    spec.etc_hosts = Some("127.0.0.1 localhost\n10.9.9.9 peer\n".into());
+    let dir = MachineDir::new(&fx.machine_dir);
+    let guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 300;
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    let MachineState::Running { pid } = st else {
+        panic!("not running: {st:?}")
+    };
+
+    // exec returns the exit code
+    assert_eq!(exec_ok(&dir, "exit 7").0, 7);
+    let (_, host, _) = exec_ok(&dir, "hostname; grep peer /etc/hosts");
+    assert!(
+        host.contains("apphost") && host.contains("10.9.9.9"),
+        "{host}"
+    );
+
+    // user namespace
+    let (_, map, _) = exec_ok(&dir, "cat /proc/self/uid_map");
+    let f: Vec<&str> = map.split_whitespace().collect();
+    assert_eq!(
+        f,
+        vec!["0", &ids.host_id.to_string(), "65536"],
+        "uid_map: {map}"
+    );
+    let host_status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let uid_line = host_status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or("");
+    assert!(
+        uid_line.contains(&ids.host_id.to_string()),
+        "host sees {uid_line}"
+    );
+    assert_eq!(exec_ok(&dir, "touch /made-inside").0, 0);
+    let meta = std::fs::metadata(fx.rootfs.join("made-inside")).expect("made-inside");
+    assert_eq!(meta.uid(), ids.host_id);
+    eprintln!("uid_map inside: {}", map.trim());
+
+    // limits visible inside
+    let (_, mem, _) = exec_ok(&dir, "cat /sys/fs/cgroup/memory/memory.limit_in_bytes 2>/dev/null || cat /sys/fs/cgroup/memory.max");
+    assert_eq!(mem.trim(), (32u64 << 20).to_string());
+    let (_, pids, _) = exec_ok(
+        &dir,
+        "cat /sys/fs/cgroup/pids/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids.max",
+    );
+    assert_eq!(pids.trim(), "30");
+    // a memory hog is OOM-killed
+    let (code, out, _) = exec_ok(
+        &dir,
+        "head -c 200000000 /dev/zero | tr '\\0' a | (x=$(cat); echo survived)",
+    );
+    assert!(
+        !out.contains("survived"),
+        "memory hog survived (status {code})"
+    );
+    eprintln!("memory hog ended with status {code}");
+
+    // seccomp, capabilities, masked paths, read-only /sys, private /dev, loopback
+    let (code, _, err) = exec_ok(&dir, "mount -t tmpfs none /mnt");
+    assert_ne!(code, 0, "mount succeeded: {err}");
+    let (_, seccomp, serr) = exec_ok(
+        &dir,
+        "grep ^Seccomp: /proc/self/status; grep ^NoNewPrivs: /proc/self/status",
+    );
+    eprintln!("seccomp check: {seccomp:?} {serr:?}");
+    assert!(
+        seccomp.contains("Seccomp:\t2") && seccomp.contains("NoNewPrivs:\t1"),
+        "{seccomp}"
+    );
+    let (_, caps, _) = exec_ok(&dir, "grep ^CapEff: /proc/self/status");
+    assert_eq!(
+        caps.trim(),
+        "CapEff:\t00000000a80425fb",
+        "Docker's default set expected"
+    );
+    let (_, kallsyms, _) = exec_ok(&dir, "wc -c < /proc/kallsyms");
+    assert_eq!(kallsyms.trim(), "0");
+    let (code, _, _) = exec_ok(&dir, "echo 1 > /proc/sys/kernel/panic");
+    assert_ne!(code, 0, "/proc/sys is writable");
+    let (_, sysmnt, _) = exec_ok(&dir, "grep ' /sys ' /proc/mounts");
+    assert!(sysmnt.contains(" ro,"), "/sys not read-only: {sysmnt}");
+    let (_, dev, _) = exec_ok(&dir, "ls /dev");
+    assert!(
+        dev.contains("null") && !dev.contains("kmsg") && !dev.contains("sda"),
+        "/dev: {dev}"
+    );
+    let (_, lo, _) = exec_ok(&dir, "ip link show lo");
+    assert!(lo.contains("UP"), "lo: {lo}");
+    let (code, _, _) = exec_ok(&dir, "unshare -U true");
+    assert_ne!(code, 0, "unshare of a user namespace allowed");
+    if let Some(keyctl) = build_keyctl_probe(&fx.rootfs) {
+        let (code, out, _) = exec_ok(&dir, &keyctl);
+        assert!(
+            out.contains("keyctl=-1 errno=1"),
+            "keyctl probe: {code} {out}"
+        );
+    }
+
+    // a fork bomb stops at the pids limit (its sleeps linger: last exec before stop)
+    let (_, _, bomb_err) = exec_ok(&dir, "for i in $(seq 60); do sleep 3 & done; wait");
+    assert!(
+        bomb_err.contains("fork") || bomb_err.contains("Resource"),
+        "fork bomb: {bomb_err}"
+    );
+
+    // logs
+    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout.log");
+    let err = std::fs::read_to_string(dir.stderr_log()).expect("stderr.log");
+    assert!(
+        out.contains("hello-out") && err.contains("hello-err"),
+        "logs: {out:?} {err:?}"
+    );
+
+    // stop (sleep ignores SIGTERM as PID 1: SIGKILL after the timeout), start, restart
+    machine::stop(&dir, Duration::from_millis(300)).expect("stop");
+    assert!(
+        matches!(dir.state(), MachineState::Stopped { .. }),
+        "{:?}",
+        dir.state()
+    );
+    assert!(
+        std::fs::metadata(format!("/proc/{pid}")).is_err(),
+        "init still alive"
+    );
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("start again");
+    let MachineState::Running { pid: pid2 } = st else {
+        panic!("{st:?}")
+    };
+    let st = machine::restart(&dir, Duration::from_millis(300), &supervisor()).expect("restart");
+    let MachineState::Running { pid: pid3 } = st else {
+        panic!("{st:?}")
+    };
+    assert!(pid2 != pid && pid3 != pid2);
+
+    // destroy leaves nothing behind
+    drop(guard);
+    assert!(!fx.machine_dir.exists());
+    let left = leftovers(&name, fx.tmp.path());
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+/// A static C program calling keyctl(2), or `None` without gcc.
+fn build_keyctl_probe(rootfs: &std::path::Path) -> Option<String> {
+    let gcc = std::process::Command::new("gcc")
+        .arg("--version")
+        .output()
+        .ok()?;
+    if !gcc.status.success() {
+        eprintln!("note: no gcc, keyctl probe skipped");
+        return None;
+    }
+    let src = rootfs.join("tmp/keyctl.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <errno.h>\n#include <unistd.h>\n#include <sys/syscall.h>\n\
+         int main(void){long r=syscall(SYS_keyctl,0,0,0,0,0);printf(\"keyctl=%ld errno=%d\\n\",r,errno);return 0;}\n",
+    )
+    .ok()?;
+    let st = std::process::Command::new("gcc")
+        .args(["-static", "-O0", "-o"])
+        .arg(rootfs.join("bin/keyctl-probe"))
+        .arg(&src)
+        .status()
+        .ok()?;
+    st.success().then(|| "/bin/keyctl-probe".to_string())
+}
+
+#[test]
+fn restart_policy_on_failure_restarts_n_times() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("onfail");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh("echo run >> /tmp/count; exit 3"));
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.restart = RestartPolicy::OnFailure;
+    cfg.max_restarts = Some(2);
+    machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    let s = wait_phase(&dir, Phase::Exited, Duration::from_secs(20));
+    assert_eq!((s.restarts, s.exit_code), (2, Some(3)));
+    let runs = std::fs::read_to_string(fx.rootfs.join("tmp/count")).expect("count");
+    assert_eq!(runs.lines().count(), 3);
+    assert!(
+        matches!(dir.state(), MachineState::Crashed { .. }),
+        "{:?}",
+        dir.state()
+    );
+    eprintln!("state after 2 restarts: {:?}", dir.state());
+}
+
+#[test]
+fn supervisor_killed_is_reported_crashed_and_repaired() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("sigkill");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, vec!["/bin/sleep".into(), "1000".into()]);
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    spec.network = NetworkSpec::Own;
+    let dir = MachineDir::new(&fx.machine_dir);
+    let guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.wait_for_start = true;
+    cfg.stop_timeout_ms = 200;
+    // create → the caller could attach a NIC to /proc/<pid>/ns/net here → start
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    let MachineState::Created { pid } = st else {
+        panic!("{st:?}")
+    };
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/net")).expect("netns");
+    assert_ne!(
+        ns,
+        std::fs::read_link("/proc/self/ns/net").expect("own netns")
+    );
+    machine::start(&dir).expect("start");
+    wait_phase(&dir, Phase::Running, Duration::from_secs(5));
+
+    let sup = dir.read_status().expect("status").supervisor_pid;
+    // SAFETY: kill(2) of the supervisor this test launched.
+    unsafe { libc::kill(sup, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while dir.supervisor_alive() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let st = dir.state();
+    eprintln!("after SIGKILL of the supervisor: {st:?}");
+    assert!(matches!(&st, MachineState::Crashed { reason } if reason.contains("supervisor died")));
+    // repair: clean what is left, launch again
+    machine::cleanup_dead(&dir).expect("cleanup");
+    cfg.wait_for_start = false;
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("relaunch");
+    assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
+    let rss = moat_runtime::sys::rss_kib(dir.read_status().expect("status").supervisor_pid);
+    eprintln!("idle supervisor RSS: {rss:?} KiB");
+    drop(guard);
+    let left = leftovers(&name, fx.tmp.path());
+    assert!(left.is_empty(), "left behind: {left:#?}");
+}
+
+#[test]
+fn system_container_runs_busybox_init_and_stops() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    std::fs::write(
+        fx.rootfs.join("etc/inittab"),
+        "::sysinit:/bin/echo booted\n::respawn:/bin/sleep 1000\n::shutdown:/bin/echo shutting-down\n",
+    )
+    .expect("inittab");
+    let _ = std::fs::remove_file(fx.rootfs.join("sbin/init"));
+    std::os::unix::fs::symlink("/bin/busybox", fx.rootfs.join("sbin/init")).expect("init link");
+    let name = unique("sys");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, vec![]);
+    spec.kind = ContainerKind::System;
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 3000;
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
+    let (_, ps, _) = exec_ok(&dir, "cat /proc/1/cmdline | tr '\\0' ' '");
+    assert!(
+        ps.starts_with("init") || ps.contains("/sbin/init"),
+        "PID 1 is {ps}"
+    );
+    let t = Instant::now();
+    machine::stop(&dir, Duration::from_secs(3)).expect("stop");
+    eprintln!("busybox init stopped in {:?}", t.elapsed());
+    let out = std::fs::read_to_string(dir.stdout_log()).unwrap_or_default();
+    assert!(out.contains("booted"), "stdout: {out}");
+}
