@@ -137,3 +137,38 @@ fn running_pid(run_dir: &Path, bridge: &str) -> Option<u32> {
     (cmdline.contains("dnsmasq") && cmdline.contains(&format!("--interface={bridge}\0")))
         .then_some(pid)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{self, DomainSpec};
+
+    #[test]
+    fn dnsmasq_is_bound_to_the_bridge_with_static_leases() {
+        let r = fixture::resolved(
+            "/unit",
+            200,
+            &[DomainSpec::new("a", &["m1", "m2"]).dhcp(true)],
+            vec![],
+        );
+        let net = &r.networks["a"];
+        let nics: Vec<&ResolvedNic> = r.nics.values().collect();
+        let a = dnsmasq_args(net, &nics, Path::new("/run/x"));
+        let br = &net.bridge;
+        for want in [
+            format!("--interface={br}"),
+            "--bind-interfaces".into(),
+            "--except-interface=lo".into(),
+            "--no-resolv".into(),
+            "--dhcp-range=10.200.0.0,static,255.255.255.0,1h".into(),
+            format!("--pid-file=/run/x/{br}.pid"),
+            format!(
+                "--dhcp-host={},10.200.0.1,a-m1",
+                naming::mac_string(&r.nics["a-m1"].mac)
+            ),
+            "--host-record=a-m2,10.200.0.2".into(),
+        ] {
+            assert!(a.contains(&want), "missing {want} in {a:?}");
+        }
+    }
+}

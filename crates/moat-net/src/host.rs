@@ -458,3 +458,164 @@ fn inet_addrs(link: &Value) -> Vec<String> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixture::{self, DomainSpec};
+    use moat_host::exec::RecordingExecutor;
+
+    fn project() -> moat_core::model::Resolved {
+        fixture::resolved("/unit", 200, &[DomainSpec::new("a", &["m1"])], vec![])
+    }
+
+    #[test]
+    fn ensure_bridge_creates_a_missing_bridge() {
+        let r = project();
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "addr show",
+            Output {
+                status: 1,
+                stdout: String::new(),
+                stderr: "Device does not exist".into(),
+            },
+        );
+        let host = NetHost::new(&ex);
+        let changes = host.ensure_bridge(&r.networks["a"], "moat:/unit").unwrap();
+        let br = &r.networks["a"].bridge;
+        assert_eq!(
+            ex.lines(),
+            vec![
+                format!("ip -j -d addr show dev {br}"),
+                format!("ip link add {br} type bridge"),
+                format!("sysctl -q -w net.ipv6.conf.{br}.disable_ipv6=1"),
+                format!("ip addr add 10.200.0.254/24 dev {br}"),
+                format!("ip link set dev {br} alias moat:/unit up"),
+            ]
+        );
+        assert_eq!(changes.len(), 2);
+    }
+
+    #[test]
+    fn ensure_bridge_fixes_drift_and_is_quiet_when_right() {
+        let r = project();
+        let br = r.networks["a"].bridge.clone();
+        let link = |addrs: &str| {
+            format!(
+                r#"[{{"ifname":"{br}","flags":["BROADCAST","UP"],"ifalias":"moat:/unit","linkinfo":{{"info_kind":"bridge"}},"addr_info":[{addrs}]}}]"#
+            )
+        };
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "addr show",
+            Output::ok(link(
+                r#"{"family":"inet","local":"10.200.0.9","prefixlen":24}"#,
+            )),
+        );
+        let host = NetHost::new(&ex);
+        let changes = host.ensure_bridge(&r.networks["a"], "moat:/unit").unwrap();
+        assert_eq!(
+            changes,
+            vec![
+                format!("removed stray address 10.200.0.9/24 from {br}"),
+                format!("set address 10.200.0.254/24 on {br}"),
+            ]
+        );
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "addr show",
+            Output::ok(link(
+                r#"{"family":"inet","local":"10.200.0.254","prefixlen":24}"#,
+            )),
+        );
+        let host = NetHost::new(&ex);
+        assert!(host
+            .ensure_bridge(&r.networks["a"], "moat:/unit")
+            .unwrap()
+            .is_empty());
+        // Only the read and the (idempotent) sysctl ran.
+        assert_eq!(ex.calls().len(), 2);
+    }
+
+    #[test]
+    fn ensure_bridge_refuses_a_foreign_link() {
+        let r = project();
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "addr show",
+            Output::ok(r#"[{"ifname":"x","linkinfo":{"info_kind":"veth"}}]"#),
+        );
+        let err = NetHost::new(&ex)
+            .ensure_bridge(&r.networks["a"], "moat:/unit")
+            .unwrap_err();
+        assert!(err.to_string().contains("not a bridge"), "{err}");
+    }
+
+    #[test]
+    fn attach_creates_the_peer_inside_the_namespace() {
+        let r = project();
+        let nic = &r.nics["a-m1"];
+        let ex = RecordingExecutor::new();
+        NetHost::new(&ex)
+            .attach(nic, &r.networks["a"], "moat:/unit", &NetnsTarget::Pid(42))
+            .unwrap();
+        let calls = ex.calls();
+        let mac = naming::mac_string(&nic.mac);
+        assert_eq!(
+            calls[1].display(),
+            format!(
+                "ip link add {} type veth peer name eth0 address {mac} netns /proc/42/ns/net",
+                nic.host_if
+            )
+        );
+        let inside = calls.last().unwrap();
+        assert_eq!(
+            inside.display(),
+            "nsenter --net=/proc/42/ns/net ip -batch -"
+        );
+        let script = String::from_utf8(inside.stdin.clone().unwrap()).unwrap();
+        assert!(script.contains("addr add 10.200.0.1/24 dev eth0"));
+        assert!(script.contains("route replace default via 10.200.0.254 dev eth0"));
+    }
+
+    #[test]
+    fn apply_is_one_nft_transaction_then_ip_forward() {
+        let r = project();
+        let rs = crate::render(&r, crate::RenderOptions::default());
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for("sysctl -n", Output::ok("0\n"));
+        let applied = NetHost::new(&ex).apply_ruleset(&rs).unwrap();
+        assert!(!applied.previous_ip_forward);
+        let calls = ex.calls();
+        assert_eq!(calls[0].display(), "nft -f -");
+        assert_eq!(calls[0].stdin.as_deref(), Some(rs.script().as_bytes()));
+        assert_eq!(calls.iter().filter(|c| c.program == "nft").count(), 1);
+        assert_eq!(
+            calls.last().unwrap().display(),
+            "sysctl -q -w net.ipv4.ip_forward=1"
+        );
+    }
+
+    #[test]
+    fn observe_reads_bridges_and_hash() {
+        let r = project();
+        let br = r.networks["a"].bridge.clone();
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "show type bridge",
+            Output::ok(format!(
+                r#"[{{"ifname":"{br}","flags":["UP"],"ifalias":"moat:/unit","addr_info":[{{"family":"inet","local":"10.200.0.254","prefixlen":24}}]}},{{"ifname":"docker0","addr_info":[]}}]"#
+            )),
+        );
+        ex.push_reply_for(
+            "list table",
+            Output::ok("table inet moat_x {\n\tcomment \"moat abc123\"\n}\n"),
+        );
+        let (nets, hash) = NetHost::new(&ex).observe(&r.root_tag).unwrap();
+        assert_eq!(nets.len(), 1);
+        assert_eq!(nets["a"].subnet, Some(r.networks["a"].subnet));
+        assert!(nets["a"].up);
+        assert_eq!(hash.as_deref(), Some("abc123"));
+    }
+}
