@@ -639,4 +639,32 @@ mod tests {
         assert!(rs.body.contains("tcp dport { 3000, 3210, 8089 }"));
         assert!(!rs.body.contains("udp dport 5353"));
     }
+
+    /// The real AnKLuMe showcase through the loader and allocator.
+    #[test]
+    fn showcase_folder_renders_through_moat_core() {
+        let dir = std::path::Path::new("/work/shared/reference/anklume-showcase");
+        if !dir.exists() {
+            eprintln!("SKIP: {} not present", dir.display());
+            return;
+        }
+        let (allocated, _warnings) =
+            moat_core::check(dir, &Default::default(), "/var/lib/moat").expect("showcase loads");
+        let r = &allocated.resolved;
+        let rs = render(r, RenderOptions::default());
+        assert!(rs.notes.is_empty(), "{:?}", rs.notes);
+        let pro = &r.networks["pro"];
+        let ai = &r.networks["ai-tools"];
+        let want = format!(
+            "iifname \"{}\" ip saddr {} oifname \"{}\" ip daddr {} tcp dport {{ 8000, 11434 }}",
+            pro.bridge,
+            pro.subnet.trunc(),
+            ai.bridge,
+            ai.subnet.trunc()
+        );
+        assert!(rs.body.contains(&want), "missing {want}\n{}", rs.body);
+        // gaming is disabled: no bridge for it.
+        assert!(!rs.body.contains("-gaming\""));
+        eprintln!("{}", rs.summary());
+    }
 }
