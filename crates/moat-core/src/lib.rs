@@ -19,13 +19,13 @@
 pub mod address;
 pub mod diag;
 pub mod load;
-pub mod suggest;
-pub mod yaml;
 pub mod model;
 pub mod naming;
 pub mod observed;
 pub mod plan;
 pub mod spec;
+pub mod suggest;
+pub mod yaml;
 
 use diag::Diagnostics;
 use model::Allocations;
