@@ -565,3 +565,102 @@ fn dhcp_gives_allocated_address_and_bridge_drift_is_fixed() {
         .unwrap_or(true);
     assert!(gone, "dnsmasq {pid} still running after stop_dhcp");
 }
+
+/// The AnKLuMe showcase's policies (hand-built Resolved with the same
+/// domains and policies, on a subnet of this run) checked by real flows.
+#[test]
+fn showcase_policies_hold() {
+    need_root!();
+    let _g = serial();
+    let mut env = Env::new(|root| fixture::showcase(root, 245));
+    let tcp_ports = [22, 3000, 3210, 8000, 8089, 9050, 11434];
+    let machines: Vec<String> = env.resolved.nics.keys().cloned().collect();
+    for m in &machines {
+        env.server_ports(Some(m), &tcp_ports, &[5353], &[]);
+    }
+    let gws: Vec<String> = env
+        .resolved
+        .networks
+        .keys()
+        .map(|d| env.gateway(d))
+        .collect();
+    env.server_ports(None, &tcp_ports, &[], &gws);
+    // (from, to, kind, port, allowed)
+    let cases: &[(&str, &str, &str, u16, bool)] = &[
+        ("pro-dev", "ai-tools-gpu-server", "tcp", 11434, true),
+        ("pro-dev", "ai-tools-webui", "tcp", 3210, true),
+        ("perso-firefox", "ai-tools-webui", "tcp", 3000, true),
+        ("perso-firefox", "ai-tools-webui", "tcp", 3210, false),
+        ("ai-tools-gpu-server", "pro-dev", "tcp", 11434, false),
+        ("vault-keepass", "pro-desktop", "tcp", 9050, true),
+        ("vault-keepass", "pro-desktop", "icmp", 0, true),
+        ("pro-desktop", "vault-keepass", "tcp", 22, false),
+        ("pro-dev", "perso-desktop", "tcp", 22, true),
+        ("perso-desktop", "pro-dev", "tcp", 22, true),
+        ("perso-desktop", "pro-dev", "tcp", 8000, false),
+        (
+            "sandbox-risky-browse",
+            "sandbox-tor-gateway",
+            "tcp",
+            9050,
+            true,
+        ),
+        (
+            "sandbox-risky-browse",
+            "sandbox-tor-gateway",
+            "udp",
+            5353,
+            true,
+        ),
+        ("sandbox-risky-browse", "pro-dev", "tcp", 22, false),
+        (
+            "sandbox-tor-gateway",
+            "ai-tools-gpu-server",
+            "tcp",
+            11434,
+            false,
+        ),
+        ("host", "ai-tools-gpu-server", "tcp", 8000, true),
+        ("host", "pro-dev", "tcp", 22, false),
+        ("pro-dev", "host", "tcp", 22, false),
+    ];
+    let mut by_src: BTreeMap<&str, Vec<Probe>> = BTreeMap::new();
+    for (i, (from, to, kind, port, _)) in cases.iter().enumerate() {
+        let dst = if *to == "host" {
+            env.net_of(from).gateway.to_string()
+        } else {
+            env.ip(to)
+        };
+        let kind: &'static str = match *kind {
+            "tcp" => "tcp",
+            "udp" => "udp",
+            _ => "icmp",
+        };
+        by_src
+            .entry(from)
+            .or_default()
+            .push(Probe::new(i.to_string(), kind, dst).port(*port));
+    }
+    let children: Vec<_> = by_src
+        .iter()
+        .map(|(src, probes)| env.spawn_probes((*src != "host").then_some(*src), probes))
+        .collect();
+    let mut results = BTreeMap::new();
+    for c in children {
+        results.extend(collect(c));
+    }
+    let mut wrong = Vec::new();
+    for (i, (from, to, kind, port, want)) in cases.iter().enumerate() {
+        let got = results[&i.to_string()];
+        eprintln!(
+            "{from:>22} -> {to:<22} {kind} {port:>5}: {}",
+            if got { "pass" } else { "blocked" }
+        );
+        if got != *want {
+            wrong.push(format!(
+                "{from} -> {to} {kind} {port}: got {got}, expected {want}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

@@ -62,7 +62,8 @@ pub fn sh(args: &[&str]) -> String {
 
 pub const SERVER_PY: &str = r#"
 import socket, sys, threading
-tp, up = int(sys.argv[1]), int(sys.argv[2])
+tps = [int(p) for p in sys.argv[1].split(',') if p]
+ups = [int(p) for p in sys.argv[2].split(',') if p]
 addrs = sys.argv[3:] or ['0.0.0.0']
 def echo(c):
     try:
@@ -81,10 +82,12 @@ def udp(s):
         d, p = s.recvfrom(4096)
         s.sendto(d, p)
 for a in addrs:
-    t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((a, tp)); t.listen(64)
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((a, up))
-    threading.Thread(target=tcp, args=(t,), daemon=True).start()
-    threading.Thread(target=udp, args=(u,), daemon=True).start()
+    for tp in tps:
+        t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind((a, tp)); t.listen(64)
+        threading.Thread(target=tcp, args=(t,), daemon=True).start()
+    for up in ups:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((a, up))
+        threading.Thread(target=udp, args=(u,), daemon=True).start()
 print('ready', flush=True)
 threading.Event().wait()
 "#;
@@ -135,6 +138,11 @@ impl Probe {
             port,
             src: None,
         }
+    }
+
+    pub fn port(mut self, port: u16) -> Probe {
+        self.port = port;
+        self
     }
 
     pub fn with_src(mut self, src: &str) -> Probe {
@@ -277,9 +285,20 @@ impl Env {
     /// Start an echo server (TCP_PORT, UDP_PORT) in a machine (`None` = on
     /// the host, bound to `addrs` only) and wait until it listens.
     pub fn server(&mut self, machine: Option<&str>, addrs: &[String]) {
+        self.server_ports(machine, &[TCP_PORT], &[UDP_PORT], addrs);
+    }
+
+    /// Like [`Env::server`] with explicit TCP and UDP ports.
+    pub fn server_ports(
+        &mut self,
+        machine: Option<&str>,
+        tcp: &[u16],
+        udp: &[u16],
+        addrs: &[String],
+    ) {
+        let list = |p: &[u16]| p.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let mut c = self.py_cmd(machine, "server.py");
-        c.args([TCP_PORT.to_string(), UDP_PORT.to_string()])
-            .args(addrs);
+        c.args([list(tcp), list(udp)]).args(addrs);
         let mut child = c.spawn().expect("spawn server");
         let mut line = String::new();
         let out = child.stdout.take().expect("server stdout");
