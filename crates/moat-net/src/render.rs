@@ -366,6 +366,8 @@ pub fn render(resolved: &Resolved, opts: RenderOptions) -> Ruleset {
         // `meta ibrname` would be more direct but needs CONFIG_NFT_BRIDGE_META.
         format!("iifname != \"{port_glob}\" accept"),
         format!("iifname != @ports {counter}drop comment \"unknown port\""),
+        // Only the host's dnsmasq serves DHCP: no rogue server among machines.
+        format!("ether type ip udp sport 67 udp dport 68 {counter}drop comment \"DHCP server on a machine\""),
         "ether type ip iifname . ether saddr . ip saddr @ip_ok accept".into(),
         "ether type arp iifname . ether saddr @mac_ok iifname . arp saddr ether . arp saddr ip @ip_ok accept"
             .into(),
