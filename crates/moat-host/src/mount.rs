@@ -1,0 +1,238 @@
+//! Mount helpers for the image store: overlayfs mounts and unmounts, mount-point checks, and the
+//! two overlayfs markers (whiteout device, opaque-dir xattr) that image layers are written with.
+//!
+//! Thin, safe wrappers over the syscalls; callers pass paths, get a [`MountError`] that names the
+//! path and the mount options on failure.
+
+use std::ffi::CString;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// A mount-related syscall failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// mount(2) of an overlay failed.
+    #[error("cannot mount overlayfs on {target} (options {options}): {source}; check that overlayfs is available and the layer folders exist")]
+    Overlay {
+        target: PathBuf,
+        options: String,
+        source: io::Error,
+    },
+    /// The overlay options do not fit in one page (too many or too long layer paths).
+    #[error("overlayfs options for {target} are {len} bytes, more than the kernel accepts (4095); use a store root with a shorter path or fewer layers")]
+    OptionsTooLong { target: PathBuf, len: usize },
+    /// umount2(2) failed.
+    #[error("cannot unmount {target}: {source}; check for processes still using it (fuser -m)")]
+    Unmount { target: PathBuf, source: io::Error },
+    /// mknod(2) of a whiteout failed.
+    #[error("cannot create overlay whiteout {path}: {source}; whiteouts need root (CAP_MKNOD)")]
+    Whiteout { path: PathBuf, source: io::Error },
+    /// setxattr(2) of the opaque marker failed.
+    #[error("cannot mark {path} opaque (trusted.overlay.opaque): {source}; this needs root and a filesystem with trusted xattrs")]
+    Opaque { path: PathBuf, source: io::Error },
+    /// A path contained a NUL byte.
+    #[error("path {0} contains a NUL byte")]
+    Nul(PathBuf),
+    /// /proc/self/mountinfo could not be read.
+    #[error("cannot read /proc/self/mountinfo: {0}")]
+    MountInfo(io::Error),
+}
+
+fn cpath(p: &Path) -> Result<CString, MountError> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| MountError::Nul(p.to_path_buf()))
+}
+
+/// Mount an overlay on `target`. `lowers` is ordered top-most first (overlayfs order).
+/// With an empty `upper` the mount is read-only (lowers only; at least two lowers then).
+pub fn mount_overlay(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+) -> Result<(), MountError> {
+    let lower = lowers
+        .iter()
+        .map(|p| escape_overlay_path(p))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut options = format!("lowerdir={lower}");
+    if let Some((up, work)) = upper {
+        options.push_str(&format!(
+            ",upperdir={},workdir={}",
+            escape_overlay_path(up),
+            escape_overlay_path(work)
+        ));
+    }
+    if options.len() > 4095 {
+        return Err(MountError::OptionsTooLong {
+            target: target.to_path_buf(),
+            len: options.len(),
+        });
+    }
+    let t = cpath(target)?;
+    let data = CString::new(options.clone()).map_err(|_| MountError::Nul(target.to_path_buf()))?;
+    let src = c"overlay";
+    let fstype = c"overlay";
+    let flags = if upper.is_none() { libc::MS_RDONLY } else { 0 };
+    // SAFETY: all pointers are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            t.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(MountError::Overlay {
+            target: target.to_path_buf(),
+            options,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// overlayfs splits its options on `,` and lowerdir on `:`; both are escaped with `\`.
+fn escape_overlay_path(p: &Path) -> String {
+    let s = p.to_string_lossy();
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, ',' | ':' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Unmount `target`. With `lazy`, detach it even when busy (MNT_DETACH).
+pub fn unmount(target: &Path, lazy: bool) -> Result<(), MountError> {
+    let t = cpath(target)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `t` is a valid NUL-terminated string that outlives the call.
+    let rc = unsafe { libc::umount2(t.as_ptr(), flags) };
+    if rc != 0 {
+        return Err(MountError::Unmount {
+            target: target.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `path` is a mount point, according to /proc/self/mountinfo.
+pub fn is_mount_point(path: &Path) -> Result<bool, MountError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
+    let want = path.to_string_lossy();
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| unescape_mountinfo(mp) == want))
+}
+
+/// Every mount point at or below `prefix`, deepest first (the order to unmount them in).
+pub fn mounts_under(prefix: &Path) -> Result<Vec<PathBuf>, MountError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|mp| PathBuf::from(unescape_mountinfo(mp)))
+        .filter(|p| p.starts_with(prefix))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v.dedup();
+    Ok(v)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("");
+            if let Ok(v) = u8::from_str_radix(oct, 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Create an overlayfs whiteout (a 0:0 character device) at `path`.
+pub fn make_whiteout(path: &Path) -> Result<(), MountError> {
+    let p = cpath(path)?;
+    // SAFETY: `p` is a valid NUL-terminated string; mknod does not keep the pointer.
+    let rc = unsafe { libc::mknod(p.as_ptr(), libc::S_IFCHR, libc::makedev(0, 0)) };
+    if rc != 0 {
+        return Err(MountError::Whiteout {
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Mark directory `path` opaque for overlayfs (`trusted.overlay.opaque=y`): lower layers' entries
+/// below it are hidden.
+pub fn set_opaque(path: &Path) -> Result<(), MountError> {
+    let p = cpath(path)?;
+    let name = c"trusted.overlay.opaque";
+    let val = b"y";
+    // SAFETY: `p` and `name` are valid NUL-terminated strings, `val` a valid 1-byte buffer.
+    let rc =
+        unsafe { libc::lsetxattr(p.as_ptr(), name.as_ptr(), val.as_ptr().cast(), val.len(), 0) };
+    if rc != 0 {
+        return Err(MountError::Opaque {
+            path: path.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// The filesystem type magic of `path` (statfs f_type), e.g. to detect btrfs.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let p = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: statfs is plain data; zeroed is a valid value for it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `p` is a valid C string and `st` a valid out-pointer for the call's duration.
+    let rc = unsafe { libc::statfs(p.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// statfs magic of btrfs.
+pub const BTRFS_MAGIC: i64 = 0x9123_683e;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_overlay_separators() {
+        assert_eq!(escape_overlay_path(Path::new("/a:b,c")), "/a\\:b\\,c");
+    }
+
+    #[test]
+    fn unescapes_mountinfo() {
+        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn root_is_a_mount_point() {
+        assert!(is_mount_point(Path::new("/")).unwrap_or(true));
+    }
+}

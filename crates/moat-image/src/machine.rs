@@ -1,0 +1,496 @@
+//! A machine's root filesystem: the image's read-only layers stacked under a per-machine
+//! writable layer with overlayfs, plus clone, snapshots and disposable machines.
+//!
+//! ```text
+//! <root>/machines/<machine>/fs/
+//!   state.json          MachineFsState: image, layer stack (bottom first), disposable
+//!   upper/ work/        overlayfs upperdir and workdir (the machine's changes)
+//!   rootfs/             mount point: what the runtime gets
+//!   snapshots/<n>.json  SnapshotInfo: a saved layer stack
+//! ```
+//!
+//! Freezing: clone and snapshot turn the machine's `upper/` into a read-only store layer
+//! (`frozen:<hex>`) with one rename, push it on the machine's layer stack and start a new empty
+//! upper. Nothing is copied, so both take the same time whatever the image or upper size. The stack
+//! grows by one layer per clone/snapshot (overlayfs accepts up to 500 lower layers).
+//!
+//! ```text
+//!  create ──> [unmounted] ──mount──> [mounted] ──unmount──> [unmounted] ──destroy──> gone
+//!               │  clone / snapshot create (freeze) / restore: only while unmounted
+//!               │  (snapshot create of a mounted machine copies upper/ instead)
+//!  disposable: mount starts from an empty upper/, unmount empties it.
+//! ```
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ImageError, IoContext, Result};
+use crate::store::{check_simple_name, now, random_hex, read_json, write_json, Image, ImageStore};
+
+/// What the store records about a machine's rootfs (also the machine's layer reference for gc).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineFsState {
+    pub machine: String,
+    /// The image it was created from (by name and id at that time).
+    pub image: String,
+    pub image_id: String,
+    /// Read-only layers, bottom-most first: the image's, then frozen ones.
+    pub layers: Vec<String>,
+    /// Fresh writable layer at each mount, emptied at unmount.
+    pub disposable: bool,
+    pub created: u64,
+}
+
+/// A saved state of a machine's rootfs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub created: u64,
+    /// The full layer stack to restore, bottom-most first.
+    pub layers: Vec<String>,
+}
+
+/// A machine's root filesystem in the store.
+#[derive(Clone, Debug)]
+pub struct MachineFs {
+    store: ImageStore,
+    dir: PathBuf,
+    state: MachineFsState,
+}
+
+fn fs_dir(store: &ImageStore, machine: &str) -> PathBuf {
+    store.machines_dir().join(machine).join("fs")
+}
+
+/// Every layer a machine rootfs or snapshot uses.
+pub(crate) fn machine_layer_refs(store: &ImageStore) -> Result<BTreeSet<String>> {
+    let mut set = BTreeSet::new();
+    let md = store.machines_dir();
+    for e in fs::read_dir(&md).ctx("read directory", &md)?.flatten() {
+        let dir = e.path().join("fs");
+        let sp = dir.join("state.json");
+        if !sp.exists() {
+            continue;
+        }
+        let st: MachineFsState = read_json(&sp, "machine rootfs state")?;
+        set.extend(st.layers);
+        let snaps = dir.join("snapshots");
+        if let Ok(rd) = fs::read_dir(&snaps) {
+            for s in rd.flatten() {
+                if s.path().extension().is_some_and(|x| x == "json") {
+                    let si: SnapshotInfo = read_json(&s.path(), "snapshot")?;
+                    set.extend(si.layers);
+                }
+            }
+        }
+    }
+    Ok(set)
+}
+
+fn empty_dir(p: &Path) -> Result<()> {
+    if p.exists() {
+        fs::remove_dir_all(p).ctx("remove", p)?;
+    }
+    fs::create_dir_all(p).ctx("create directory", p)
+}
+
+fn is_empty_dir(p: &Path) -> Result<bool> {
+    match fs::read_dir(p) {
+        Ok(mut rd) => Ok(rd.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e).ctx("read directory", p),
+    }
+}
+
+impl MachineFs {
+    /// Create the rootfs of `machine` from `image` (unmounted). Fails if it exists.
+    pub fn create(
+        store: &ImageStore,
+        machine: &str,
+        image: &Image,
+        disposable: bool,
+    ) -> Result<MachineFs> {
+        check_simple_name("machine", machine)?;
+        let _l = store.lock()?;
+        let dir = fs_dir(store, machine);
+        if dir.join("state.json").exists() {
+            return Err(ImageError::MachineExists(machine.to_string()));
+        }
+        for l in &image.layers {
+            if !store.has_layer(l) {
+                return Err(ImageError::BadSource {
+                    source_desc: image.source.clone(),
+                    reason: format!(
+                        "layer {l} of image {} is missing; build the image again",
+                        image.name
+                    ),
+                });
+            }
+        }
+        let state = MachineFsState {
+            machine: machine.to_string(),
+            image: image.name.clone(),
+            image_id: image.id.clone(),
+            layers: image.layers.clone(),
+            disposable,
+            created: now(),
+        };
+        for d in ["upper", "work", "rootfs", "snapshots"] {
+            fs::create_dir_all(dir.join(d)).ctx("create directory", dir.join(d))?;
+        }
+        write_json(&dir.join("state.json"), &state)?;
+        Ok(MachineFs {
+            store: store.clone(),
+            dir,
+            state,
+        })
+    }
+
+    /// The rootfs of `machine`.
+    pub fn open(store: &ImageStore, machine: &str) -> Result<MachineFs> {
+        check_simple_name("machine", machine)?;
+        let dir = fs_dir(store, machine);
+        let sp = dir.join("state.json");
+        if !sp.exists() {
+            return Err(ImageError::NoSuchMachine(machine.to_string()));
+        }
+        let state = read_json(&sp, "machine rootfs state")?;
+        Ok(MachineFs {
+            store: store.clone(),
+            dir,
+            state,
+        })
+    }
+
+    /// Whether `machine` has a rootfs in the store.
+    pub fn exists(store: &ImageStore, machine: &str) -> bool {
+        fs_dir(store, machine).join("state.json").exists()
+    }
+
+    /// Names of all machines with a rootfs.
+    pub fn list(store: &ImageStore) -> Result<Vec<String>> {
+        let md = store.machines_dir();
+        let mut v: Vec<String> = fs::read_dir(&md)
+            .ctx("read directory", &md)?
+            .flatten()
+            .filter(|e| e.path().join("fs/state.json").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.machine
+    }
+
+    pub fn state(&self) -> &MachineFsState {
+        &self.state
+    }
+
+    /// Where the rootfs is mounted: the path to hand to the runtime.
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join("rootfs")
+    }
+
+    /// The machine's writable layer (its changes against the image).
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+
+    pub fn is_mounted(&self) -> Result<bool> {
+        Ok(moat_host::mount::is_mount_point(&self.rootfs())?)
+    }
+
+    fn save(&self) -> Result<()> {
+        write_json(&self.dir.join("state.json"), &self.state)
+    }
+
+    fn lowers(&self) -> Vec<PathBuf> {
+        self.state
+            .layers
+            .iter()
+            .rev()
+            .map(|l| self.store.layer_path(l))
+            .collect()
+    }
+
+    /// Mount the rootfs (idempotent) and return its path. Disposable machines start empty.
+    pub fn mount(&self) -> Result<PathBuf> {
+        let rootfs = self.rootfs();
+        if self.is_mounted()? {
+            return Ok(rootfs);
+        }
+        if self.state.disposable {
+            empty_dir(&self.upper())?;
+            empty_dir(&self.dir.join("work"))?;
+        }
+        for d in ["upper", "work", "rootfs"] {
+            fs::create_dir_all(self.dir.join(d)).ctx("create directory", self.dir.join(d))?;
+        }
+        let upper = self.upper();
+        let work = self.dir.join("work");
+        moat_host::mount::mount_overlay(&self.lowers(), Some((&upper, &work)), &rootfs)?;
+        Ok(rootfs)
+    }
+
+    /// Unmount the rootfs (idempotent; detaches lazily when busy). Disposable machines lose their
+    /// changes here.
+    pub fn unmount(&self) -> Result<()> {
+        let rootfs = self.rootfs();
+        // Mounts the runtime left below the rootfs (proc, dev, ...) go first.
+        for m in moat_host::mount::mounts_under(&rootfs)? {
+            if moat_host::mount::unmount(&m, false).is_err() {
+                moat_host::mount::unmount(&m, true)?;
+            }
+        }
+        if self.state.disposable {
+            empty_dir(&self.upper())?;
+            empty_dir(&self.dir.join("work"))?;
+        }
+        Ok(())
+    }
+
+    /// Unmount and delete the machine's rootfs and snapshots. Layers stay until gc.
+    pub fn destroy(self) -> Result<()> {
+        self.unmount()?;
+        let _l = self.store.lock()?;
+        fs::remove_dir_all(&self.dir).ctx("remove", &self.dir)?;
+        if let Some(parent) = self.dir.parent() {
+            // The machine's folder may hold other tools' files; remove it only when empty.
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    /// Turn upper/ into a read-only layer with one rename. None when upper/ is empty.
+    /// Caller holds the store lock and has checked the rootfs is unmounted.
+    fn freeze_upper(&mut self) -> Result<Option<String>> {
+        let upper = self.upper();
+        if is_empty_dir(&upper)? {
+            return Ok(None);
+        }
+        let id = format!("frozen:{}", random_hex());
+        // The size is not computed: that would walk the tree, and freezing must stay O(1).
+        self.store.install_layer_dir(
+            &upper,
+            &id,
+            &format!("frozen upper of {}", self.state.machine),
+            0,
+        )?;
+        self.state.layers.push(id.clone());
+        self.save()?;
+        empty_dir(&upper)?;
+        empty_dir(&self.dir.join("work"))?;
+        Ok(Some(id))
+    }
+
+    fn require_unmounted(&self, op: &'static str) -> Result<()> {
+        if self.is_mounted()? {
+            return Err(ImageError::MachineMounted {
+                machine: self.state.machine.clone(),
+                op,
+            });
+        }
+        Ok(())
+    }
+
+    /// Clone this (stopped) machine's rootfs as `new`, in constant time: this machine's changes
+    /// are frozen into a shared read-only layer and both machines get empty writable layers.
+    pub fn clone_to(&mut self, new: &str) -> Result<MachineFs> {
+        check_simple_name("machine", new)?;
+        self.require_unmounted("cloning it")?;
+        let _l = self.store.lock()?;
+        let dir = fs_dir(&self.store, new);
+        if dir.join("state.json").exists() {
+            return Err(ImageError::MachineExists(new.to_string()));
+        }
+        self.freeze_upper()?;
+        let state = MachineFsState {
+            machine: new.to_string(),
+            created: now(),
+            ..self.state.clone()
+        };
+        for d in ["upper", "work", "rootfs", "snapshots"] {
+            fs::create_dir_all(dir.join(d)).ctx("create directory", dir.join(d))?;
+        }
+        write_json(&dir.join("state.json"), &state)?;
+        Ok(MachineFs {
+            store: self.store.clone(),
+            dir,
+            state,
+        })
+    }
+
+    fn snapshot_path(&self, name: &str) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{name}.json"))
+    }
+
+    /// Save the current rootfs as snapshot `name`. Stopped machine: constant time (freeze).
+    /// Mounted machine: upper/ is copied into a new read-only layer (time grows with the changes).
+    pub fn snapshot_create(&mut self, name: &str) -> Result<SnapshotInfo> {
+        check_simple_name("snapshot", name)?;
+        let mounted = self.is_mounted()?;
+        let _l = self.store.lock()?;
+        if self.snapshot_path(name).exists() {
+            return Err(ImageError::SnapshotExists {
+                machine: self.state.machine.clone(),
+                snapshot: name.to_string(),
+            });
+        }
+        let layers = if mounted {
+            let mut layers = self.state.layers.clone();
+            if !is_empty_dir(&self.upper())? {
+                let st = self.store.staging()?;
+                crate::sources::copy_tree(&self.upper(), st.path())?;
+                let id = format!("frozen:{}", random_hex());
+                let size = crate::layer::tree_size(st.path())?;
+                self.store.install_layer_dir(
+                    st.path(),
+                    &id,
+                    &format!("snapshot {name} of {}", self.state.machine),
+                    size,
+                )?;
+                layers.push(id);
+            }
+            layers
+        } else {
+            self.freeze_upper()?;
+            self.state.layers.clone()
+        };
+        fs::create_dir_all(self.dir.join("snapshots"))
+            .ctx("create directory", self.dir.join("snapshots"))?;
+        let info = SnapshotInfo {
+            name: name.to_string(),
+            created: now(),
+            layers,
+        };
+        write_json(&self.snapshot_path(name), &info)?;
+        Ok(info)
+    }
+
+    /// The machine's snapshots, oldest first.
+    pub fn snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let d = self.dir.join("snapshots");
+        let mut v: Vec<SnapshotInfo> = Vec::new();
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "json") {
+                    v.push(read_json(&e.path(), "snapshot")?);
+                }
+            }
+        }
+        v.sort_by(|a, b| (a.created, &a.name).cmp(&(b.created, &b.name)));
+        Ok(v)
+    }
+
+    fn snapshot(&self, name: &str) -> Result<SnapshotInfo> {
+        check_simple_name("snapshot", name)?;
+        let p = self.snapshot_path(name);
+        if !p.exists() {
+            return Err(ImageError::NoSuchSnapshot {
+                machine: self.state.machine.clone(),
+                snapshot: name.to_string(),
+            });
+        }
+        read_json(&p, "snapshot")
+    }
+
+    /// Put the rootfs back to snapshot `name` (machine stopped). Changes since are discarded.
+    pub fn snapshot_restore(&mut self, name: &str) -> Result<()> {
+        self.require_unmounted("restoring a snapshot")?;
+        let snap = self.snapshot(name)?;
+        let _l = self.store.lock()?;
+        self.state.layers = snap.layers;
+        self.save()?;
+        empty_dir(&self.upper())?;
+        empty_dir(&self.dir.join("work"))
+    }
+
+    /// Delete snapshot `name`. Its layers stay while the machine (or gc's other referents) uses them.
+    pub fn snapshot_remove(&self, name: &str) -> Result<()> {
+        self.snapshot(name)?;
+        let _l = self.store.lock()?;
+        let p = self.snapshot_path(name);
+        fs::remove_file(&p).ctx("remove", &p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sources::Built;
+    use crate::store::ImageConfig;
+
+    fn store_with_image() -> (tempfile::TempDir, ImageStore, Image) {
+        let d = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(d.path()).unwrap();
+        let st = s.staging().unwrap();
+        // A "big" layer: clone must not copy it.
+        fs::write(st.path().join("big"), vec![7u8; 1 << 20]).unwrap();
+        s.commit_layer(st, "sha256:base", "test").unwrap();
+        let img = s
+            .commit_image(
+                "img",
+                Built {
+                    layers: vec!["sha256:base".into()],
+                    config: ImageConfig::default(),
+                    source: "test".into(),
+                },
+            )
+            .unwrap();
+        (d, s, img)
+    }
+
+    #[test]
+    fn clone_moves_upper_and_shares_layers() {
+        let (_d, s, img) = store_with_image();
+        let mut a = MachineFs::create(&s, "a", &img, false).unwrap();
+        fs::write(a.upper().join("changed"), b"x").unwrap();
+        let upper_ino =
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(a.upper().join("changed")).unwrap());
+        let b = a.clone_to("b").unwrap();
+        assert_eq!(a.state().layers, b.state().layers);
+        assert_eq!(a.state().layers.len(), 2);
+        let frozen = s.layer_path(&a.state().layers[1]);
+        // Same inode: the change was moved, not copied; the base layer is untouched.
+        let ino =
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(frozen.join("changed")).unwrap());
+        assert_eq!(ino, upper_ino);
+        assert!(is_empty_dir(&a.upper()).unwrap());
+        assert!(is_empty_dir(&b.upper()).unwrap());
+        assert!(fs::read_dir(s.dir().join("tmp")).unwrap().next().is_none());
+        // gc keeps everything a machine uses, even once the image is gone.
+        s.remove("img").unwrap();
+        assert!(s.gc().unwrap().removed_layers.is_empty());
+        a.destroy().unwrap();
+        assert!(s.gc().unwrap().removed_layers.is_empty());
+        b.destroy().unwrap();
+        assert_eq!(s.gc().unwrap().removed_layers.len(), 2);
+    }
+
+    #[test]
+    fn snapshot_restore_brings_back_the_stack() {
+        let (_d, s, img) = store_with_image();
+        let mut m = MachineFs::create(&s, "m", &img, false).unwrap();
+        fs::write(m.upper().join("v"), b"1").unwrap();
+        let snap = m.snapshot_create("one").unwrap();
+        assert_eq!(snap.layers.len(), 2);
+        fs::write(m.upper().join("v"), b"2").unwrap();
+        m.snapshot_create("two").unwrap();
+        m.snapshot_restore("one").unwrap();
+        assert_eq!(m.state().layers, snap.layers);
+        assert_eq!(m.snapshots().unwrap().len(), 2);
+        m.snapshot_remove("two").unwrap();
+        assert_eq!(m.snapshots().unwrap().len(), 1);
+        // The layer only "two" used is garbage now.
+        assert_eq!(s.gc().unwrap().removed_layers.len(), 1);
+        assert!(matches!(
+            m.snapshot_restore("two"),
+            Err(ImageError::NoSuchSnapshot { .. })
+        ));
+    }
+}
