@@ -369,13 +369,28 @@ impl<E: Executor> NetHost<E> {
             return Ok(None);
         }
         // `nft -j` (1.0.6) leaves table comments out: read the text form.
-        let hash = out
+        let comment = out
             .stdout
             .lines()
             .find_map(|l| l.trim().strip_prefix("comment \""))
             .and_then(|c| c.trim_end_matches('"').strip_prefix(HASH_COMMENT_PREFIX))
             .map(str::to_string);
-        Ok(Some(hash.unwrap_or_else(|| "unknown".into())))
+        let Some(comment) = comment else {
+            return Ok(Some("unknown".into()));
+        };
+        let (hash, expected) = comment.split_once(' ').unwrap_or((comment.as_str(), ""));
+        // Rules added or deleted by hand leave the comment alone: count them.
+        let bridge = self.run(
+            &format!("reading nftables table {t}"),
+            Cmd::new("nft")
+                .args(["list", "table", "bridge", &t])
+                .allow_failure(),
+        )?;
+        let live = count_rules(&out.stdout) + count_rules(&bridge.stdout);
+        if !bridge.success() || expected.parse::<usize>().ok() != Some(live) {
+            return Ok(Some(format!("drifted ({live} rules, {expected} expected)")));
+        }
+        Ok(Some(hash.to_string()))
     }
 
     /// Packet counters of the rules that have a comment, as `(chain, comment, packets)`.
@@ -442,6 +457,22 @@ impl<E: Executor> NetHost<E> {
         }
         self.remove_ruleset(root_tag)
     }
+}
+
+/// Rules in an `nft list table` text listing (lines inside chains).
+fn count_rules(listing: &str) -> usize {
+    let mut in_chain = false;
+    let mut n = 0;
+    for l in listing.lines().map(str::trim) {
+        if l.starts_with("chain ") {
+            in_chain = true;
+        } else if l == "}" {
+            in_chain = false;
+        } else if in_chain && !l.is_empty() && !l.starts_with("type ") {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// `addr/prefix` of every IPv4 address in an `ip -j addr` link object.
@@ -610,7 +641,11 @@ mod tests {
         );
         ex.push_reply_for(
             "list table",
-            Output::ok("table inet moat_x {\n\tcomment \"moat abc123\"\n}\n"),
+            Output::ok("table inet moat_x {\n\tcomment \"moat abc123 2\"\n\tchain f {\n\t\ttype filter hook forward priority filter; policy accept;\n\t\taccept\n\t}\n}\n"),
+        );
+        ex.push_reply_for(
+            "list table",
+            Output::ok("table bridge moat_x {\n\tchain p {\n\t\tdrop\n\t}\n}\n"),
         );
         let (nets, hash) = NetHost::new(&ex).observe(&r.root_tag).unwrap();
         assert_eq!(nets.len(), 1);

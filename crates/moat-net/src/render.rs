@@ -81,7 +81,8 @@ pub fn delete_script(root_tag: &str) -> String {
     )
 }
 
-/// Comment prefix of the inet table, followed by the ruleset hash.
+/// Comment prefix of the inet table, followed by the ruleset hash and the
+/// number of rules in both tables.
 pub const HASH_COMMENT_PREFIX: &str = "moat ";
 
 struct Net<'a> {
@@ -387,7 +388,7 @@ pub fn render(resolved: &Resolved, opts: RenderOptions) -> Ruleset {
     let hash = hex::encode(Sha256::digest(b.as_bytes()));
     let body = b.replace(
         "@COMMENT@",
-        &format!("comment \"{HASH_COMMENT_PREFIX}{hash}\""),
+        &format!("comment \"{HASH_COMMENT_PREFIX}{hash} {rules}\""),
     );
     Ruleset {
         root_tag: tag.clone(),
@@ -551,7 +552,9 @@ mod tests {
         r2.project.policies.pop();
         let b = render(&r2, RenderOptions::default());
         assert_ne!(a.hash, b.hash);
-        assert!(a.body.contains(&format!("comment \"moat {}\"", a.hash)));
+        assert!(a
+            .body
+            .contains(&format!("comment \"moat {} {}\"", a.hash, a.rule_count)));
         assert!(a.summary().contains("rules"));
     }
 

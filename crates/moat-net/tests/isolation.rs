@@ -518,6 +518,18 @@ fn dhcp_gives_allocated_address_and_bridge_drift_is_fixed() {
         "1"
     );
 
+    // A rule added by hand inside moat's table shows as drift.
+    let table = moat_core::naming::nft_table(env.tag());
+    sh(&["nft", "add", "rule", "inet", &table, "input", "accept"]);
+    let (_, hash) = env.host.observe(env.tag()).expect("observe");
+    eprintln!("after a hand edit: {hash:?}");
+    assert_ne!(hash, Some(env.ruleset().hash));
+    env.apply(&env.ruleset());
+    assert_eq!(
+        env.host.observe(env.tag()).expect("observe").1,
+        Some(env.ruleset().hash)
+    );
+
     let pid = env
         .host
         .ensure_dhcp(&net, &[&nic], &env.run_dir)
@@ -663,4 +675,32 @@ fn showcase_policies_hold() {
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[test]
+fn cleanup_root_leaves_nothing() {
+    need_root!();
+    let _g = serial();
+    let env = Env::new(|root| {
+        fixture::resolved(
+            root,
+            246,
+            &[DomainSpec::new("a", &["m1"]), DomainSpec::new("b", &["m1"])],
+            vec![],
+        )
+    });
+    let tag = env.tag().to_string();
+    drop(env);
+    let links = sh(&["ip", "-br", "link"]);
+    let ours: Vec<&str> = links
+        .lines()
+        .filter(|l| l.starts_with(&format!("mt{tag}-")) || l.starts_with(&format!("mv{tag}-")))
+        .collect();
+    assert!(ours.is_empty(), "left behind: {ours:?}");
+    assert!(!sh(&["nft", "list", "tables"]).contains(&format!("moat_{tag}")));
+    let host = moat_net::NetHost::new(moat_host::exec::HostExecutor);
+    assert_eq!(
+        host.observe(&tag).expect("observe"),
+        (Default::default(), None)
+    );
 }
