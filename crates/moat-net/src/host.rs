@@ -262,6 +262,63 @@ impl<E: Executor> NetHost<E> {
         Ok(())
     }
 
+    /// Give a VM its NIC: a tap device `nic.host_if` (alias `alias`, IPv6
+    /// off) as a port of `net.bridge`. The VM monitor opens it by name and
+    /// sets the guest MAC (`nic.mac`, which the bridge rules expect) on its
+    /// virtio-net device; the guest configures its address (static or DHCP).
+    /// An existing interface of that name is replaced.
+    pub fn attach_tap(
+        &self,
+        nic: &ResolvedNic,
+        net: &ResolvedNetwork,
+        alias: &str,
+    ) -> Result<(), NetError> {
+        let hif = &nic.host_if;
+        let what = format!("attaching VM {} ({hif}) to {}", nic.machine, net.bridge);
+        self.del_link(hif)?;
+        self.run(
+            &what,
+            Cmd::new("ip").args(["tuntap", "add", "dev", hif, "mode", "tap"]),
+        )?;
+        self.sysctl_set(&what, &format!("net.ipv6.conf.{hif}.disable_ipv6"), "1")?;
+        self.run(
+            &what,
+            Cmd::new("ip").args([
+                "link",
+                "set",
+                "dev",
+                hif,
+                "alias",
+                alias,
+                "master",
+                &net.bridge,
+                "up",
+            ]),
+        )?;
+        Ok(())
+    }
+
+    /// Machine ports of this root (`mv<tag>-*`) and the bridge each is
+    /// enslaved to (`None` when detached from any bridge).
+    pub fn ports(&self, root_tag: &str) -> Result<BTreeMap<String, Option<String>>, NetError> {
+        let links = self.json("listing links", Cmd::new("ip").args(["-j", "link", "show"]))?;
+        let mv = naming::host_if_name(root_tag, 0);
+        let mv = mv.trim_end_matches('0');
+        Ok(links
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| {
+                let name = l.get("ifname")?.as_str()?;
+                let name = name.split('@').next().unwrap_or(name);
+                name.starts_with(mv).then(|| {
+                    let master = l.get("master").and_then(Value::as_str).map(str::to_string);
+                    (name.to_string(), master)
+                })
+            })
+            .collect())
+    }
+
     /// Remove a machine's NIC (deleting the host side removes both ends).
     pub fn detach(&self, host_if: &str) -> Result<(), NetError> {
         self.del_link(host_if)

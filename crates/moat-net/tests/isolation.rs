@@ -704,3 +704,37 @@ fn cleanup_root_leaves_nothing() {
         (Default::default(), None)
     );
 }
+
+#[test]
+fn tap_port_for_vms() {
+    need_root!();
+    let _g = serial();
+    let env =
+        Env::new(|root| fixture::resolved(root, 247, &[DomainSpec::new("a", &["m1"])], vec![]));
+    let mut vm = env.resolved.nics["a-m1"].clone();
+    vm.machine = "a-vm".into();
+    vm.host_if = moat_core::naming::host_if_name(env.tag(), 99);
+    let net = env.resolved.networks["a"].clone();
+    env.host
+        .attach_tap(&vm, &net, &env.alias)
+        .expect("attach_tap");
+    let ports = env.host.ports(env.tag()).expect("ports");
+    eprintln!("ports: {ports:?}");
+    assert_eq!(ports[&vm.host_if].as_deref(), Some(net.bridge.as_str()));
+    assert_eq!(
+        ports[&env.resolved.nics["a-m1"].host_if].as_deref(),
+        Some(net.bridge.as_str())
+    );
+    let details = sh(&["ip", "-d", "link", "show", &vm.host_if]);
+    assert!(
+        details.contains("tun type tap") || details.contains("tap"),
+        "{details}"
+    );
+    assert!(details.contains(&env.alias), "{details}");
+    env.host.detach(&vm.host_if).expect("detach");
+    assert!(!env
+        .host
+        .ports(env.tag())
+        .expect("ports")
+        .contains_key(&vm.host_if));
+}
