@@ -20,8 +20,9 @@ pub(crate) struct Descriptor {
     #[serde(rename = "mediaType", default)]
     pub media_type: String,
     pub digest: String,
-    /// Announced blob size (shown in progress).
+    /// Announced blob size.
     #[serde(default)]
+    #[allow(dead_code)]
     pub size: Option<u64>,
     #[serde(default)]
     pub platform: Option<Platform>,
@@ -233,9 +234,6 @@ pub(crate) fn import_manifest(
             layers.len(),
             l.digest
         ));
-        if let Some(size) = l.size {
-            p.bytes(&l.digest, 0, Some(size));
-        }
         let id = import_tar_layer(store, open(l)?, desc)?;
         if let Some(d) = expected {
             if *d != id {
