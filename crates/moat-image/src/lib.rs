@@ -8,6 +8,7 @@
 //! mounts the result; the runtime gets that folder and the image's [`ImageConfig`].
 //! See docs/images.md for the layout and the clone/snapshot/disposable mechanics.
 
+pub mod btrfs;
 pub mod error;
 pub mod layer;
 pub mod machine;
@@ -18,6 +19,6 @@ pub mod sources;
 pub mod store;
 
 pub use error::{ImageError, Result};
-pub use machine::{MachineFs, MachineFsState, SnapshotInfo};
+pub use machine::{Backend, MachineFs, MachineFsState, SnapshotInfo};
 pub use progress::{NoProgress, Progress, StderrProgress};
 pub use store::{describe_source, GcReport, Image, ImageConfig, ImageStore, LayerInfo};

@@ -42,6 +42,20 @@ pub struct MachineFsState {
     /// Fresh writable layer at each mount, emptied at unmount.
     pub disposable: bool,
     pub created: u64,
+    /// How the writable layer is made (chosen at create: btrfs when the store is on btrfs).
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+/// How a machine's writable rootfs is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// overlayfs: image layers as lower dirs, `upper/` as the writable layer.
+    #[default]
+    Overlay,
+    /// A writable btrfs snapshot of the image's flattened base subvolume (see crate::btrfs).
+    Btrfs,
 }
 
 /// A saved state of a machine's rootfs.
@@ -63,6 +77,15 @@ pub struct MachineFs {
 
 fn fs_dir(store: &ImageStore, machine: &str) -> PathBuf {
     store.machines_dir().join(machine).join("fs")
+}
+
+/// Image ids machines were created from (their btrfs base subvolumes are kept by gc).
+pub(crate) fn machine_image_ids(store: &ImageStore) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for m in MachineFs::list(store)? {
+        v.push(MachineFs::open(store, &m)?.state.image_id);
+    }
+    Ok(v)
 }
 
 /// Every layer a machine rootfs or snapshot uses.
@@ -130,6 +153,11 @@ impl MachineFs {
                 });
             }
         }
+        let backend = if crate::btrfs::usable(&store.machines_dir()) {
+            Backend::Btrfs
+        } else {
+            Backend::Overlay
+        };
         let state = MachineFsState {
             machine: machine.to_string(),
             image: image.name.clone(),
@@ -137,9 +165,21 @@ impl MachineFs {
             layers: image.layers.clone(),
             disposable,
             created: now(),
+            backend,
         };
-        for d in ["upper", "work", "rootfs", "snapshots"] {
-            fs::create_dir_all(dir.join(d)).ctx("create directory", dir.join(d))?;
+        fs::create_dir_all(dir.join("snapshots")).ctx("create directory", dir.join("snapshots"))?;
+        match backend {
+            Backend::Overlay => {
+                for d in ["upper", "work", "rootfs"] {
+                    fs::create_dir_all(dir.join(d)).ctx("create directory", dir.join(d))?;
+                }
+            }
+            Backend::Btrfs => {
+                let base = crate::btrfs::ensure_base(store, image)?;
+                if !disposable {
+                    crate::btrfs::snapshot(&base, &dir.join("rootfs"), false)?;
+                }
+            }
         }
         write_json(&dir.join("state.json"), &state)?;
         Ok(MachineFs {
@@ -196,13 +236,33 @@ impl MachineFs {
         self.dir.join("rootfs")
     }
 
-    /// The machine's writable layer (its changes against the image).
+    /// The machine's writable layer (its changes against the image): `upper/` with overlayfs,
+    /// the rootfs subvolume itself with btrfs.
     pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
+        match self.state.backend {
+            Backend::Overlay => self.dir.join("upper"),
+            Backend::Btrfs => self.rootfs(),
+        }
     }
 
+    /// Whether the rootfs is in use (overlay mounted; for btrfs, between mount and unmount).
     pub fn is_mounted(&self) -> Result<bool> {
-        Ok(moat_host::mount::is_mount_point(&self.rootfs())?)
+        match self.state.backend {
+            Backend::Overlay => Ok(moat_host::mount::is_mount_point(&self.rootfs())?),
+            Backend::Btrfs => Ok(self.dir.join("active").exists()),
+        }
+    }
+
+    fn btrfs_base(&self) -> PathBuf {
+        crate::btrfs::base_dir(&self.store).join(crate::store::layer_dir_name(&self.state.image_id))
+    }
+
+    /// A btrfs machine's rootfs subvolume, made from the base when missing (disposable).
+    fn btrfs_ensure_rootfs(&self) -> Result<()> {
+        if !self.rootfs().exists() {
+            crate::btrfs::snapshot(&self.btrfs_base(), &self.rootfs(), false)?;
+        }
+        Ok(())
     }
 
     fn save(&self) -> Result<()> {
@@ -222,6 +282,15 @@ impl MachineFs {
     pub fn mount(&self) -> Result<PathBuf> {
         let rootfs = self.rootfs();
         if self.is_mounted()? {
+            return Ok(rootfs);
+        }
+        if self.state.backend == Backend::Btrfs {
+            if self.state.disposable {
+                crate::btrfs::delete(&rootfs)?;
+            }
+            self.btrfs_ensure_rootfs()?;
+            let a = self.dir.join("active");
+            fs::write(&a, b"").ctx("write", &a)?;
             return Ok(rootfs);
         }
         if self.state.disposable {
@@ -247,6 +316,16 @@ impl MachineFs {
                 moat_host::mount::unmount(&m, true)?;
             }
         }
+        if self.state.backend == Backend::Btrfs {
+            if self.state.disposable {
+                crate::btrfs::delete(&rootfs)?;
+            }
+            let a = self.dir.join("active");
+            if a.exists() {
+                fs::remove_file(&a).ctx("remove", &a)?;
+            }
+            return Ok(());
+        }
         if self.state.disposable {
             empty_dir(&self.upper())?;
             empty_dir(&self.dir.join("work"))?;
@@ -258,6 +337,12 @@ impl MachineFs {
     pub fn destroy(self) -> Result<()> {
         self.unmount()?;
         let _l = self.store.lock()?;
+        if self.state.backend == Backend::Btrfs {
+            crate::btrfs::delete(&self.rootfs())?;
+            for s in self.snapshots()? {
+                crate::btrfs::delete(&self.snapshot_subvol(&s.name))?;
+            }
+        }
         fs::remove_dir_all(&self.dir).ctx("remove", &self.dir)?;
         if let Some(parent) = self.dir.parent() {
             // The machine's folder may hold other tools' files; remove it only when empty.
@@ -308,11 +393,29 @@ impl MachineFs {
         if dir.join("state.json").exists() {
             return Err(ImageError::MachineExists(new.to_string()));
         }
-        self.freeze_upper()?;
         let state = MachineFsState {
             machine: new.to_string(),
             created: now(),
             ..self.state.clone()
+        };
+        if self.state.backend == Backend::Btrfs {
+            fs::create_dir_all(dir.join("snapshots"))
+                .ctx("create directory", dir.join("snapshots"))?;
+            if !self.state.disposable {
+                self.btrfs_ensure_rootfs()?;
+                crate::btrfs::snapshot(&self.rootfs(), &dir.join("rootfs"), false)?;
+            }
+            write_json(&dir.join("state.json"), &state)?;
+            return Ok(MachineFs {
+                store: self.store.clone(),
+                dir,
+                state,
+            });
+        }
+        self.freeze_upper()?;
+        let state = MachineFsState {
+            layers: self.state.layers.clone(),
+            ..state
         };
         for d in ["upper", "work", "rootfs", "snapshots"] {
             fs::create_dir_all(dir.join(d)).ctx("create directory", dir.join(d))?;
@@ -329,6 +432,10 @@ impl MachineFs {
         self.dir.join("snapshots").join(format!("{name}.json"))
     }
 
+    fn snapshot_subvol(&self, name: &str) -> PathBuf {
+        self.dir.join("snapshots").join(format!("{name}.subvol"))
+    }
+
     /// Save the current rootfs as snapshot `name`. Stopped machine: constant time (freeze).
     /// Mounted machine: upper/ is copied into a new read-only layer (time grows with the changes).
     pub fn snapshot_create(&mut self, name: &str) -> Result<SnapshotInfo> {
@@ -341,7 +448,12 @@ impl MachineFs {
                 snapshot: name.to_string(),
             });
         }
-        let layers = if mounted {
+        let layers = if self.state.backend == Backend::Btrfs {
+            // Read-only snapshot; fine while the machine runs (crash-consistent).
+            self.btrfs_ensure_rootfs()?;
+            crate::btrfs::snapshot(&self.rootfs(), &self.snapshot_subvol(name), true)?;
+            self.state.layers.clone()
+        } else if mounted {
             let mut layers = self.state.layers.clone();
             if !is_empty_dir(&self.upper())? {
                 let st = self.store.staging()?;
@@ -404,6 +516,10 @@ impl MachineFs {
         self.require_unmounted("restoring a snapshot")?;
         let snap = self.snapshot(name)?;
         let _l = self.store.lock()?;
+        if self.state.backend == Backend::Btrfs {
+            crate::btrfs::delete(&self.rootfs())?;
+            return crate::btrfs::snapshot(&self.snapshot_subvol(name), &self.rootfs(), false);
+        }
         self.state.layers = snap.layers;
         self.save()?;
         empty_dir(&self.upper())?;
@@ -414,6 +530,9 @@ impl MachineFs {
     pub fn snapshot_remove(&self, name: &str) -> Result<()> {
         self.snapshot(name)?;
         let _l = self.store.lock()?;
+        if self.state.backend == Backend::Btrfs {
+            crate::btrfs::delete(&self.snapshot_subvol(name))?;
+        }
         let p = self.snapshot_path(name);
         fs::remove_file(&p).ctx("remove", &p)
     }

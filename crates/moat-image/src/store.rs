@@ -497,6 +497,11 @@ impl ImageStore {
             report.freed_bytes += info.size;
             report.removed_layers.push(info.id);
         }
+        if crate::btrfs::base_dir(self).exists() {
+            let mut live: Vec<String> = self.list()?.into_iter().map(|i| i.id).collect();
+            live.extend(crate::machine::machine_image_ids(self)?);
+            crate::btrfs::gc_bases(self, &live)?;
+        }
         // Staging folders older than a day belong to builds that died.
         let tmp = self.dir.join("tmp");
         for e in fs::read_dir(&tmp).ctx("read directory", &tmp)?.flatten() {
