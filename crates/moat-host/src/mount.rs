@@ -64,9 +64,14 @@ pub fn mount_overlay(
         ));
     }
     if options.len() > 4095 {
-        return Err(MountError::OptionsTooLong {
-            target: target.to_path_buf(),
-            len: options.len(),
+        // Too long for mount(2)'s one page: the new mount API takes one lower dir per call
+        // (`lowerdir+`, Linux 6.8+).
+        return mount_overlay_fsconfig(lowers, upper, target).map_err(|e| match e {
+            Some(e) => e,
+            None => MountError::OptionsTooLong {
+                target: target.to_path_buf(),
+                len: options.len(),
+            },
         });
     }
     let t = cpath(target)?;
@@ -92,6 +97,120 @@ pub fn mount_overlay(
         });
     }
     Ok(())
+}
+
+/// Mount an overlay with fsopen/fsconfig/fsmount/move_mount. `Err(None)` when this kernel lacks
+/// the API or `lowerdir+` (the caller reports the options as too long then).
+fn mount_overlay_fsconfig(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+) -> Result<(), Option<MountError>> {
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+    let fail = |what: &str| {
+        Some(MountError::Overlay {
+            target: target.to_path_buf(),
+            options: format!("new mount API, {what}, {} lower dirs", lowers.len()),
+            source: io::Error::last_os_error(),
+        })
+    };
+    let fstype = c"overlay";
+    // SAFETY: `fstype` is a valid C string; the returned fd is owned below.
+    let fsfd = unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) };
+    if fsfd < 0 {
+        return Err(None);
+    }
+    let fsfd = fsfd as libc::c_int;
+    let close = |fd: libc::c_int| {
+        // SAFETY: `fd` is an fd this function opened and closes once.
+        unsafe { libc::close(fd) };
+    };
+    let set = |key: &std::ffi::CStr, val: &Path| -> Result<(), ()> {
+        let v = CString::new(val.as_os_str().as_bytes()).map_err(|_| ())?;
+        // SAFETY: fsfd is a valid fs context fd; key and v are valid C strings for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fsfd,
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                v.as_ptr(),
+                0,
+            )
+        };
+        if rc < 0 {
+            Err(())
+        } else {
+            Ok(())
+        }
+    };
+    for l in lowers {
+        if set(c"lowerdir+", l).is_err() {
+            close(fsfd);
+            return Err(None);
+        }
+    }
+    if let Some((up, work)) = upper {
+        if set(c"upperdir", up).is_err() || set(c"workdir", work).is_err() {
+            let e = fail("upperdir/workdir");
+            close(fsfd);
+            return Err(e);
+        }
+    }
+    // SAFETY: fsfd is a valid fs context fd; the key/value pointers may be null for this command.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fsfd,
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        let e = fail("create");
+        close(fsfd);
+        return Err(e);
+    }
+    let attrs = if upper.is_none() {
+        MOUNT_ATTR_RDONLY
+    } else {
+        0
+    };
+    // SAFETY: fsfd is a valid, created fs context.
+    let mfd = unsafe { libc::syscall(libc::SYS_fsmount, fsfd, FSMOUNT_CLOEXEC, attrs) };
+    if mfd < 0 {
+        let e = fail("fsmount");
+        close(fsfd);
+        return Err(e);
+    }
+    close(fsfd);
+    let mfd = mfd as libc::c_int;
+    let t = CString::new(target.as_os_str().as_bytes())
+        .map_err(|_| Some(MountError::Nul(target.to_path_buf())))?;
+    // SAFETY: mfd is a valid detached mount fd; "" with F_EMPTY_PATH names it; t is a valid path.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mfd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    let e = if rc < 0 { fail("move_mount") } else { None };
+    close(mfd);
+    match e {
+        Some(e) => Err(Some(e)),
+        None => Ok(()),
+    }
 }
 
 /// overlayfs splits its options on `,` and lowerdir on `:`; both are escaped with `\`.

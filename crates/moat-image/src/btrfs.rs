@@ -80,8 +80,8 @@ pub(crate) fn ensure_base(store: &ImageStore, image: &Image) -> Result<PathBuf> 
             .layers
             .iter()
             .rev()
-            .map(|l| store.layer_path(l))
-            .collect();
+            .map(|l| store.short_layer_path(l))
+            .collect::<Result<_>>()?;
         if lowers.len() == 1 {
             crate::sources::copy_tree(&lowers[0], &tmp)
         } else {

@@ -269,12 +269,12 @@ impl MachineFs {
         write_json(&self.dir.join("state.json"), &self.state)
     }
 
-    fn lowers(&self) -> Vec<PathBuf> {
+    fn lowers(&self) -> Result<Vec<PathBuf>> {
         self.state
             .layers
             .iter()
             .rev()
-            .map(|l| self.store.layer_path(l))
+            .map(|l| self.store.short_layer_path(l))
             .collect()
     }
 
@@ -302,7 +302,7 @@ impl MachineFs {
         }
         let upper = self.upper();
         let work = self.dir.join("work");
-        moat_host::mount::mount_overlay(&self.lowers(), Some((&upper, &work)), &rootfs)?;
+        moat_host::mount::mount_overlay(&self.lowers()?, Some((&upper, &work)), &rootfs)?;
         Ok(rootfs)
     }
 

@@ -280,6 +280,25 @@ impl ImageStore {
         self.dir.join("layers").join(layer_dir_name(id))
     }
 
+    /// A short path to layer `id` for overlayfs options (`images/l/<12 hex>` symlink, made on
+    /// first use): mount options must fit in one page, and full layer paths would allow only
+    /// ~40 layers.
+    pub fn short_layer_path(&self, id: &str) -> Result<PathBuf> {
+        let short = &hex::encode(Sha256::digest(id.as_bytes()))[..12];
+        let dir = self.dir.join("l");
+        let link = dir.join(short);
+        if fs::symlink_metadata(&link).is_err() {
+            fs::create_dir_all(&dir).ctx("create directory", &dir)?;
+            let target = Path::new("../layers").join(layer_dir_name(id));
+            match std::os::unix::fs::symlink(&target, &link) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e).ctx("symlink", &link),
+            }
+        }
+        Ok(link)
+    }
+
     /// Whether layer `id` is in the store.
     pub fn has_layer(&self, id: &str) -> bool {
         self.dir
@@ -496,6 +515,14 @@ impl ImageStore {
             fs::remove_file(&meta).ctx("remove", &meta)?;
             report.freed_bytes += info.size;
             report.removed_layers.push(info.id);
+        }
+        // Short links whose layer is gone.
+        if let Ok(rd) = fs::read_dir(self.dir.join("l")) {
+            for e in rd.flatten() {
+                if fs::metadata(e.path()).is_err() {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
         }
         if crate::btrfs::base_dir(self).exists() {
             let mut live: Vec<String> = self.list()?.into_iter().map(|i| i.id).collect();

@@ -803,3 +803,24 @@ fn ubuntu_without_a_configured_source_fails_clearly() {
         "{e}"
     );
 }
+
+#[test]
+fn a_deep_stack_of_snapshots_still_mounts() {
+    let Some(ts) = TestStore::new() else { return };
+    let img = small_image(&ts, "deep");
+    let mut m = MachineFs::create(&ts.store, "deep1", &img, false).unwrap();
+    // Each snapshot of a stopped machine adds a layer; 80 full layer paths would not fit in the
+    // one-page mount options, the short links do.
+    for i in 0..80 {
+        let root = m.mount().unwrap();
+        fs::write(root.join(format!("f{i}")), format!("{i}")).unwrap();
+        m.unmount().unwrap();
+        m.snapshot_create(&format!("s{i}")).unwrap();
+    }
+    assert_eq!(m.state().layers.len(), 81);
+    let root = m.mount().unwrap();
+    assert_eq!(fs::read_to_string(root.join("f0")).unwrap(), "0");
+    assert_eq!(fs::read_to_string(root.join("f79")).unwrap(), "79");
+    m.unmount().unwrap();
+    m.destroy().unwrap();
+}
