@@ -50,6 +50,18 @@ pub fn mount_overlay(
     upper: Option<(&Path, &Path)>,
     target: &Path,
 ) -> Result<(), MountError> {
+    mount_overlay_with(lowers, upper, target, false)
+}
+
+/// [`mount_overlay`], optionally `volatile`: overlayfs then skips all syncs to the upper layer,
+/// which makes unmount ~20x cheaper; for writable layers that are thrown away anyway. The
+/// workdir must be emptied before a volatile overlay is mounted again.
+pub fn mount_overlay_with(
+    lowers: &[PathBuf],
+    upper: Option<(&Path, &Path)>,
+    target: &Path,
+    volatile: bool,
+) -> Result<(), MountError> {
     let lower = lowers
         .iter()
         .map(|p| escape_overlay_path(p))
@@ -62,11 +74,14 @@ pub fn mount_overlay(
             escape_overlay_path(up),
             escape_overlay_path(work)
         ));
+        if volatile {
+            options.push_str(",volatile");
+        }
     }
     if options.len() > 4095 {
         // Too long for mount(2)'s one page: the new mount API takes one lower dir per call
         // (`lowerdir+`, Linux 6.8+).
-        return mount_overlay_fsconfig(lowers, upper, target).map_err(|e| match e {
+        return mount_overlay_fsconfig(lowers, upper, target, volatile).map_err(|e| match e {
             Some(e) => e,
             None => MountError::OptionsTooLong {
                 target: target.to_path_buf(),
@@ -105,7 +120,9 @@ fn mount_overlay_fsconfig(
     lowers: &[PathBuf],
     upper: Option<(&Path, &Path)>,
     target: &Path,
+    volatile: bool,
 ) -> Result<(), Option<MountError>> {
+    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
     const FSCONFIG_SET_STRING: libc::c_uint = 1;
     const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
     const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
@@ -160,6 +177,24 @@ fn mount_overlay_fsconfig(
             let e = fail("upperdir/workdir");
             close(fsfd);
             return Err(e);
+        }
+        if volatile {
+            // SAFETY: fsfd is a valid fs context fd; the key is a valid C string, no value.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    fsfd,
+                    FSCONFIG_SET_FLAG,
+                    c"volatile".as_ptr(),
+                    std::ptr::null::<libc::c_char>(),
+                    0,
+                )
+            };
+            if rc < 0 {
+                let e = fail("volatile");
+                close(fsfd);
+                return Err(e);
+            }
         }
     }
     // SAFETY: fsfd is a valid fs context fd; the key/value pointers may be null for this command.

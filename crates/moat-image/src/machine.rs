@@ -167,7 +167,6 @@ impl MachineFs {
             created: now(),
             backend,
         };
-        fs::create_dir_all(dir.join("snapshots")).ctx("create directory", dir.join("snapshots"))?;
         match backend {
             Backend::Overlay => {
                 for d in ["upper", "work", "rootfs"] {
@@ -175,13 +174,15 @@ impl MachineFs {
                 }
             }
             Backend::Btrfs => {
+                fs::create_dir_all(&dir).ctx("create directory", &dir)?;
                 let base = crate::btrfs::ensure_base(store, image)?;
                 if !disposable {
                     crate::btrfs::snapshot(&base, &dir.join("rootfs"), false)?;
                 }
             }
         }
-        write_json(&dir.join("state.json"), &state)?;
+        // A disposable machine does not outlive a crash: no fsync.
+        crate::store::write_json_with(&dir.join("state.json"), &state, !disposable)?;
         Ok(MachineFs {
             store: store.clone(),
             dir,
@@ -294,21 +295,36 @@ impl MachineFs {
             return Ok(rootfs);
         }
         if self.state.disposable {
-            empty_dir(&self.upper())?;
-            empty_dir(&self.dir.join("work"))?;
+            // Normally emptied at unmount already; a crash may have left changes behind.
+            if !is_empty_dir(&self.upper())? {
+                empty_dir(&self.upper())?;
+            }
+            if !is_empty_dir(&self.dir.join("work"))? {
+                empty_dir(&self.dir.join("work"))?;
+            }
         }
         for d in ["upper", "work", "rootfs"] {
             fs::create_dir_all(self.dir.join(d)).ctx("create directory", self.dir.join(d))?;
         }
         let upper = self.upper();
         let work = self.dir.join("work");
-        moat_host::mount::mount_overlay(&self.lowers()?, Some((&upper, &work)), &rootfs)?;
+        // A disposable machine's changes are thrown away: skip overlayfs's syncs (cheap unmount).
+        moat_host::mount::mount_overlay_with(
+            &self.lowers()?,
+            Some((&upper, &work)),
+            &rootfs,
+            self.state.disposable,
+        )?;
         Ok(rootfs)
     }
 
     /// Unmount the rootfs (idempotent; detaches lazily when busy). Disposable machines lose their
     /// changes here.
     pub fn unmount(&self) -> Result<()> {
+        self.unmount_inner(true)
+    }
+
+    fn unmount_inner(&self, reset_disposable: bool) -> Result<()> {
         let rootfs = self.rootfs();
         // Mounts the runtime left below the rootfs (proc, dev, ...) go first.
         for m in moat_host::mount::mounts_under(&rootfs)? {
@@ -317,7 +333,7 @@ impl MachineFs {
             }
         }
         if self.state.backend == Backend::Btrfs {
-            if self.state.disposable {
+            if self.state.disposable && reset_disposable {
                 crate::btrfs::delete(&rootfs)?;
             }
             let a = self.dir.join("active");
@@ -326,7 +342,7 @@ impl MachineFs {
             }
             return Ok(());
         }
-        if self.state.disposable {
+        if self.state.disposable && reset_disposable {
             empty_dir(&self.upper())?;
             empty_dir(&self.dir.join("work"))?;
         }
@@ -335,7 +351,7 @@ impl MachineFs {
 
     /// Unmount and delete the machine's rootfs and snapshots. Layers stay until gc.
     pub fn destroy(self) -> Result<()> {
-        self.unmount()?;
+        self.unmount_inner(false)?;
         let _l = self.store.lock()?;
         if self.state.backend == Backend::Btrfs {
             crate::btrfs::delete(&self.rootfs())?;
@@ -448,6 +464,8 @@ impl MachineFs {
                 snapshot: name.to_string(),
             });
         }
+        let sd = self.dir.join("snapshots");
+        fs::create_dir_all(&sd).ctx("create directory", &sd)?;
         let layers = if self.state.backend == Backend::Btrfs {
             // Read-only snapshot; fine while the machine runs (crash-consistent).
             self.btrfs_ensure_rootfs()?;

@@ -117,6 +117,11 @@ pub(crate) fn random_hex() -> String {
 
 /// Write `value` as JSON to `path` atomically (temp file + rename).
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_json_with(path, value, true)
+}
+
+/// [`write_json`]; without `durable` the file is not fsync'd (still replaced atomically).
+pub(crate) fn write_json_with<T: Serialize>(path: &Path, value: &T, durable: bool) -> Result<()> {
     let tmp = path.with_extension(format!("tmp-{}", random_hex()));
     let data = serde_json::to_vec_pretty(value).map_err(|source| ImageError::Json {
         what: "store metadata",
@@ -125,7 +130,9 @@ pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     })?;
     let mut f = fs::File::create(&tmp).ctx("create", &tmp)?;
     f.write_all(&data).ctx("write", &tmp)?;
-    f.sync_all().ctx("sync", &tmp)?;
+    if durable {
+        f.sync_all().ctx("sync", &tmp)?;
+    }
     fs::rename(&tmp, path).ctx("rename into place", path)?;
     Ok(())
 }
