@@ -1,1 +1,317 @@
-//! Runs plans: observes the host through drivers and the network layer, executes actions in dependency order, journals every step
+//! The engine: turns a project into host changes.
+//!
+//! ```text
+//! check:  project files ─▶ moat_core::check (load + allocate, prior allocations from state)
+//! plan:   observe host (drivers + network layer) ─▶ moat_core::plan ─▶ PlanReport
+//! apply:  lock ─▶ journal each action ─▶ run actions in dependency order ─▶ save allocations
+//! ```
+//!
+//! The engine owns no state of its own between runs: the YAML is the desired
+//! state, the host (through drivers) the observed state, and the state store
+//! only what cannot be observed (allocations, ownership, the journal).
+
+mod apply;
+mod host;
+mod status;
+
+pub use apply::ApplyReport;
+pub use status::{DestroyReport, NetworkStatus, Status};
+
+use moat_core::address::Allocated;
+use moat_core::diag::Diagnostics;
+use moat_core::model::{Allocations, Resolved};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where a moat root lives.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub root: PathBuf,
+    /// Sockets and pid files: /run/moat for the default root, `<root>/run` otherwise.
+    pub run_dir: PathBuf,
+}
+
+impl Config {
+    pub fn for_root(root: &Path) -> Config {
+        let run_dir = if root == Path::new("/var/lib/moat") {
+            PathBuf::from("/run/moat")
+        } else {
+            root.join("run")
+        };
+        Config {
+            root: root.to_path_buf(),
+            run_dir,
+        }
+    }
+}
+
+/// Broad classes of failure, mapped to exit codes by the CLI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    Invalid,
+    Locked,
+    NotFound,
+    Failed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("the project is invalid")]
+    Invalid(Diagnostics),
+    #[error("{0}")]
+    Locked(String),
+    #[error("no machine named '{0}' in this root")]
+    NoSuchMachine(String),
+    #[error("{what} is not implemented yet")]
+    NotYet { what: &'static str },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl EngineError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::Invalid(_) => ErrorKind::Invalid,
+            EngineError::Locked(_) => ErrorKind::Locked,
+            EngineError::NoSuchMachine(_) => ErrorKind::NotFound,
+            _ => ErrorKind::Failed,
+        }
+    }
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            EngineError::Locked(_) => Some("wait for it to finish, or pass --wait SECONDS".into()),
+            EngineError::NoSuchMachine(_) => Some("`moat status` lists the machines".into()),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// Receives progress of long operations (the CLI prints it on stderr).
+pub trait Progress: Send + Sync {
+    fn event(&self, msg: &str);
+    fn warnings(&self, ds: &Diagnostics);
+}
+
+/// A validated project with its allocations.
+pub struct Checked {
+    pub resolved: Resolved,
+    pub warnings: Diagnostics,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PlanOpts {
+    pub prune: bool,
+    pub domain: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ApplyOpts {
+    pub prune: bool,
+    pub domain: Option<String>,
+    pub dry_run: bool,
+    pub jobs: usize,
+    pub wait: Option<Duration>,
+}
+
+#[derive(Clone, Debug)]
+pub enum DestroyTarget {
+    Machine(String),
+    Domain(String),
+    All,
+}
+
+/// A plan, ready to print (Display) or serialize (`--json`).
+#[derive(Debug, Serialize)]
+pub struct PlanReport {
+    #[serde(flatten)]
+    pub plan: moat_core::plan::Plan,
+    /// The ruleset summary (`nftables moat_x: N rules, ...`).
+    pub firewall: String,
+    /// Actions an interrupted apply left unfinished (the next apply completes them).
+    pub interrupted: Vec<String>,
+}
+
+impl fmt::Display for PlanReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.interrupted.is_empty() {
+            writeln!(
+                f,
+                "An earlier apply was interrupted during: {} (this apply completes it)",
+                self.interrupted.join(", ")
+            )?;
+        }
+        write!(f, "{}", self.plan)?;
+        if self.plan.actions.iter().any(|a| matches!(a.op, moat_core::plan::Op::ApplyFirewall { .. })) {
+            writeln!(f, "  firewall: {}", self.firewall)?;
+        }
+        Ok(())
+    }
+}
+
+pub struct Engine {
+    cfg: Config,
+    root_str: String,
+    tag: String,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
+    let what = what.into();
+    move |source| EngineError::Io { what, source }
+}
+
+fn state_err(e: moat_state::StateError) -> EngineError {
+    match e {
+        moat_state::StateError::Locked { .. } => EngineError::Locked(e.to_string()),
+        other => EngineError::Failed(other.to_string()),
+    }
+}
+
+impl Engine {
+    fn new(cfg: Config) -> Engine {
+        let root_str = cfg.root.to_string_lossy().into_owned();
+        let tag = moat_core::naming::root_tag(&root_str);
+        Engine { cfg, root_str, tag }
+    }
+
+    /// Open a root for changes (creates it if missing).
+    pub fn open(cfg: Config) -> Result<Engine> {
+        std::fs::create_dir_all(&cfg.root)
+            .map_err(io(format!("cannot create the moat root {}", cfg.root.display())))?;
+        std::fs::create_dir_all(&cfg.run_dir)
+            .map_err(io(format!("cannot create the run folder {}", cfg.run_dir.display())))?;
+        Ok(Engine::new(cfg))
+    }
+
+    /// Open a root for reading only; a missing root is an empty one.
+    pub fn open_readonly(cfg: Config) -> Result<Engine> {
+        Ok(Engine::new(cfg))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.cfg.root
+    }
+
+    pub fn root_tag(&self) -> &str {
+        &self.tag
+    }
+
+    fn has_state(&self) -> bool {
+        self.cfg.root.join("state.db").exists()
+    }
+
+    fn state(&self) -> Result<moat_state::StateStore> {
+        moat_state::StateStore::open(&self.cfg.root).map_err(state_err)
+    }
+
+    fn prior_allocations(&self) -> Result<Allocations> {
+        if !self.has_state() {
+            return Ok(Allocations::default());
+        }
+        self.state()?.load_allocations().map_err(state_err)
+    }
+
+    fn ctx(&self) -> moat_driver::Ctx {
+        moat_driver::Ctx {
+            root: self.cfg.root.clone(),
+            run_dir: self.cfg.run_dir.clone(),
+            root_tag: self.tag.clone(),
+        }
+    }
+
+    fn host(&self) -> Result<host::Host> {
+        host::Host::open(self.ctx(), &self.root_str)
+    }
+
+    /// Load, validate and allocate the project at `path`.
+    pub fn check(&self, path: &Path) -> Result<Checked> {
+        let prior = self.prior_allocations()?;
+        let (Allocated { resolved, .. }, warnings) =
+            moat_core::check(path, &prior, &self.root_str).map_err(EngineError::Invalid)?;
+        Ok(Checked { resolved, warnings })
+    }
+
+    /// The ruleset moat would apply for this project.
+    pub fn rules(&self, checked: &Checked) -> moat_net::Ruleset {
+        moat_net::render(&checked.resolved, moat_net::RenderOptions::default())
+    }
+
+    /// Everything of this root the host shows now.
+    fn observe(&self, host: &host::Host) -> Result<moat_core::observed::Observed> {
+        let (networks, firewall_hash) = host
+            .net
+            .observe(&self.tag)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        let mut machines = BTreeMap::new();
+        for d in host.drivers.values() {
+            for m in d.list(&host.ctx).map_err(|e| EngineError::Failed(e.to_string()))? {
+                machines.insert(m.full_name.clone(), m);
+            }
+        }
+        let images = host
+            .images
+            .list()
+            .map_err(|e| EngineError::Failed(e.to_string()))?
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        Ok(moat_core::observed::Observed { networks, machines, firewall_hash, images })
+    }
+
+    fn desired(&self, checked: &Checked, state: Option<&moat_state::StateStore>) -> Result<moat_core::plan::Desired> {
+        let mut desired = moat_core::plan::Desired::new(checked.resolved.clone());
+        let rules = self.rules(checked);
+        desired.firewall = Some(moat_core::plan::DesiredFirewall {
+            hash: rules.hash.clone(),
+            summary: rules.summary(),
+        });
+        if let Some(st) = state {
+            for r in st.resources().map_err(state_err)? {
+                match r.kind.as_str() {
+                    "machine" if !r.pending => {
+                        desired.created_machines.insert(r.name);
+                    }
+                    "network" if !r.pending => {
+                        if let Some(d) = r.domain {
+                            desired.created_networks.insert(d);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(desired)
+    }
+
+    pub fn plan(&self, checked: &Checked, opts: &PlanOpts) -> Result<PlanReport> {
+        let host = self.host()?;
+        let state = if self.has_state() { Some(self.state()?) } else { None };
+        let desired = self.desired(checked, state.as_ref())?;
+        let observed = self.observe(&host)?;
+        let plan = moat_core::plan::plan(
+            &desired,
+            &observed,
+            &moat_core::plan::PlanOptions { prune: opts.prune, domain: opts.domain.clone() },
+        );
+        let interrupted = match &state {
+            Some(st) => st
+                .incomplete()
+                .map_err(state_err)?
+                .into_iter()
+                .map(|e| e.action_id)
+                .collect(),
+            None => vec![],
+        };
+        Ok(PlanReport { plan, firewall: self.rules(checked).summary(), interrupted })
+    }
+}

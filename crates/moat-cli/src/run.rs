@@ -1,0 +1,290 @@
+//! Runs one parsed command. Each arm turns CLI arguments into engine calls and
+//! prints the result; errors travel up as [`CliError`], which knows its exit code.
+
+use crate::cli::{Cli, Command};
+use crate::exit;
+use crate::output::Output;
+use moat_core::diag::Diagnostics;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Invalid project: the diagnostics say where and why.
+    #[error("the project is invalid")]
+    Invalid(Diagnostics),
+    #[error("no project found in {0}")]
+    NoProject(PathBuf),
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Engine(#[from] moat_engine::EngineError),
+    #[error("`moat {0}` is not available yet in this version")]
+    NotYet(&'static str),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Invalid(_) | CliError::NoProject(_) | CliError::Exists(_) => exit::INVALID,
+            CliError::Engine(e) => match e.kind() {
+                moat_engine::ErrorKind::Invalid => exit::INVALID,
+                moat_engine::ErrorKind::Locked => exit::LOCKED,
+                moat_engine::ErrorKind::NotFound => exit::NOT_FOUND,
+                moat_engine::ErrorKind::Failed => exit::FAILED,
+            },
+            _ => exit::FAILED,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            CliError::NoProject(_) => Some(
+                "pass -f PATH (a moat.yml, an anklume.yml, or their folder), or run `moat init` to write a starter project"
+                    .into(),
+            ),
+            CliError::Exists(_) => Some("pass --force to overwrite it".into()),
+            CliError::Engine(e) => e.hint(),
+            _ => None,
+        }
+    }
+}
+
+impl From<Diagnostics> for CliError {
+    fn from(d: Diagnostics) -> Self {
+        CliError::Invalid(d)
+    }
+}
+
+/// The project path: `-f`, else ./moat.yml, else ./anklume.yml.
+fn project_path(cli: &Cli) -> Result<PathBuf, CliError> {
+    if let Some(f) = &cli.file {
+        return Ok(f.clone());
+    }
+    for name in ["moat.yml", "anklume.yml"] {
+        let p = Path::new(name);
+        if p.exists() {
+            return Ok(PathBuf::from("."));
+        }
+    }
+    Err(CliError::NoProject(
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    ))
+}
+
+fn engine(cli: &Cli) -> Result<moat_engine::Engine, CliError> {
+    Ok(moat_engine::Engine::open(moat_engine::Config::for_root(
+        &cli.root,
+    ))?)
+}
+
+pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
+    match &cli.command {
+        Command::Validate(a) => {
+            let path = project_path(cli)?;
+            let eng = moat_engine::Engine::open_readonly(moat_engine::Config::for_root(&cli.root))?;
+            let checked = eng.check(&path)?;
+            out.diagnostics(&checked.warnings);
+            if a.json {
+                out.json(&serde_json::json!({
+                    "valid": true,
+                    "warnings": checked.warnings,
+                    "project": checked.resolved,
+                }))?;
+            } else {
+                let p = &checked.resolved.project;
+                out.info(&format!(
+                    "{}: valid ({} domains, {} machines, {} policies, {} warnings)",
+                    path.display(),
+                    p.enabled_domains().count(),
+                    p.machines().count(),
+                    p.policies.len(),
+                    checked.warnings.0.len()
+                ));
+            }
+            Ok(exit::OK)
+        }
+        Command::Plan(a) => {
+            let path = project_path(cli)?;
+            let eng = moat_engine::Engine::open_readonly(moat_engine::Config::for_root(&cli.root))?;
+            let checked = eng.check(&path)?;
+            out.diagnostics(&checked.warnings);
+            let opts = moat_engine::PlanOpts {
+                prune: a.prune,
+                domain: a.domain.clone(),
+            };
+            let report = eng.plan(&checked, &opts)?;
+            if a.json {
+                out.json(&report)?;
+            } else {
+                out.data(&report.to_string());
+            }
+            Ok(exit::OK)
+        }
+        Command::Apply(a) => {
+            let path = project_path(cli)?;
+            let mut eng = engine(cli)?;
+            let opts = moat_engine::ApplyOpts {
+                prune: a.prune,
+                domain: a.domain.clone(),
+                dry_run: a.dry_run,
+                jobs: a.jobs.max(1),
+                wait: a.wait.map(std::time::Duration::from_secs),
+            };
+            let progress = Progress { out, quiet: a.json };
+            let report = eng.apply(&path, &opts, &progress)?;
+            if a.json {
+                out.json(&report)?;
+            } else {
+                out.data(&report.to_string());
+            }
+            Ok(if report.failed() {
+                exit::FAILED
+            } else {
+                exit::OK
+            })
+        }
+        Command::Status(a) => {
+            let eng = moat_engine::Engine::open_readonly(moat_engine::Config::for_root(&cli.root))?;
+            let path = project_path(cli).ok();
+            let status = eng.status(path.as_deref())?;
+            if a.json {
+                out.json(&status)?;
+            } else {
+                out.data(&status.to_string());
+            }
+            Ok(exit::OK)
+        }
+        Command::Destroy(a) => {
+            let mut eng = engine(cli)?;
+            let target = if a.all {
+                moat_engine::DestroyTarget::All
+            } else if let Some(d) = &a.domain {
+                moat_engine::DestroyTarget::Domain(d.clone())
+            } else if let Some(m) = &a.machine {
+                moat_engine::DestroyTarget::Machine(m.clone())
+            } else {
+                return Err(CliError::Other(
+                    "say what to destroy: a MACHINE, --domain D or --all".into(),
+                ));
+            };
+            let project = project_path(cli).ok();
+            let report = eng.destroy(
+                project.as_deref(),
+                &target,
+                a.force,
+                &Progress { out, quiet: false },
+            )?;
+            out.data(&report.to_string());
+            Ok(exit::OK)
+        }
+        Command::Init(a) => {
+            let dir = a.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+            let path = crate::init::write_starter(&dir, a.force)?;
+            out.info(&format!(
+                "wrote {}; next: `moat validate -f {}` then `moat plan -f {}`",
+                path.display(),
+                dir.display(),
+                dir.display()
+            ));
+            Ok(exit::OK)
+        }
+        Command::Start(a) => {
+            let path = project_path(cli)?;
+            engine(cli)?.start_machine(&path, &a.machine)?;
+            out.info(&format!("started {}", a.machine));
+            Ok(exit::OK)
+        }
+        Command::Stop(a) => {
+            engine(cli)?.stop_machine(&a.machine, std::time::Duration::from_secs(a.timeout))?;
+            out.info(&format!("stopped {}", a.machine));
+            Ok(exit::OK)
+        }
+        Command::Restart(a) => {
+            let path = project_path(cli)?;
+            let eng = engine(cli)?;
+            eng.stop_machine(&a.machine, std::time::Duration::from_secs(a.timeout))?;
+            eng.start_machine(&path, &a.machine)?;
+            out.info(&format!("restarted {}", a.machine));
+            Ok(exit::OK)
+        }
+        Command::Exec(a) => {
+            if a.tty {
+                return Err(CliError::NotYet("exec -t (interactive)"));
+            }
+            let r = engine(cli)?.exec(&a.machine, &a.command)?;
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&r.stdout);
+            let _ = std::io::stderr().write_all(&r.stderr);
+            Ok(r.status.clamp(0, 255) as u8)
+        }
+        Command::Logs(a) => {
+            let p = engine(cli)?.log_path(&a.machine)?;
+            let text = std::fs::read_to_string(&p).map_err(|e| CliError::Io {
+                what: format!("cannot read {}", p.display()),
+                source: e,
+            })?;
+            let lines: Vec<&str> = text.lines().collect();
+            let from = a.tail.map(|n| lines.len().saturating_sub(n)).unwrap_or(0);
+            for l in &lines[from..] {
+                out.data(l);
+            }
+            if a.follow {
+                return Err(CliError::NotYet("logs -f"));
+            }
+            Ok(exit::OK)
+        }
+        Command::Network(cmd) => {
+            let path = project_path(cli)?;
+            let eng = moat_engine::Engine::open_readonly(moat_engine::Config::for_root(&cli.root))?;
+            let checked = eng.check(&path)?;
+            out.diagnostics(&checked.warnings);
+            match cmd {
+                crate::cli::NetworkCmd::Rules => {
+                    let rules = eng.rules(&checked);
+                    out.data(&rules.script());
+                    out.info(&rules.summary());
+                }
+                crate::cli::NetworkCmd::Status { json } => {
+                    let st = eng.network_status(&checked)?;
+                    if *json {
+                        out.json(&st)?;
+                    } else {
+                        out.data(&st.to_string());
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Shell(_) => Err(CliError::NotYet("shell")),
+        Command::Run(_) => Err(CliError::NotYet("run")),
+        Command::Clone(_) => Err(CliError::NotYet("clone")),
+        Command::Snapshot(_) => Err(CliError::NotYet("snapshot")),
+        Command::Image(_) => Err(CliError::NotYet("image")),
+        Command::Completions { .. } | Command::Man => Ok(exit::OK),
+    }
+}
+
+/// Renders engine progress events on stderr.
+pub struct Progress<'a> {
+    out: &'a Output,
+    quiet: bool,
+}
+
+impl moat_engine::Progress for Progress<'_> {
+    fn event(&self, msg: &str) {
+        if !self.quiet {
+            self.out.info(msg);
+        }
+    }
+    fn warnings(&self, ds: &Diagnostics) {
+        self.out.diagnostics(ds);
+    }
+}

@@ -1,0 +1,375 @@
+//! `apply`: lock the root, recover from an interrupted apply, save allocations,
+//! plan, then run the plan's actions in dependency order, machine actions in
+//! parallel (bounded by `jobs`). Every action is journaled before it starts
+//! and every host resource is recorded as *intended* before it is created, so
+//! an apply killed at any point leaves a state the next apply completes.
+
+use crate::host::Host;
+use crate::{state_err, ApplyOpts, Checked, Engine, EngineError, Progress, Result};
+use moat_core::model::{NetworkMode, Resolved};
+use moat_core::plan::{Action, Op, Plan};
+use moat_driver::{BridgeInfo, MachineSpec};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What one action did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ActionResult {
+    pub id: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub millis: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ApplyReport {
+    pub apply_id: String,
+    pub dry_run: bool,
+    /// The plan that was (or, with --dry-run, would be) run.
+    pub plan: Plan,
+    pub results: Vec<ActionResult>,
+    /// Actions not run because something they depend on failed.
+    pub skipped: Vec<String>,
+    /// Unfinished actions of an earlier, interrupted apply that this one completed.
+    pub recovered: Vec<String>,
+    pub millis: u64,
+}
+
+impl ApplyReport {
+    pub fn failed(&self) -> bool {
+        self.results.iter().any(|r| !r.ok) || !self.skipped.is_empty()
+    }
+}
+
+impl fmt::Display for ApplyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.dry_run {
+            return write!(f, "{}", self.plan);
+        }
+        if self.plan.actions.is_empty() {
+            write!(f, "{}", self.plan)?;
+            return writeln!(f, "Nothing to do ({} ms).", self.millis);
+        }
+        let ok = self.results.iter().filter(|r| r.ok).count();
+        let failed = self.results.len() - ok;
+        for r in self.results.iter().filter(|r| !r.ok) {
+            writeln!(f, "failed: {}: {}", r.id, r.error.as_deref().unwrap_or("?"))?;
+        }
+        for s in &self.skipped {
+            writeln!(f, "skipped: {s} (a dependency failed)")?;
+        }
+        for o in &self.plan.orphans {
+            writeln!(f, "orphan: {} {} ({}); `moat apply --prune` deletes it", o.kind, o.name, o.detail)?;
+        }
+        writeln!(
+            f,
+            "Applied: {ok} done, {failed} failed, {} skipped in {:.2} s.",
+            self.skipped.len(),
+            self.millis as f64 / 1000.0
+        )
+    }
+}
+
+/// Adapts the engine's progress to the image store's.
+struct ImageProgress<'a>(&'a dyn Progress);
+impl moat_image::Progress for ImageProgress<'_> {
+    fn step(&self, message: &str) {
+        self.0.event(&format!("    {message}"));
+    }
+    fn output(&self, line: &str) {
+        self.0.event(&format!("    | {line}"));
+    }
+}
+
+/// The driver-facing spec of one machine.
+pub(crate) fn machine_spec(resolved: &Resolved, full_name: &str) -> Option<MachineSpec> {
+    let m = resolved.project.machine(full_name)?.clone();
+    let nic = if m.network == NetworkMode::Domain {
+        resolved.nics.get(full_name).cloned()
+    } else {
+        None
+    };
+    let bridge = resolved.networks.get(&m.domain).map(|n| BridgeInfo {
+        name: n.bridge.clone(),
+        gateway: n.gateway,
+        prefix_len: n.subnet.prefix_len(),
+    });
+    let mut hosts = Vec::new();
+    if let Some(d) = resolved.project.domains.get(&m.domain) {
+        for peer in d.machines.values() {
+            if let Some(n) = resolved.nics.get(&peer.full_name) {
+                hosts.push((peer.name.clone(), n.ip));
+                hosts.push((peer.full_name.clone(), n.ip));
+            }
+        }
+    }
+    let spec_hash = moat_core::spec::spec_hash(&m, resolved.nics.get(full_name));
+    Some(MachineSpec { bridge: if nic.is_some() { bridge } else { None }, nic, spec_hash, hosts, machine: m })
+}
+
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Engine {
+    pub fn apply(&mut self, path: &Path, opts: &ApplyOpts, progress: &dyn Progress) -> Result<ApplyReport> {
+        let t0 = Instant::now();
+        let _lock = moat_state::ApplyLock::acquire(&self.cfg.root, opts.wait).map_err(state_err)?;
+        let mut state = self.state()?;
+        let checked = self.check(path)?;
+        progress.warnings(&checked.warnings);
+
+        // An interrupted apply: its unfinished actions show up again in the plan
+        // below (the host is re-observed), so closing them is enough.
+        let recovered: Vec<String> =
+            state.incomplete().map_err(state_err)?.into_iter().map(|e| e.action_id).collect();
+        if !recovered.is_empty() {
+            progress.event(&format!(
+                "completing an interrupted apply ({} unfinished: {})",
+                recovered.len(),
+                recovered.join(", ")
+            ));
+        }
+
+        let host = self.host()?;
+        let desired = self.desired(&checked, Some(&state))?;
+        let observed = self.observe(&host)?;
+        let plan = moat_core::plan::plan(
+            &desired,
+            &observed,
+            &moat_core::plan::PlanOptions { prune: opts.prune, domain: opts.domain.clone() },
+        );
+        let apply_id = moat_state::StateStore::new_apply_id();
+        if opts.dry_run {
+            return Ok(ApplyReport {
+                apply_id,
+                dry_run: true,
+                plan,
+                results: vec![],
+                skipped: vec![],
+                recovered,
+                millis: t0.elapsed().as_millis() as u64,
+            });
+        }
+        // Allocations first: they must be stable even if we die right after.
+        if !plan.actions.is_empty() || !recovered.is_empty() {
+            state.save_allocations(&checked.resolved.allocations).map_err(state_err)?;
+            state.close_incomplete(&format!("superseded by apply {apply_id}")).map_err(state_err)?;
+        }
+
+        let mut results: Vec<ActionResult> = Vec::new();
+        let mut done: BTreeSet<String> = BTreeSet::new();
+        let mut failed: BTreeSet<String> = BTreeSet::new();
+        let mut skipped: Vec<String> = Vec::new();
+        let mut pending: Vec<&Action> = plan.actions.iter().collect();
+        let jobs = opts.jobs.max(1);
+
+        while !pending.is_empty() {
+            // Actions whose dependencies failed or were skipped are skipped too.
+            let (blocked, rest): (Vec<&Action>, Vec<&Action>) = pending
+                .into_iter()
+                .partition(|a| a.depends_on.iter().any(|d| failed.contains(d) || skipped.contains(d)));
+            for a in blocked {
+                skipped.push(a.id.clone());
+            }
+            let (ready, later): (Vec<&Action>, Vec<&Action>) =
+                rest.into_iter().partition(|a| a.depends_on.iter().all(|d| done.contains(d)));
+            if ready.is_empty() {
+                skipped.extend(later.iter().map(|a| a.id.clone()));
+                break;
+            }
+            pending = later;
+            for wave in ready.chunks(jobs) {
+                let mut entries = Vec::new();
+                for a in wave {
+                    let json = serde_json::to_string(a).unwrap_or_default();
+                    let entry = state.journal_start(&apply_id, &a.id, &json).map_err(state_err)?;
+                    self.intend(&state, &checked.resolved, &a.op)?;
+                    progress.event(&format!("==> {}", describe(a)));
+                    entries.push(entry);
+                }
+                let outcomes: Vec<(std::result::Result<(), String>, u64)> = std::thread::scope(|s| {
+                    let handles: Vec<_> = wave
+                        .iter()
+                        .map(|a| {
+                            let host = &host;
+                            let checked = &checked;
+                            s.spawn(move || {
+                                let t = Instant::now();
+                                let r = run_action(host, checked, a, progress);
+                                (r, t.elapsed().as_millis() as u64)
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|_| (Err("the action panicked".into()), 0)))
+                        .collect()
+                });
+                for ((a, entry), (r, ms)) in wave.iter().zip(entries).zip(outcomes) {
+                    match r {
+                        Ok(()) => {
+                            state.journal_done(entry).map_err(state_err)?;
+                            self.record_done(&state, &checked.resolved, &a.op)?;
+                            done.insert(a.id.clone());
+                            results.push(ActionResult { id: a.id.clone(), ok: true, error: None, millis: ms });
+                        }
+                        Err(e) => {
+                            state.journal_failed(entry, &e).map_err(state_err)?;
+                            progress.event(&format!("    failed: {e}"));
+                            failed.insert(a.id.clone());
+                            results.push(ActionResult { id: a.id.clone(), ok: false, error: Some(e), millis: ms });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ApplyReport {
+            apply_id,
+            dry_run: false,
+            plan,
+            results,
+            skipped,
+            recovered,
+            millis: t0.elapsed().as_millis() as u64,
+        })
+    }
+
+    /// Record what an action is about to create, before it exists.
+    fn intend(&self, state: &moat_state::StateStore, resolved: &Resolved, op: &Op) -> Result<()> {
+        match op {
+            Op::CreateNetwork { domain } | Op::UpdateNetwork { domain } => {
+                if let Some(n) = resolved.networks.get(domain) {
+                    state.intend("network", &n.bridge, Some(domain), None).map_err(state_err)?;
+                }
+            }
+            Op::ApplyFirewall { .. } => {
+                let t = moat_core::naming::nft_table(&self.tag);
+                state.intend("nft-table", &t, None, None).map_err(state_err)?;
+            }
+            Op::CreateMachine { machine } | Op::ReplaceMachine { machine, .. } => {
+                let domain = resolved.project.machine(machine).map(|m| m.domain.as_str());
+                state.intend("machine", machine, domain, Some(machine)).map_err(state_err)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Record the outcome of a finished action in the ownership table.
+    fn record_done(&self, state: &moat_state::StateStore, resolved: &Resolved, op: &Op) -> Result<()> {
+        match op {
+            Op::CreateNetwork { domain } | Op::UpdateNetwork { domain } => {
+                if let Some(n) = resolved.networks.get(domain) {
+                    state.mark_done("network", &n.bridge).map_err(state_err)?;
+                }
+            }
+            Op::ApplyFirewall { .. } => {
+                state.mark_done("nft-table", &moat_core::naming::nft_table(&self.tag)).map_err(state_err)?;
+            }
+            Op::CreateMachine { machine } | Op::ReplaceMachine { machine, .. } => {
+                state.mark_done("machine", machine).map_err(state_err)?;
+            }
+            Op::DeleteMachine { machine, .. } => state.forget("machine", machine).map_err(state_err)?,
+            Op::DeleteNetwork { bridge, .. } => state.forget("network", bridge).map_err(state_err)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn describe(a: &Action) -> String {
+    let (kind, name) = a.op.target();
+    let verb = a.id.split('-').next().unwrap_or("");
+    if name.is_empty() {
+        format!("{verb} {kind} ({})", a.reason)
+    } else {
+        format!("{verb} {kind} {name} ({})", a.reason)
+    }
+}
+
+/// Runs one action on the host. Errors are strings: they end up in the journal
+/// and the report, attributed to the action.
+fn run_action(host: &Host, checked: &Checked, a: &Action, progress: &dyn Progress) -> std::result::Result<(), String> {
+    let resolved = &checked.resolved;
+    let alias = moat_core::naming::if_alias(&host.ctx.root.to_string_lossy());
+    let spec = |m: &str| machine_spec(resolved, m).ok_or_else(|| format!("machine {m} is not declared"));
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    match &a.op {
+        Op::CreateNetwork { domain } | Op::UpdateNetwork { domain } => {
+            let n = resolved.networks.get(domain).ok_or_else(|| format!("domain {domain} has no network"))?;
+            host.net.ensure_bridge(n, &alias).map_err(|e| err(&e))?;
+            let d = resolved.project.domains.get(domain);
+            if d.is_some_and(|d| d.dhcp) {
+                let nics: Vec<_> = resolved
+                    .nics
+                    .iter()
+                    .filter(|(m, _)| resolved.project.machine(m).is_some_and(|m| &m.domain == domain))
+                    .map(|(_, n)| n)
+                    .collect();
+                host.net.ensure_dhcp(n, &nics, &host.ctx.run_dir).map_err(|e| err(&e))?;
+            }
+            Ok(())
+        }
+        Op::DeleteNetwork { bridge, .. } => {
+            let _ = host.net.stop_dhcp(bridge, &host.ctx.run_dir);
+            host.net.delete_bridge(bridge).map_err(|e| err(&e))
+        }
+        Op::ApplyFirewall { .. } => {
+            let rules = moat_net::render(resolved, moat_net::RenderOptions::default());
+            host.net.apply_ruleset(&rules).map(|_| ()).map_err(|e| err(&e))
+        }
+        Op::EnsureImage { image } => {
+            let source = moat_core::load::resolve_image(&resolved.project, image)
+                .ok_or_else(|| format!("no source known for image '{image}'; declare it under `images:`"))?;
+            host.images
+                .ensure(image, &source, &ImageProgress(progress))
+                .map(|_| ())
+                .map_err(|e| err(&e))
+        }
+        Op::CreateMachine { machine } => {
+            let s = spec(machine)?;
+            let d = host.driver(&s.machine.driver).map_err(|e| err(&e))?;
+            d.create(&host.ctx, &s).map_err(|e| err(&e))?;
+            d.start(&host.ctx, machine).map_err(|e| err(&e))
+        }
+        Op::StartMachine { machine } => {
+            let s = spec(machine)?;
+            let d = host.driver(&s.machine.driver).map_err(|e| err(&e))?;
+            // create is idempotent; it hands the driver the NIC to attach at start.
+            d.create(&host.ctx, &s).map_err(|e| err(&e))?;
+            d.start(&host.ctx, machine).map_err(|e| err(&e))
+        }
+        Op::StopMachine { machine, driver } => {
+            let d = host.driver(driver).map_err(|e| err(&e))?;
+            d.stop(&host.ctx, machine, STOP_TIMEOUT).map_err(|e| err(&e))
+        }
+        Op::UpdateMachine { machine, limits } => {
+            let s = spec(machine)?;
+            let d = host.driver(&s.machine.driver).map_err(|e| err(&e))?;
+            d.update_limits(&host.ctx, machine, limits).map_err(|e| err(&e))
+        }
+        Op::ReplaceMachine { machine, old_driver } => {
+            let old = host.driver(old_driver).map_err(|e| err(&e))?;
+            old.destroy(&host.ctx, machine).map_err(|e| err(&e))?;
+            let s = spec(machine)?;
+            let d = host.driver(&s.machine.driver).map_err(|e| err(&e))?;
+            d.create(&host.ctx, &s).map_err(|e| err(&e))?;
+            d.start(&host.ctx, machine).map_err(|e| err(&e))
+        }
+        Op::DeleteMachine { machine, driver } => {
+            let d = host.driver(driver).map_err(|e| err(&e))?;
+            d.destroy(&host.ctx, machine).map_err(|e| err(&e))
+        }
+    }
+}
+
+impl From<moat_driver::DriverError> for EngineError {
+    fn from(e: moat_driver::DriverError) -> Self {
+        match e {
+            moat_driver::DriverError::NoSuchMachine { machine } => EngineError::NoSuchMachine(machine),
+            other => EngineError::Failed(other.to_string()),
+        }
+    }
+}

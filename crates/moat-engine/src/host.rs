@@ -1,0 +1,128 @@
+//! The engine's view of the host: the network layer, the image store and the
+//! drivers, wired together. Adapters here plug the image store into the native
+//! driver (root file systems) and the network layer into it (NICs).
+
+use crate::{EngineError, Result};
+use ipnet::Ipv4Net;
+use moat_core::model::{Machine, ResolvedNetwork};
+use moat_driver::native::{
+    ImageConfig as DriverImageConfig, NativeDriver, NetworkAttacher, PreparedRootfs,
+    RootfsProvider,
+};
+use moat_driver::{Ctx, Driver, MachineSpec};
+use moat_host::exec::HostExecutor;
+use moat_image::{ImageStore, MachineFs};
+use moat_net::{NetHost, NetnsTarget};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Supplies machine root file systems from the image store (overlay of the
+/// image's layers plus a per-machine writable layer).
+pub struct StoreRootfs {
+    pub store: ImageStore,
+}
+
+/// `uid[:gid]` as numbers; names are resolved to 0 (root) when not numeric.
+fn parse_user(u: &Option<String>) -> Option<(u32, u32)> {
+    let u = u.as_deref()?;
+    let mut it = u.splitn(2, ':');
+    let uid = it.next()?.parse().ok()?;
+    let gid = it.next().and_then(|g| g.parse().ok()).unwrap_or(uid);
+    Some((uid, gid))
+}
+
+impl RootfsProvider for StoreRootfs {
+    fn prepare(&self, _ctx: &Ctx, machine: &Machine) -> std::result::Result<PreparedRootfs, String> {
+        let image = self
+            .store
+            .get(&machine.image)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("image '{}' is not in the store", machine.image))?;
+        let fs = if MachineFs::exists(&self.store, &machine.full_name) {
+            MachineFs::open(&self.store, &machine.full_name).map_err(|e| e.to_string())?
+        } else {
+            MachineFs::create(&self.store, &machine.full_name, &image, machine.disposable)
+                .map_err(|e| e.to_string())?
+        };
+        let path = fs.mount().map_err(|e| e.to_string())?;
+        let c = &image.config;
+        Ok(PreparedRootfs {
+            path,
+            config: DriverImageConfig {
+                entrypoint: c.entrypoint.clone(),
+                cmd: c.cmd.clone(),
+                env: c.env.clone(),
+                workdir: c.workdir.clone(),
+                user: parse_user(&c.user),
+            },
+            system: c.init.is_some() && c.entrypoint.is_empty() && c.cmd.is_empty(),
+        })
+    }
+
+    fn release(&self, _ctx: &Ctx, full_name: &str) -> std::result::Result<(), String> {
+        if !MachineFs::exists(&self.store, full_name) {
+            return Ok(());
+        }
+        let fs = MachineFs::open(&self.store, full_name).map_err(|e| e.to_string())?;
+        fs.unmount().map_err(|e| e.to_string())?;
+        fs.destroy().map_err(|e| e.to_string())
+    }
+}
+
+/// Attaches NICs through the network layer.
+pub struct NetAttacher {
+    pub net: NetHost<HostExecutor>,
+    pub alias: String,
+}
+
+impl NetworkAttacher for NetAttacher {
+    fn attach(&self, _ctx: &Ctx, spec: &MachineSpec, pid: i32) -> std::result::Result<(), String> {
+        let (Some(nic), Some(br)) = (&spec.nic, &spec.bridge) else {
+            return Ok(());
+        };
+        let subnet = Ipv4Net::new(br.gateway, br.prefix_len)
+            .map_err(|e| e.to_string())?
+            .trunc();
+        let net = ResolvedNetwork {
+            domain: spec.machine.domain.clone(),
+            subnet,
+            gateway: br.gateway,
+            bridge: br.name.clone(),
+        };
+        self.net
+            .attach(nic, &net, &self.alias, &NetnsTarget::Pid(pid as u32))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Everything the engine acts on.
+pub struct Host {
+    pub ctx: Ctx,
+    pub net: NetHost<HostExecutor>,
+    pub images: ImageStore,
+    pub drivers: BTreeMap<&'static str, Arc<dyn Driver>>,
+}
+
+impl Host {
+    pub fn open(ctx: Ctx, root_str: &str) -> Result<Host> {
+        let images = ImageStore::open(&ctx.root).map_err(|e| EngineError::Failed(e.to_string()))?;
+        let net = NetHost::new(HostExecutor);
+        let native = NativeDriver::new(Arc::new(StoreRootfs { store: images.clone() }))
+            .with_network(Arc::new(NetAttacher {
+                net: NetHost::new(HostExecutor),
+                alias: moat_core::naming::if_alias(root_str),
+            }));
+        let mut drivers: BTreeMap<&'static str, Arc<dyn Driver>> = BTreeMap::new();
+        drivers.insert("native", Arc::new(native));
+        Ok(Host { ctx, net, images, drivers })
+    }
+
+    pub fn driver(&self, name: &str) -> Result<&Arc<dyn Driver>> {
+        self.drivers.get(name).ok_or_else(|| {
+            EngineError::Failed(format!(
+                "driver '{name}' is not available in this version (available: {})",
+                self.drivers.keys().copied().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+}

@@ -1,0 +1,437 @@
+//! `status`, `destroy` and single-machine operations.
+
+use crate::apply::machine_spec;
+use crate::{state_err, DestroyTarget, Engine, EngineError, Progress, Result};
+use moat_core::model::NetworkMode;
+use moat_core::observed::MachineState;
+use serde::Serialize;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(Debug, Serialize)]
+pub struct DomainStatus {
+    pub name: String,
+    pub trust_level: String,
+    pub subnet: Option<String>,
+    pub bridge: Option<String>,
+    /// The bridge exists on the host and is up.
+    pub up: bool,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MachineStatus {
+    pub name: String,
+    pub domain: String,
+    pub kind: String,
+    pub driver: String,
+    pub ip: Option<String>,
+    /// `domain`, `host` (shares the host's network: admin only) or `none`.
+    pub network: String,
+    /// `running`, `stopped`, `crashed: <reason>`, or `absent` (declared, not created).
+    pub state: String,
+    /// Declared in the project (false: an orphan).
+    pub declared: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub root: String,
+    pub root_tag: String,
+    pub project: Option<String>,
+    pub domains: Vec<DomainStatus>,
+    pub machines: Vec<MachineStatus>,
+    /// Whether moat's nftables table is present and matches the project.
+    pub firewall: String,
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "root {} (tag {}){}",
+            self.root,
+            self.root_tag,
+            self.project.as_ref().map(|p| format!(", project {p}")).unwrap_or_default()
+        )?;
+        writeln!(f, "firewall: {}", self.firewall)?;
+        if !self.domains.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "{:<10} {:<13} {:<17} {:<15} STATE", "DOMAIN", "TRUST", "SUBNET", "BRIDGE")?;
+            for d in &self.domains {
+                writeln!(
+                    f,
+                    "{:<10} {:<13} {:<17} {:<15} {}",
+                    d.name,
+                    d.trust_level,
+                    d.subnet.as_deref().unwrap_or("-"),
+                    d.bridge.as_deref().unwrap_or("-"),
+                    if !d.enabled { "disabled" } else if d.up { "up" } else { "absent" }
+                )?;
+            }
+        }
+        if !self.machines.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "{:<24} {:<9} {:<8} {:<15} {:<8} STATE", "MACHINE", "TYPE", "DRIVER", "ADDRESS", "NETWORK")?;
+            for m in &self.machines {
+                let net = if m.network == "host" { "HOST!" } else { m.network.as_str() };
+                writeln!(
+                    f,
+                    "{:<24} {:<9} {:<8} {:<15} {:<8} {}{}",
+                    m.name,
+                    m.kind,
+                    m.driver,
+                    m.ip.as_deref().unwrap_or("-"),
+                    net,
+                    m.state,
+                    if m.declared { "" } else { " (orphan: not in the project)" }
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct DestroyReport {
+    pub destroyed: Vec<String>,
+}
+
+impl fmt::Display for DestroyReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.destroyed.is_empty() {
+            return writeln!(f, "Nothing to destroy.");
+        }
+        for d in &self.destroyed {
+            writeln!(f, "destroyed {d}")?;
+        }
+        Ok(())
+    }
+}
+
+fn state_word(s: &MachineState) -> String {
+    match s {
+        MachineState::Running => "running".into(),
+        MachineState::Stopped => "stopped".into(),
+        MachineState::Crashed { reason } => format!("crashed: {reason}"),
+    }
+}
+
+impl Engine {
+    /// Domains and machines: declared ones (when a project is given) merged
+    /// with what the host shows for this root.
+    pub fn status(&self, project: Option<&Path>) -> Result<Status> {
+        let checked = match project {
+            Some(p) => Some(self.check(p)?),
+            None => None,
+        };
+        let observed = if self.cfg.root.exists() {
+            let host = self.host()?;
+            Some(self.observe(&host)?)
+        } else {
+            None
+        };
+        let observed = observed.unwrap_or_default();
+        let mut domains = Vec::new();
+        let mut machines = Vec::new();
+        let mut firewall = match &observed.firewall_hash {
+            Some(_) => "applied".to_string(),
+            None => "absent".to_string(),
+        };
+        if let Some(c) = &checked {
+            let r = &c.resolved;
+            let want = self.rules(c).hash;
+            if let Some(h) = &observed.firewall_hash {
+                firewall = if *h == want { "applied, up to date".into() } else { "applied, differs from the project (run moat apply)".into() };
+            }
+            for d in r.project.domains.values() {
+                let net = r.networks.get(&d.name);
+                domains.push(DomainStatus {
+                    name: d.name.clone(),
+                    trust_level: d.trust_level.as_str().into(),
+                    subnet: net.map(|n| n.subnet.to_string()),
+                    bridge: net.map(|n| n.bridge.clone()),
+                    up: observed.networks.get(&d.name).is_some_and(|n| n.up),
+                    enabled: d.enabled,
+                });
+            }
+            for m in r.project.machines() {
+                let obs = observed.machines.get(&m.full_name);
+                machines.push(MachineStatus {
+                    name: m.full_name.clone(),
+                    domain: m.domain.clone(),
+                    kind: m.kind.as_str().into(),
+                    driver: m.driver.clone(),
+                    ip: r.nics.get(&m.full_name).map(|n| n.ip.to_string()),
+                    network: match m.network {
+                        NetworkMode::Domain => "domain",
+                        NetworkMode::Host => "host",
+                        NetworkMode::None => "none",
+                    }
+                    .into(),
+                    state: obs.map(|o| state_word(&o.state)).unwrap_or_else(|| "absent".into()),
+                    declared: true,
+                });
+            }
+        } else {
+            for n in observed.networks.values() {
+                domains.push(DomainStatus {
+                    name: n.domain.clone(),
+                    trust_level: "?".into(),
+                    subnet: n.subnet.map(|s| s.to_string()),
+                    bridge: Some(n.bridge.clone()),
+                    up: n.up,
+                    enabled: true,
+                });
+            }
+        }
+        for (name, o) in &observed.machines {
+            if machines.iter().any(|m| &m.name == name) {
+                continue;
+            }
+            machines.push(MachineStatus {
+                name: name.clone(),
+                domain: "?".into(),
+                kind: "?".into(),
+                driver: o.driver.clone(),
+                ip: None,
+                network: "?".into(),
+                state: state_word(&o.state),
+                declared: checked.is_none(),
+            });
+        }
+        Ok(Status {
+            root: self.root_str.clone(),
+            root_tag: self.tag.clone(),
+            project: checked.map(|c| c.resolved.project.name),
+            domains,
+            machines,
+            firewall,
+        })
+    }
+
+    /// Delete machines (and with --domain/--all, networks and the firewall)
+    /// that this root created. Machines declared `ephemeral: false` need `force`.
+    pub fn destroy(
+        &mut self,
+        project: Option<&Path>,
+        target: &DestroyTarget,
+        force: bool,
+        progress: &dyn Progress,
+    ) -> Result<DestroyReport> {
+        let _lock = moat_state::ApplyLock::acquire(&self.cfg.root, None).map_err(state_err)?;
+        let state = self.state()?;
+        let checked = match project {
+            Some(p) => self.check(p).ok(),
+            None => None,
+        };
+        let host = self.host()?;
+        let observed = self.observe(&host)?;
+        let domain_of = |m: &str| -> Option<String> {
+            if let Some(c) = &checked {
+                if let Some(mm) = c.resolved.project.machine(m) {
+                    return Some(mm.domain.clone());
+                }
+            }
+            state
+                .resources()
+                .ok()?
+                .into_iter()
+                .find(|r| r.kind == "machine" && r.name == m)
+                .and_then(|r| r.domain)
+        };
+        let victims: Vec<String> = match target {
+            DestroyTarget::Machine(m) => {
+                if !observed.machines.contains_key(m) {
+                    return Err(EngineError::NoSuchMachine(m.clone()));
+                }
+                vec![m.clone()]
+            }
+            DestroyTarget::Domain(d) => observed
+                .machines
+                .keys()
+                .filter(|m| domain_of(m).as_deref() == Some(d.as_str()))
+                .cloned()
+                .collect(),
+            DestroyTarget::All => observed.machines.keys().cloned().collect(),
+        };
+        if !force {
+            if let Some(c) = &checked {
+                let protected: Vec<&String> = victims
+                    .iter()
+                    .filter(|m| c.resolved.project.machine(m).is_some_and(|mm| !mm.ephemeral))
+                    .collect();
+                if !protected.is_empty() {
+                    return Err(EngineError::Failed(format!(
+                        "refusing to destroy {} (declared `ephemeral: false`); pass --force to destroy anyway",
+                        protected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            }
+        }
+        let mut destroyed = Vec::new();
+        for m in &victims {
+            let o = &observed.machines[m];
+            progress.event(&format!("==> destroy machine {m}"));
+            host.driver(&o.driver)?.destroy(&host.ctx, m)?;
+            state.forget("machine", m).map_err(state_err)?;
+            destroyed.push(format!("machine {m}"));
+        }
+        let nets: Vec<_> = match target {
+            DestroyTarget::Machine(_) => vec![],
+            DestroyTarget::Domain(d) => observed.networks.values().filter(|n| &n.domain == d).collect(),
+            DestroyTarget::All => observed.networks.values().collect(),
+        };
+        for n in nets {
+            progress.event(&format!("==> destroy network {} ({})", n.domain, n.bridge));
+            let _ = host.net.stop_dhcp(&n.bridge, &host.ctx.run_dir);
+            host.net.delete_bridge(&n.bridge).map_err(|e| EngineError::Failed(e.to_string()))?;
+            state.forget("network", &n.bridge).map_err(state_err)?;
+            destroyed.push(format!("network {}", n.bridge));
+        }
+        if matches!(target, DestroyTarget::All) {
+            host.net.cleanup_root(&self.tag).map_err(|e| EngineError::Failed(e.to_string()))?;
+            let t = moat_core::naming::nft_table(&self.tag);
+            state.forget("nft-table", &t).map_err(state_err)?;
+            destroyed.push(format!("nftables tables {t}"));
+        }
+        Ok(DestroyReport { destroyed })
+    }
+
+    /// Start one declared machine (creating it if needed).
+    pub fn start_machine(&self, project: &Path, name: &str) -> Result<()> {
+        let checked = self.check(project)?;
+        let spec = machine_spec(&checked.resolved, name).ok_or_else(|| EngineError::NoSuchMachine(name.into()))?;
+        let host = self.host()?;
+        let d = host.driver(&spec.machine.driver)?;
+        d.create(&host.ctx, &spec)?;
+        d.start(&host.ctx, name)?;
+        Ok(())
+    }
+
+    fn observed_driver(&self, name: &str) -> Result<(crate::host::Host, String)> {
+        let host = self.host()?;
+        for (dname, d) in &host.drivers {
+            if d.observe(&host.ctx, name)?.is_some() {
+                let dname = dname.to_string();
+                return Ok((host, dname));
+            }
+        }
+        Err(EngineError::NoSuchMachine(name.into()))
+    }
+
+    pub fn stop_machine(&self, name: &str, timeout: Duration) -> Result<()> {
+        let (host, d) = self.observed_driver(name)?;
+        host.driver(&d)?.stop(&host.ctx, name, timeout)?;
+        Ok(())
+    }
+
+    pub fn exec(&self, name: &str, argv: &[String]) -> Result<moat_driver::ExecOutput> {
+        let (host, d) = self.observed_driver(name)?;
+        Ok(host.driver(&d)?.exec(&host.ctx, name, argv)?)
+    }
+
+    /// Path of a machine's stdout log (native driver layout).
+    pub fn log_path(&self, name: &str) -> Result<std::path::PathBuf> {
+        let dir = moat_driver::native::NativeDriver::machine_dir(&self.ctx(), name);
+        let p = dir.stdout_log();
+        if !p.exists() {
+            return Err(EngineError::NoSuchMachine(name.into()));
+        }
+        Ok(p)
+    }
+}
+
+/// `moat network status`: bridges, addresses, attached ports, rule counters.
+#[derive(Debug, Serialize)]
+pub struct NetworkStatus {
+    pub table: String,
+    pub firewall: String,
+    pub bridges: Vec<BridgeStatus>,
+    /// (chain, rule comment, packets) for moat's counted rules.
+    pub counters: Vec<(String, String, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BridgeStatus {
+    pub domain: String,
+    pub bridge: String,
+    pub subnet: String,
+    pub gateway: String,
+    pub up: bool,
+    /// Host-side interfaces attached to the bridge, with the machine using each.
+    pub ports: Vec<(String, Option<String>)>,
+}
+
+impl fmt::Display for NetworkStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "nftables {}: {}", self.table, self.firewall)?;
+        writeln!(f)?;
+        writeln!(f, "{:<10} {:<15} {:<17} {:<15} {:<6} PORTS", "DOMAIN", "BRIDGE", "SUBNET", "GATEWAY", "STATE")?;
+        for b in &self.bridges {
+            let ports: Vec<String> = b
+                .ports
+                .iter()
+                .map(|(p, m)| match m {
+                    Some(m) => format!("{p}={m}"),
+                    None => p.clone(),
+                })
+                .collect();
+            writeln!(
+                f,
+                "{:<10} {:<15} {:<17} {:<15} {:<6} {}",
+                b.domain,
+                b.bridge,
+                b.subnet,
+                b.gateway,
+                if b.up { "up" } else { "absent" },
+                if ports.is_empty() { "-".into() } else { ports.join(" ") }
+            )?;
+        }
+        if !self.counters.is_empty() {
+            writeln!(f)?;
+            writeln!(f, "{:>10}  {:<10} RULE", "PACKETS", "CHAIN")?;
+            for (chain, comment, n) in &self.counters {
+                writeln!(f, "{n:>10}  {chain:<10} {comment}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    pub fn network_status(&self, checked: &crate::Checked) -> Result<NetworkStatus> {
+        let host = self.host()?;
+        let fail = |e: moat_net::NetError| EngineError::Failed(e.to_string());
+        let (observed, hash) = host.net.observe(&self.tag).map_err(fail)?;
+        let ports = host.net.ports(&self.tag).map_err(fail)?;
+        let want = self.rules(checked);
+        let firewall = match hash {
+            None => "absent (run moat apply)".to_string(),
+            Some(h) if h == want.hash => format!("applied, up to date ({} rules)", want.rule_count),
+            Some(_) => "applied, differs from the project (run moat apply)".to_string(),
+        };
+        let r = &checked.resolved;
+        let owner: std::collections::BTreeMap<&str, &str> =
+            r.nics.values().map(|n| (n.host_if.as_str(), n.machine.as_str())).collect();
+        let bridges = r
+            .networks
+            .values()
+            .map(|n| BridgeStatus {
+                domain: n.domain.clone(),
+                bridge: n.bridge.clone(),
+                subnet: n.subnet.to_string(),
+                gateway: n.gateway.to_string(),
+                up: observed.get(&n.domain).is_some_and(|o| o.up),
+                ports: ports
+                    .iter()
+                    .filter(|(_, master)| master.as_deref() == Some(n.bridge.as_str()))
+                    .map(|(p, _)| (p.clone(), owner.get(p.as_str()).map(|s| s.to_string())))
+                    .collect(),
+            })
+            .collect();
+        let counters = host.net.counters(&self.tag).map_err(fail)?;
+        Ok(NetworkStatus { table: want.table, firewall, bridges, counters })
+    }
+}
