@@ -352,6 +352,28 @@ pub fn set_opaque(path: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
+/// Set extended attribute `name` on `path` itself (not following a symlink).
+pub fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let p = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let n = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in name"))?;
+    // SAFETY: `p` and `n` are valid C strings and `value` a valid buffer of the given length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The filesystem type magic of `path` (statfs f_type), e.g. to detect btrfs.
 pub fn fs_magic(path: &Path) -> io::Result<i64> {
     let p = CString::new(path.as_os_str().as_bytes())

@@ -96,6 +96,24 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The entry's PAX `SCHILY.xattr.*` attributes, minus overlayfs's (`trusted.overlay.*`,
+/// `user.overlay.*`): those would let a layer forge whiteouts, redirects or opaque dirs.
+fn entry_xattrs<R: Read>(e: &mut tar::Entry<'_, R>) -> Vec<(String, Vec<u8>)> {
+    let mut v = Vec::new();
+    if let Ok(Some(exts)) = e.pax_extensions() {
+        for ext in exts.flatten() {
+            let Ok(key) = ext.key() else { continue };
+            if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+                    continue;
+                }
+                v.push((name.to_string(), ext.value_bytes().to_vec()));
+            }
+        }
+    }
+    v
+}
+
 /// Normalise a tar member path: drop `./` and leading `/`; refuse `..`.
 fn clean(p: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
@@ -146,7 +164,8 @@ pub fn unpack_tar(r: impl Read, dest: &Path, mode: WhiteoutMode, what: &str) -> 
     let mut ar = tar::Archive::new(hashing);
     ar.set_preserve_permissions(true);
     ar.set_preserve_mtime(true);
-    ar.set_unpack_xattrs(true);
+    // xattrs are applied below, filtered: a layer must not set overlayfs's own markers.
+    ar.set_unpack_xattrs(false);
     ar.set_overwrite(true);
     ar.set_preserve_ownerships(is_root());
     // Paths this layer wrote: Flatten-mode whiteouts only delete what older layers left.
@@ -192,10 +211,15 @@ pub fn unpack_tar(r: impl Read, dest: &Path, mode: WhiteoutMode, what: &str) -> 
                 remove_any(&full).ctx("remove", &full)?;
             }
         }
+        let xattrs = entry_xattrs(&mut e);
         e.unpack_in(dest).map_err(|err| ImageError::BadSource {
             source_desc: what.to_string(),
             reason: format!("cannot unpack {}: {}", rel.display(), chain(&err)),
         })?;
+        for (name, value) in xattrs {
+            // Best effort, like tar: unprivileged runs cannot set trusted.* or security.*.
+            let _ = moat_host::mount::set_xattr(&full, &name, &value);
+        }
         written.insert(rel);
     }
     let mut hashing = ar.into_inner();

@@ -824,3 +824,79 @@ fn a_deep_stack_of_snapshots_still_mounts() {
     m.unmount().unwrap();
     m.destroy().unwrap();
 }
+
+#[test]
+fn layers_cannot_forge_overlay_xattrs() {
+    let Some(ts) = TestStore::new() else { return };
+    let dir = ts.path().join("layout");
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let l1 = make_tar(&[("d/", None), ("d/lower", Some("visible\n"))]);
+    // Layer 2 claims d/ is opaque through a PAX xattr instead of a whiteout, and sets a user xattr.
+    let mut b = tar::Builder::new(Vec::new());
+    b.append_pax_extensions([
+        ("SCHILY.xattr.trusted.overlay.opaque", &b"y"[..]),
+        ("SCHILY.xattr.user.moat", &b"kept"[..]),
+    ])
+    .unwrap();
+    b.append(&header("d/", tar::EntryType::Directory, 0, 0o755), &[][..])
+        .unwrap();
+    let l2 = b.into_inner().unwrap();
+    let put = |data: &[u8]| -> (String, usize) {
+        let h = sha(data);
+        fs::write(blobs.join(&h), data).unwrap();
+        (format!("sha256:{h}"), data.len())
+    };
+    let diff_ids = vec![
+        format!("sha256:{}", sha(&l1)),
+        format!("sha256:{}", sha(&l2)),
+    ];
+    let (d1, s1) = put(&l1);
+    let (d2, s2) = put(&l2);
+    let (dc, sc) = put(&config_json(&diff_ids));
+    let (dm, sm) = put(
+        &serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": dc, "size": sc},
+            "layers": [
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d1, "size": s1},
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d2, "size": s2}
+            ]
+        }))
+        .unwrap(),
+    );
+    fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": dm, "size": sm}
+        ]}))
+        .unwrap(),
+    )
+    .unwrap();
+    let img = ts
+        .store
+        .import(
+            "forge",
+            &ImageSource::OciLayout {
+                path: dir.display().to_string(),
+            },
+            &NoProgress,
+        )
+        .unwrap();
+    let m = MachineFs::create(&ts.store, "forge1", &img, false).unwrap();
+    let root = m.mount().unwrap();
+    assert!(
+        root.join("d/lower").exists(),
+        "forged opaque xattr was dropped"
+    );
+    if let Ok(out) = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.moat"])
+        .arg(ts.store.layer_path(&img.layers[1]).join("d"))
+        .output()
+    {
+        if out.status.success() {
+            assert_eq!(out.stdout, b"kept");
+        }
+    }
+    m.destroy().unwrap();
+}
