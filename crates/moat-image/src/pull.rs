@@ -46,6 +46,52 @@ fn protocol_for(registry: &str) -> ClientProtocol {
     }
 }
 
+/// Stream one blob to `path`, verifying its sha256 digest and reporting bytes every 8 MiB.
+async fn download(
+    client: &Client,
+    r: &Reference,
+    layer: &oci_client::manifest::OciDescriptor,
+    path: &std::path::Path,
+    total: Option<u64>,
+    p: &dyn Progress,
+) -> std::result::Result<(), String> {
+    use futures_util::StreamExt;
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let want = layer
+        .digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("unsupported digest algorithm in {}", layer.digest))?
+        .to_string();
+    let mut s = client
+        .pull_blob_stream(r, layer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut f = fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut h = Sha256::new();
+    let (mut done, mut shown) = (0u64, 0u64);
+    while let Some(chunk) = s.stream.next().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        h.update(&chunk);
+        f.write_all(&chunk)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        done += chunk.len() as u64;
+        if done - shown >= 8 << 20 {
+            p.bytes(&layer.digest, done, total.or(s.content_length));
+            shown = done;
+        }
+    }
+    p.bytes(&layer.digest, done, total.or(s.content_length));
+    let got = hex::encode(h.finalize());
+    if got != want {
+        return Err(format!(
+            "content has digest sha256:{got}, expected {}",
+            layer.digest
+        ));
+    }
+    Ok(())
+}
+
 /// Pull `reference` (`host[:port]/repo[:tag|@digest]`; no host means Docker Hub).
 pub(crate) fn pull(
     store: &ImageStore,
@@ -116,19 +162,9 @@ pub(crate) fn pull(
             manifest.layers.len(),
             l.digest
         ));
-        rt.block_on(async {
-            let f = tokio::fs::File::create(&bp).await?;
-            client
-                .pull_blob(&r, l, f)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        })
-        .map_err(|e| err(format!("download of layer {}: {e}", l.digest)))?;
-        p.bytes(
-            &l.digest,
-            fs::metadata(&bp).map(|m| m.len()).unwrap_or(0),
-            u64::try_from(l.size).ok(),
-        );
+        let total = u64::try_from(l.size).ok();
+        rt.block_on(download(&client, &r, l, &bp, total, p))
+            .map_err(|e| err(format!("download of layer {}: {e}", l.digest)))?;
     }
     let open = |d: &Descriptor| -> Result<Box<dyn Read>> {
         let bp = blob_path(&dir, &d.digest, desc)?;
