@@ -9,7 +9,6 @@ use std::io::{IsTerminal, Write};
 pub struct Output {
     color: bool,
     quiet: bool,
-    pub verbose: u8,
 }
 
 const RED: &str = "\x1b[31m";
@@ -27,11 +26,21 @@ impl Output {
                 std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal()
             }
         };
-        Output {
-            color,
-            quiet,
-            verbose,
+        if verbose > 0 {
+            // -v: every host command moat runs (argv), on stderr.
+            let level = if verbose > 1 {
+                tracing::Level::TRACE
+            } else {
+                tracing::Level::DEBUG
+            };
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .without_time()
+                .try_init();
         }
+        Output { color, quiet }
     }
 
     fn paint(&self, code: &str, s: &str) -> String {
@@ -76,12 +85,6 @@ impl Output {
     pub fn info(&self, msg: &str) {
         if !self.quiet {
             eprintln!("{msg}");
-        }
-    }
-
-    pub fn warn(&self, msg: &str) {
-        if !self.quiet {
-            eprintln!("{}: {msg}", self.paint(YELLOW, "warning"));
         }
     }
 

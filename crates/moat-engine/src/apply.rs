@@ -62,7 +62,11 @@ impl fmt::Display for ApplyReport {
             writeln!(f, "skipped: {s} (a dependency failed)")?;
         }
         for o in &self.plan.orphans {
-            writeln!(f, "orphan: {} {} ({}); `moat apply --prune` deletes it", o.kind, o.name, o.detail)?;
+            writeln!(
+                f,
+                "orphan: {} {} ({}); `moat apply --prune` deletes it",
+                o.kind, o.name, o.detail
+            )?;
         }
         writeln!(
             f,
@@ -107,13 +111,24 @@ pub(crate) fn machine_spec(resolved: &Resolved, full_name: &str) -> Option<Machi
         }
     }
     let spec_hash = moat_core::spec::spec_hash(&m, resolved.nics.get(full_name));
-    Some(MachineSpec { bridge: if nic.is_some() { bridge } else { None }, nic, spec_hash, hosts, machine: m })
+    Some(MachineSpec {
+        bridge: if nic.is_some() { bridge } else { None },
+        nic,
+        spec_hash,
+        hosts,
+        machine: m,
+    })
 }
 
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Engine {
-    pub fn apply(&mut self, path: &Path, opts: &ApplyOpts, progress: &dyn Progress) -> Result<ApplyReport> {
+    pub fn apply(
+        &mut self,
+        path: &Path,
+        opts: &ApplyOpts,
+        progress: &dyn Progress,
+    ) -> Result<ApplyReport> {
         let t0 = Instant::now();
         let _lock = moat_state::ApplyLock::acquire(&self.cfg.root, opts.wait).map_err(state_err)?;
         let mut state = self.state()?;
@@ -122,8 +137,12 @@ impl Engine {
 
         // An interrupted apply: its unfinished actions show up again in the plan
         // below (the host is re-observed), so closing them is enough.
-        let recovered: Vec<String> =
-            state.incomplete().map_err(state_err)?.into_iter().map(|e| e.action_id).collect();
+        let recovered: Vec<String> = state
+            .incomplete()
+            .map_err(state_err)?
+            .into_iter()
+            .map(|e| e.action_id)
+            .collect();
         if !recovered.is_empty() {
             progress.event(&format!(
                 "completing an interrupted apply ({} unfinished: {})",
@@ -138,7 +157,10 @@ impl Engine {
         let plan = moat_core::plan::plan(
             &desired,
             &observed,
-            &moat_core::plan::PlanOptions { prune: opts.prune, domain: opts.domain.clone() },
+            &moat_core::plan::PlanOptions {
+                prune: opts.prune,
+                domain: opts.domain.clone(),
+            },
         );
         let apply_id = moat_state::StateStore::new_apply_id();
         if opts.dry_run {
@@ -154,8 +176,12 @@ impl Engine {
         }
         // Allocations first: they must be stable even if we die right after.
         if !plan.actions.is_empty() || !recovered.is_empty() {
-            state.save_allocations(&checked.resolved.allocations).map_err(state_err)?;
-            state.close_incomplete(&format!("superseded by apply {apply_id}")).map_err(state_err)?;
+            state
+                .save_allocations(&checked.resolved.allocations)
+                .map_err(state_err)?;
+            state
+                .close_incomplete(&format!("superseded by apply {apply_id}"))
+                .map_err(state_err)?;
         }
 
         let mut results: Vec<ActionResult> = Vec::new();
@@ -167,14 +193,18 @@ impl Engine {
 
         while !pending.is_empty() {
             // Actions whose dependencies failed or were skipped are skipped too.
-            let (blocked, rest): (Vec<&Action>, Vec<&Action>) = pending
-                .into_iter()
-                .partition(|a| a.depends_on.iter().any(|d| failed.contains(d) || skipped.contains(d)));
+            let (blocked, rest): (Vec<&Action>, Vec<&Action>) =
+                pending.into_iter().partition(|a| {
+                    a.depends_on
+                        .iter()
+                        .any(|d| failed.contains(d) || skipped.contains(d))
+                });
             for a in blocked {
                 skipped.push(a.id.clone());
             }
-            let (ready, later): (Vec<&Action>, Vec<&Action>) =
-                rest.into_iter().partition(|a| a.depends_on.iter().all(|d| done.contains(d)));
+            let (ready, later): (Vec<&Action>, Vec<&Action>) = rest
+                .into_iter()
+                .partition(|a| a.depends_on.iter().all(|d| done.contains(d)));
             if ready.is_empty() {
                 skipped.extend(later.iter().map(|a| a.id.clone()));
                 break;
@@ -184,42 +214,58 @@ impl Engine {
                 let mut entries = Vec::new();
                 for a in wave {
                     let json = serde_json::to_string(a).unwrap_or_default();
-                    let entry = state.journal_start(&apply_id, &a.id, &json).map_err(state_err)?;
+                    let entry = state
+                        .journal_start(&apply_id, &a.id, &json)
+                        .map_err(state_err)?;
                     self.intend(&state, &checked.resolved, &a.op)?;
                     progress.event(&format!("==> {}", describe(a)));
                     entries.push(entry);
                 }
-                let outcomes: Vec<(std::result::Result<(), String>, u64)> = std::thread::scope(|s| {
-                    let handles: Vec<_> = wave
-                        .iter()
-                        .map(|a| {
-                            let host = &host;
-                            let checked = &checked;
-                            s.spawn(move || {
-                                let t = Instant::now();
-                                let r = run_action(host, checked, a, progress);
-                                (r, t.elapsed().as_millis() as u64)
+                let outcomes: Vec<(std::result::Result<(), String>, u64)> =
+                    std::thread::scope(|s| {
+                        let handles: Vec<_> = wave
+                            .iter()
+                            .map(|a| {
+                                let host = &host;
+                                let checked = &checked;
+                                s.spawn(move || {
+                                    let t = Instant::now();
+                                    let r = run_action(host, checked, a, progress);
+                                    (r, t.elapsed().as_millis() as u64)
+                                })
                             })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().unwrap_or_else(|_| (Err("the action panicked".into()), 0)))
-                        .collect()
-                });
+                            .collect();
+                        handles
+                            .into_iter()
+                            .map(|h| {
+                                h.join()
+                                    .unwrap_or_else(|_| (Err("the action panicked".into()), 0))
+                            })
+                            .collect()
+                    });
                 for ((a, entry), (r, ms)) in wave.iter().zip(entries).zip(outcomes) {
                     match r {
                         Ok(()) => {
                             state.journal_done(entry).map_err(state_err)?;
                             self.record_done(&state, &checked.resolved, &a.op)?;
                             done.insert(a.id.clone());
-                            results.push(ActionResult { id: a.id.clone(), ok: true, error: None, millis: ms });
+                            results.push(ActionResult {
+                                id: a.id.clone(),
+                                ok: true,
+                                error: None,
+                                millis: ms,
+                            });
                         }
                         Err(e) => {
                             state.journal_failed(entry, &e).map_err(state_err)?;
                             progress.event(&format!("    failed: {e}"));
                             failed.insert(a.id.clone());
-                            results.push(ActionResult { id: a.id.clone(), ok: false, error: Some(e), millis: ms });
+                            results.push(ActionResult {
+                                id: a.id.clone(),
+                                ok: false,
+                                error: Some(e),
+                                millis: ms,
+                            });
                         }
                     }
                 }
@@ -241,16 +287,22 @@ impl Engine {
         match op {
             Op::CreateNetwork { domain } | Op::UpdateNetwork { domain } => {
                 if let Some(n) = resolved.networks.get(domain) {
-                    state.intend("network", &n.bridge, Some(domain), None).map_err(state_err)?;
+                    state
+                        .intend("network", &n.bridge, Some(domain), None)
+                        .map_err(state_err)?;
                 }
             }
             Op::ApplyFirewall { .. } => {
                 let t = moat_core::naming::nft_table(&self.tag);
-                state.intend("nft-table", &t, None, None).map_err(state_err)?;
+                state
+                    .intend("nft-table", &t, None, None)
+                    .map_err(state_err)?;
             }
             Op::CreateMachine { machine } | Op::ReplaceMachine { machine, .. } => {
                 let domain = resolved.project.machine(machine).map(|m| m.domain.as_str());
-                state.intend("machine", machine, domain, Some(machine)).map_err(state_err)?;
+                state
+                    .intend("machine", machine, domain, Some(machine))
+                    .map_err(state_err)?;
             }
             _ => {}
         }
@@ -258,7 +310,12 @@ impl Engine {
     }
 
     /// Record the outcome of a finished action in the ownership table.
-    fn record_done(&self, state: &moat_state::StateStore, resolved: &Resolved, op: &Op) -> Result<()> {
+    fn record_done(
+        &self,
+        state: &moat_state::StateStore,
+        resolved: &Resolved,
+        op: &Op,
+    ) -> Result<()> {
         match op {
             Op::CreateNetwork { domain } | Op::UpdateNetwork { domain } => {
                 if let Some(n) = resolved.networks.get(domain) {
@@ -266,13 +323,22 @@ impl Engine {
                 }
             }
             Op::ApplyFirewall { .. } => {
-                state.mark_done("nft-table", &moat_core::naming::nft_table(&self.tag)).map_err(state_err)?;
+                state
+                    .mark_done("nft-table", &moat_core::naming::nft_table(&self.tag))
+                    .map_err(state_err)?;
+                let rules = moat_net::render(resolved, moat_net::RenderOptions::default());
+                // Only used to show rule-level changes in later plans.
+                let _ = std::fs::write(self.applied_rules_path(), rules.body);
             }
             Op::CreateMachine { machine } | Op::ReplaceMachine { machine, .. } => {
                 state.mark_done("machine", machine).map_err(state_err)?;
             }
-            Op::DeleteMachine { machine, .. } => state.forget("machine", machine).map_err(state_err)?,
-            Op::DeleteNetwork { bridge, .. } => state.forget("network", bridge).map_err(state_err)?,
+            Op::DeleteMachine { machine, .. } => {
+                state.forget("machine", machine).map_err(state_err)?
+            }
+            Op::DeleteNetwork { bridge, .. } => {
+                state.forget("network", bridge).map_err(state_err)?
+            }
             _ => {}
         }
         Ok(())
@@ -291,24 +357,40 @@ fn describe(a: &Action) -> String {
 
 /// Runs one action on the host. Errors are strings: they end up in the journal
 /// and the report, attributed to the action.
-fn run_action(host: &Host, checked: &Checked, a: &Action, progress: &dyn Progress) -> std::result::Result<(), String> {
+fn run_action(
+    host: &Host,
+    checked: &Checked,
+    a: &Action,
+    progress: &dyn Progress,
+) -> std::result::Result<(), String> {
     let resolved = &checked.resolved;
     let alias = moat_core::naming::if_alias(&host.ctx.root.to_string_lossy());
-    let spec = |m: &str| machine_spec(resolved, m).ok_or_else(|| format!("machine {m} is not declared"));
+    let spec =
+        |m: &str| machine_spec(resolved, m).ok_or_else(|| format!("machine {m} is not declared"));
     let err = |e: &dyn std::fmt::Display| e.to_string();
     match &a.op {
         Op::CreateNetwork { domain } | Op::UpdateNetwork { domain } => {
-            let n = resolved.networks.get(domain).ok_or_else(|| format!("domain {domain} has no network"))?;
+            let n = resolved
+                .networks
+                .get(domain)
+                .ok_or_else(|| format!("domain {domain} has no network"))?;
             host.net.ensure_bridge(n, &alias).map_err(|e| err(&e))?;
             let d = resolved.project.domains.get(domain);
             if d.is_some_and(|d| d.dhcp) {
                 let nics: Vec<_> = resolved
                     .nics
                     .iter()
-                    .filter(|(m, _)| resolved.project.machine(m).is_some_and(|m| &m.domain == domain))
+                    .filter(|(m, _)| {
+                        resolved
+                            .project
+                            .machine(m)
+                            .is_some_and(|m| &m.domain == domain)
+                    })
                     .map(|(_, n)| n)
                     .collect();
-                host.net.ensure_dhcp(n, &nics, &host.ctx.run_dir).map_err(|e| err(&e))?;
+                host.net
+                    .ensure_dhcp(n, &nics, &host.ctx.run_dir)
+                    .map_err(|e| err(&e))?;
             }
             Ok(())
         }
@@ -318,11 +400,16 @@ fn run_action(host: &Host, checked: &Checked, a: &Action, progress: &dyn Progres
         }
         Op::ApplyFirewall { .. } => {
             let rules = moat_net::render(resolved, moat_net::RenderOptions::default());
-            host.net.apply_ruleset(&rules).map(|_| ()).map_err(|e| err(&e))
+            host.net
+                .apply_ruleset(&rules)
+                .map(|_| ())
+                .map_err(|e| err(&e))
         }
         Op::EnsureImage { image } => {
-            let source = moat_core::load::resolve_image(&resolved.project, image)
-                .ok_or_else(|| format!("no source known for image '{image}'; declare it under `images:`"))?;
+            let source =
+                moat_core::load::resolve_image(&resolved.project, image).ok_or_else(|| {
+                    format!("no source known for image '{image}'; declare it under `images:`")
+                })?;
             host.images
                 .ensure(image, &source, &ImageProgress(progress))
                 .map(|_| ())
@@ -343,14 +430,19 @@ fn run_action(host: &Host, checked: &Checked, a: &Action, progress: &dyn Progres
         }
         Op::StopMachine { machine, driver } => {
             let d = host.driver(driver).map_err(|e| err(&e))?;
-            d.stop(&host.ctx, machine, STOP_TIMEOUT).map_err(|e| err(&e))
+            d.stop(&host.ctx, machine, STOP_TIMEOUT)
+                .map_err(|e| err(&e))
         }
         Op::UpdateMachine { machine, limits } => {
             let s = spec(machine)?;
             let d = host.driver(&s.machine.driver).map_err(|e| err(&e))?;
-            d.update_limits(&host.ctx, machine, limits).map_err(|e| err(&e))
+            d.update_limits(&host.ctx, machine, limits)
+                .map_err(|e| err(&e))
         }
-        Op::ReplaceMachine { machine, old_driver } => {
+        Op::ReplaceMachine {
+            machine,
+            old_driver,
+        } => {
             let old = host.driver(old_driver).map_err(|e| err(&e))?;
             old.destroy(&host.ctx, machine).map_err(|e| err(&e))?;
             let s = spec(machine)?;
@@ -368,7 +460,9 @@ fn run_action(host: &Host, checked: &Checked, a: &Action, progress: &dyn Progres
 impl From<moat_driver::DriverError> for EngineError {
     fn from(e: moat_driver::DriverError) -> Self {
         match e {
-            moat_driver::DriverError::NoSuchMachine { machine } => EngineError::NoSuchMachine(machine),
+            moat_driver::DriverError::NoSuchMachine { machine } => {
+                EngineError::NoSuchMachine(machine)
+            }
             other => EngineError::Failed(other.to_string()),
         }
     }

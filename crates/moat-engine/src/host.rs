@@ -6,8 +6,7 @@ use crate::{EngineError, Result};
 use ipnet::Ipv4Net;
 use moat_core::model::{Machine, ResolvedNetwork};
 use moat_driver::native::{
-    ImageConfig as DriverImageConfig, NativeDriver, NetworkAttacher, PreparedRootfs,
-    RootfsProvider,
+    ImageConfig as DriverImageConfig, NativeDriver, NetworkAttacher, PreparedRootfs, RootfsProvider,
 };
 use moat_driver::{Ctx, Driver, MachineSpec};
 use moat_host::exec::HostExecutor;
@@ -32,7 +31,11 @@ fn parse_user(u: &Option<String>) -> Option<(u32, u32)> {
 }
 
 impl RootfsProvider for StoreRootfs {
-    fn prepare(&self, _ctx: &Ctx, machine: &Machine) -> std::result::Result<PreparedRootfs, String> {
+    fn prepare(
+        &self,
+        _ctx: &Ctx,
+        machine: &Machine,
+    ) -> std::result::Result<PreparedRootfs, String> {
         let image = self
             .store
             .get(&machine.image)
@@ -55,7 +58,9 @@ impl RootfsProvider for StoreRootfs {
                 workdir: c.workdir.clone(),
                 user: parse_user(&c.user),
             },
-            system: c.init.is_some() && c.entrypoint.is_empty() && c.cmd.is_empty(),
+            // A declared machine is long-lived: run the image's init when it has one
+            // (system container); `command:` overrides (the driver decides).
+            system: c.init.is_some(),
         })
     }
 
@@ -107,14 +112,21 @@ impl Host {
     pub fn open(ctx: Ctx, root_str: &str) -> Result<Host> {
         let images = ImageStore::open(&ctx.root).map_err(|e| EngineError::Failed(e.to_string()))?;
         let net = NetHost::new(HostExecutor);
-        let native = NativeDriver::new(Arc::new(StoreRootfs { store: images.clone() }))
-            .with_network(Arc::new(NetAttacher {
-                net: NetHost::new(HostExecutor),
-                alias: moat_core::naming::if_alias(root_str),
-            }));
+        let native = NativeDriver::new(Arc::new(StoreRootfs {
+            store: images.clone(),
+        }))
+        .with_network(Arc::new(NetAttacher {
+            net: NetHost::new(HostExecutor),
+            alias: moat_core::naming::if_alias(root_str),
+        }));
         let mut drivers: BTreeMap<&'static str, Arc<dyn Driver>> = BTreeMap::new();
         drivers.insert("native", Arc::new(native));
-        Ok(Host { ctx, net, images, drivers })
+        Ok(Host {
+            ctx,
+            net,
+            images,
+            drivers,
+        })
     }
 
     pub fn driver(&self, name: &str) -> Result<&Arc<dyn Driver>> {

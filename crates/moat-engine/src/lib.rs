@@ -140,6 +140,9 @@ pub struct PlanReport {
     pub firewall: String,
     /// Actions an interrupted apply left unfinished (the next apply completes them).
     pub interrupted: Vec<String>,
+    /// Firewall lines added (`+ ...`) and removed (`- ...`) since the last
+    /// applied ruleset; empty when the firewall does not change.
+    pub firewall_diff: Vec<String>,
 }
 
 impl fmt::Display for PlanReport {
@@ -152,8 +155,16 @@ impl fmt::Display for PlanReport {
             )?;
         }
         write!(f, "{}", self.plan)?;
-        if self.plan.actions.iter().any(|a| matches!(a.op, moat_core::plan::Op::ApplyFirewall { .. })) {
+        if self
+            .plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.op, moat_core::plan::Op::ApplyFirewall { .. }))
+        {
             writeln!(f, "  firewall: {}", self.firewall)?;
+            for l in &self.firewall_diff {
+                writeln!(f, "    {l}")?;
+            }
         }
         Ok(())
     }
@@ -186,10 +197,14 @@ impl Engine {
 
     /// Open a root for changes (creates it if missing).
     pub fn open(cfg: Config) -> Result<Engine> {
-        std::fs::create_dir_all(&cfg.root)
-            .map_err(io(format!("cannot create the moat root {}", cfg.root.display())))?;
-        std::fs::create_dir_all(&cfg.run_dir)
-            .map_err(io(format!("cannot create the run folder {}", cfg.run_dir.display())))?;
+        std::fs::create_dir_all(&cfg.root).map_err(io(format!(
+            "cannot create the moat root {}",
+            cfg.root.display()
+        )))?;
+        std::fs::create_dir_all(&cfg.run_dir).map_err(io(format!(
+            "cannot create the run folder {}",
+            cfg.run_dir.display()
+        )))?;
         Ok(Engine::new(cfg))
     }
 
@@ -254,7 +269,10 @@ impl Engine {
             .map_err(|e| EngineError::Failed(e.to_string()))?;
         let mut machines = BTreeMap::new();
         for d in host.drivers.values() {
-            for m in d.list(&host.ctx).map_err(|e| EngineError::Failed(e.to_string()))? {
+            for m in d
+                .list(&host.ctx)
+                .map_err(|e| EngineError::Failed(e.to_string()))?
+            {
                 machines.insert(m.full_name.clone(), m);
             }
         }
@@ -265,10 +283,19 @@ impl Engine {
             .into_iter()
             .map(|i| i.name)
             .collect();
-        Ok(moat_core::observed::Observed { networks, machines, firewall_hash, images })
+        Ok(moat_core::observed::Observed {
+            networks,
+            machines,
+            firewall_hash,
+            images,
+        })
     }
 
-    fn desired(&self, checked: &Checked, state: Option<&moat_state::StateStore>) -> Result<moat_core::plan::Desired> {
+    fn desired(
+        &self,
+        checked: &Checked,
+        state: Option<&moat_state::StateStore>,
+    ) -> Result<moat_core::plan::Desired> {
         let mut desired = moat_core::plan::Desired::new(checked.resolved.clone());
         let rules = self.rules(checked);
         desired.firewall = Some(moat_core::plan::DesiredFirewall {
@@ -295,13 +322,20 @@ impl Engine {
 
     pub fn plan(&self, checked: &Checked, opts: &PlanOpts) -> Result<PlanReport> {
         let host = self.host()?;
-        let state = if self.has_state() { Some(self.state()?) } else { None };
+        let state = if self.has_state() {
+            Some(self.state()?)
+        } else {
+            None
+        };
         let desired = self.desired(checked, state.as_ref())?;
         let observed = self.observe(&host)?;
         let plan = moat_core::plan::plan(
             &desired,
             &observed,
-            &moat_core::plan::PlanOptions { prune: opts.prune, domain: opts.domain.clone() },
+            &moat_core::plan::PlanOptions {
+                prune: opts.prune,
+                domain: opts.domain.clone(),
+            },
         );
         let interrupted = match &state {
             Some(st) => st
@@ -312,6 +346,63 @@ impl Engine {
                 .collect(),
             None => vec![],
         };
-        Ok(PlanReport { plan, firewall: self.rules(checked).summary(), interrupted })
+        let rules = self.rules(checked);
+        let firewall_diff = if plan
+            .actions
+            .iter()
+            .any(|a| matches!(a.op, moat_core::plan::Op::ApplyFirewall { .. }))
+        {
+            let old = std::fs::read_to_string(self.applied_rules_path()).unwrap_or_default();
+            firewall_diff(&old, &rules.body)
+        } else {
+            vec![]
+        };
+        Ok(PlanReport {
+            plan,
+            firewall: rules.summary(),
+            interrupted,
+            firewall_diff,
+        })
+    }
+
+    /// Where the last applied ruleset is kept, to show what a plan changes.
+    pub(crate) fn applied_rules_path(&self) -> PathBuf {
+        self.cfg.root.join("firewall.nft")
+    }
+}
+
+/// Rule-level difference between two rulesets (`nft -f` text): lines only in
+/// `new` as `+ line`, lines only in `old` as `- line`, structure lines
+/// (braces, table/chain headers, the hash comment) left out.
+pub fn firewall_diff(old: &str, new: &str) -> Vec<String> {
+    fn rules(s: &str) -> std::collections::BTreeSet<&str> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| {
+                !l.is_empty()
+                    && *l != "}"
+                    && !l.starts_with("table ")
+                    && !l.starts_with("chain ")
+                    && !l.starts_with("comment ")
+                    && !l.starts_with('#')
+            })
+            .collect()
+    }
+    let (o, n) = (rules(old), rules(new));
+    let mut out: Vec<String> = n.difference(&o).map(|l| format!("+ {l}")).collect();
+    out.extend(o.difference(&n).map(|l| format!("- {l}")));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn firewall_diff_shows_rules_not_structure() {
+        let old = "table inet t {\n chain f {\n  a accept\n  b drop\n }\n}\n";
+        let new = "table inet t {\n chain f {\n  a accept\n  c accept\n }\n}\n";
+        assert_eq!(
+            super::firewall_diff(old, new),
+            vec!["+ c accept", "- b drop"]
+        );
     }
 }

@@ -53,12 +53,19 @@ impl fmt::Display for Status {
             "root {} (tag {}){}",
             self.root,
             self.root_tag,
-            self.project.as_ref().map(|p| format!(", project {p}")).unwrap_or_default()
+            self.project
+                .as_ref()
+                .map(|p| format!(", project {p}"))
+                .unwrap_or_default()
         )?;
         writeln!(f, "firewall: {}", self.firewall)?;
         if !self.domains.is_empty() {
             writeln!(f)?;
-            writeln!(f, "{:<10} {:<13} {:<17} {:<15} STATE", "DOMAIN", "TRUST", "SUBNET", "BRIDGE")?;
+            writeln!(
+                f,
+                "{:<10} {:<13} {:<17} {:<15} STATE",
+                "DOMAIN", "TRUST", "SUBNET", "BRIDGE"
+            )?;
             for d in &self.domains {
                 writeln!(
                     f,
@@ -67,15 +74,29 @@ impl fmt::Display for Status {
                     d.trust_level,
                     d.subnet.as_deref().unwrap_or("-"),
                     d.bridge.as_deref().unwrap_or("-"),
-                    if !d.enabled { "disabled" } else if d.up { "up" } else { "absent" }
+                    if !d.enabled {
+                        "disabled"
+                    } else if d.up {
+                        "up"
+                    } else {
+                        "absent"
+                    }
                 )?;
             }
         }
         if !self.machines.is_empty() {
             writeln!(f)?;
-            writeln!(f, "{:<24} {:<9} {:<8} {:<15} {:<8} STATE", "MACHINE", "TYPE", "DRIVER", "ADDRESS", "NETWORK")?;
+            writeln!(
+                f,
+                "{:<24} {:<9} {:<8} {:<15} {:<8} STATE",
+                "MACHINE", "TYPE", "DRIVER", "ADDRESS", "NETWORK"
+            )?;
             for m in &self.machines {
-                let net = if m.network == "host" { "HOST!" } else { m.network.as_str() };
+                let net = if m.network == "host" {
+                    "HOST!"
+                } else {
+                    m.network.as_str()
+                };
                 writeln!(
                     f,
                     "{:<24} {:<9} {:<8} {:<15} {:<8} {}{}",
@@ -85,7 +106,11 @@ impl fmt::Display for Status {
                     m.ip.as_deref().unwrap_or("-"),
                     net,
                     m.state,
-                    if m.declared { "" } else { " (orphan: not in the project)" }
+                    if m.declared {
+                        ""
+                    } else {
+                        " (orphan: not in the project)"
+                    }
                 )?;
             }
         }
@@ -143,7 +168,11 @@ impl Engine {
             let r = &c.resolved;
             let want = self.rules(c).hash;
             if let Some(h) = &observed.firewall_hash {
-                firewall = if *h == want { "applied, up to date".into() } else { "applied, differs from the project (run moat apply)".into() };
+                firewall = if *h == want {
+                    "applied, up to date".into()
+                } else {
+                    "applied, differs from the project (run moat apply)".into()
+                };
             }
             for d in r.project.domains.values() {
                 let net = r.networks.get(&d.name);
@@ -170,7 +199,9 @@ impl Engine {
                         NetworkMode::None => "none",
                     }
                     .into(),
-                    state: obs.map(|o| state_word(&o.state)).unwrap_or_else(|| "absent".into()),
+                    state: obs
+                        .map(|o| state_word(&o.state))
+                        .unwrap_or_else(|| "absent".into()),
                     declared: true,
                 });
             }
@@ -260,7 +291,12 @@ impl Engine {
             if let Some(c) = &checked {
                 let protected: Vec<&String> = victims
                     .iter()
-                    .filter(|m| c.resolved.project.machine(m).is_some_and(|mm| !mm.ephemeral))
+                    .filter(|m| {
+                        c.resolved
+                            .project
+                            .machine(m)
+                            .is_some_and(|mm| !mm.ephemeral)
+                    })
                     .collect();
                 if !protected.is_empty() {
                     return Err(EngineError::Failed(format!(
@@ -280,20 +316,29 @@ impl Engine {
         }
         let nets: Vec<_> = match target {
             DestroyTarget::Machine(_) => vec![],
-            DestroyTarget::Domain(d) => observed.networks.values().filter(|n| &n.domain == d).collect(),
+            DestroyTarget::Domain(d) => observed
+                .networks
+                .values()
+                .filter(|n| &n.domain == d)
+                .collect(),
             DestroyTarget::All => observed.networks.values().collect(),
         };
         for n in nets {
             progress.event(&format!("==> destroy network {} ({})", n.domain, n.bridge));
             let _ = host.net.stop_dhcp(&n.bridge, &host.ctx.run_dir);
-            host.net.delete_bridge(&n.bridge).map_err(|e| EngineError::Failed(e.to_string()))?;
+            host.net
+                .delete_bridge(&n.bridge)
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
             state.forget("network", &n.bridge).map_err(state_err)?;
             destroyed.push(format!("network {}", n.bridge));
         }
         if matches!(target, DestroyTarget::All) {
-            host.net.cleanup_root(&self.tag).map_err(|e| EngineError::Failed(e.to_string()))?;
+            host.net
+                .cleanup_root(&self.tag)
+                .map_err(|e| EngineError::Failed(e.to_string()))?;
             let t = moat_core::naming::nft_table(&self.tag);
             state.forget("nft-table", &t).map_err(state_err)?;
+            let _ = std::fs::remove_file(self.applied_rules_path());
             destroyed.push(format!("nftables tables {t}"));
         }
         Ok(DestroyReport { destroyed })
@@ -302,7 +347,8 @@ impl Engine {
     /// Start one declared machine (creating it if needed).
     pub fn start_machine(&self, project: &Path, name: &str) -> Result<()> {
         let checked = self.check(project)?;
-        let spec = machine_spec(&checked.resolved, name).ok_or_else(|| EngineError::NoSuchMachine(name.into()))?;
+        let spec = machine_spec(&checked.resolved, name)
+            .ok_or_else(|| EngineError::NoSuchMachine(name.into()))?;
         let host = self.host()?;
         let d = host.driver(&spec.machine.driver)?;
         d.create(&host.ctx, &spec)?;
@@ -368,7 +414,11 @@ impl fmt::Display for NetworkStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "nftables {}: {}", self.table, self.firewall)?;
         writeln!(f)?;
-        writeln!(f, "{:<10} {:<15} {:<17} {:<15} {:<6} PORTS", "DOMAIN", "BRIDGE", "SUBNET", "GATEWAY", "STATE")?;
+        writeln!(
+            f,
+            "{:<10} {:<15} {:<17} {:<15} {:<6} PORTS",
+            "DOMAIN", "BRIDGE", "SUBNET", "GATEWAY", "STATE"
+        )?;
         for b in &self.bridges {
             let ports: Vec<String> = b
                 .ports
@@ -386,7 +436,11 @@ impl fmt::Display for NetworkStatus {
                 b.subnet,
                 b.gateway,
                 if b.up { "up" } else { "absent" },
-                if ports.is_empty() { "-".into() } else { ports.join(" ") }
+                if ports.is_empty() {
+                    "-".into()
+                } else {
+                    ports.join(" ")
+                }
             )?;
         }
         if !self.counters.is_empty() {
@@ -413,8 +467,11 @@ impl Engine {
             Some(_) => "applied, differs from the project (run moat apply)".to_string(),
         };
         let r = &checked.resolved;
-        let owner: std::collections::BTreeMap<&str, &str> =
-            r.nics.values().map(|n| (n.host_if.as_str(), n.machine.as_str())).collect();
+        let owner: std::collections::BTreeMap<&str, &str> = r
+            .nics
+            .values()
+            .map(|n| (n.host_if.as_str(), n.machine.as_str()))
+            .collect();
         let bridges = r
             .networks
             .values()
@@ -432,6 +489,11 @@ impl Engine {
             })
             .collect();
         let counters = host.net.counters(&self.tag).map_err(fail)?;
-        Ok(NetworkStatus { table: want.table, firewall, bridges, counters })
+        Ok(NetworkStatus {
+            table: want.table,
+            firewall,
+            bridges,
+            counters,
+        })
     }
 }
