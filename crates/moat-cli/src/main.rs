@@ -3,6 +3,7 @@
 //! everything is readable without colour.
 
 mod cli;
+mod image;
 mod init;
 mod output;
 mod run;

@@ -27,6 +27,8 @@ pub enum CliError {
     #[error("`moat {0}` is not available yet in this version")]
     NotYet(&'static str),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     Other(String),
 }
 
@@ -40,6 +42,7 @@ impl CliError {
                 moat_engine::ErrorKind::NotFound => exit::NOT_FOUND,
                 moat_engine::ErrorKind::Failed => exit::FAILED,
             },
+            CliError::NotFound(_) => exit::NOT_FOUND,
             _ => exit::FAILED,
         }
     }
@@ -267,7 +270,7 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
         Command::Run(_) => Err(CliError::NotYet("run")),
         Command::Clone(_) => Err(CliError::NotYet("clone")),
         Command::Snapshot(_) => Err(CliError::NotYet("snapshot")),
-        Command::Image(_) => Err(CliError::NotYet("image")),
+        Command::Image(cmd) => crate::image::run(cli, out, cmd),
         Command::Completions { .. } | Command::Man => Ok(exit::OK),
     }
 }
