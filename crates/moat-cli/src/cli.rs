@@ -196,8 +196,8 @@ pub struct ExecArgs {
 pub struct LogsArgs {
     /// Machine full name (`<domain>-<machine>`)
     pub machine: String,
-    /// Keep printing new output
-    #[arg(short, long)]
+    /// Keep printing new output (-F: -f is the global --file)
+    #[arg(short = 'F', long)]
     pub follow: bool,
     /// Only the last N lines
     #[arg(short = 'n', long)]
@@ -303,4 +303,13 @@ pub enum NetworkCmd {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -23,7 +23,7 @@ pub enum CliError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Engine(#[from] moat_engine::EngineError),
+    Engine(moat_engine::EngineError),
     #[error("`moat {0}` is not available yet in this version")]
     NotYet(&'static str),
     #[error("{0}")]
@@ -56,6 +56,15 @@ impl CliError {
             CliError::Exists(_) => Some("pass --force to overwrite it".into()),
             CliError::Engine(e) => e.hint(),
             _ => None,
+        }
+    }
+}
+
+impl From<moat_engine::EngineError> for CliError {
+    fn from(e: moat_engine::EngineError) -> Self {
+        match e {
+            moat_engine::EngineError::Invalid(d) => CliError::Invalid(d),
+            other => CliError::Engine(other),
         }
     }
 }
