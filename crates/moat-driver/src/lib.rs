@@ -7,6 +7,8 @@
 //! Drivers are the source of truth for observed machine state: `observe`
 //! re-reads the host every time.
 
+pub mod native;
+
 use moat_core::model::{Machine, MachineType, ResolvedNic};
 use moat_core::observed::{Limits, ObservedMachine};
 use std::path::PathBuf;
@@ -50,7 +52,10 @@ pub struct BridgeInfo {
 pub enum Probe {
     Available,
     /// Why not, and what to do about it.
-    Unavailable { reason: String, hint: String },
+    Unavailable {
+        reason: String,
+        hint: String,
+    },
 }
 
 /// Optional features a driver may offer.

@@ -355,8 +355,20 @@ pub fn launch(
 }
 
 /// Lets a container launched with `wait_for_start` run.
+/// Returns once the supervisor has started it (or it failed).
 pub fn start(dir: &MachineDir) -> Result<(), RuntimeError> {
-    dir.request("start").map(|_| ())
+    dir.request("start")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Some(s) = dir.read_status() {
+        if s.phase != Phase::Created || !sys::alive(s.supervisor_pid, s.supervisor_start) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(dir.err("the container did not start within 30 s"));
+        }
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    Ok(())
 }
 
 /// Asks PID 1 to stop (SIGRTMIN+3 for systemd, SIGTERM otherwise, or the

@@ -1,0 +1,440 @@
+//! The `native` driver: moat's built-in container runtime (crate
+//! `moat-runtime`), one supervisor process per running machine.
+//!
+//! Per-machine state lives in `<root>/machines/<full_name>/`: the runtime's
+//! files (supervisor.json, status.json, logs/) plus `native.json` (spec hash,
+//! id-range number). The root file system comes from a [`RootfsProvider`]
+//! (the image store plugs in there); NICs are attached by an optional
+//! [`NetworkAttacher`] between create and start, when the container's network
+//! namespace exists but its init has not run yet.
+
+use crate::{Capabilities, Ctx, Driver, DriverError, ExecOutput, MachineSpec, Probe, Result};
+use moat_core::model::{Machine, MachineType, NetworkMode};
+use moat_core::observed::{Limits, MachineState as ObsState, ObservedMachine};
+use moat_runtime::machine::{self, MachineDir, MachineState};
+use moat_runtime::{
+    BindMount, ContainerKind, ContainerSpec, IdRange, NetworkSpec, ResourceLimits, SupervisorConfig,
+};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// An image's run settings (OCI config subset).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageConfig {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    pub env: Vec<String>,
+    pub workdir: Option<String>,
+    /// uid:gid inside.
+    pub user: Option<(u32, u32)>,
+}
+
+/// A root file system ready for one machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedRootfs {
+    /// Folder (possibly an overlay mount point) the container runs in.
+    pub path: PathBuf,
+    pub config: ImageConfig,
+    /// Run the image's init as PID 1 (system container) rather than its entrypoint.
+    pub system: bool,
+}
+
+/// Supplies root file systems (the image store implements this).
+pub trait RootfsProvider: Send + Sync {
+    /// Prepares (or finds, if already prepared) the machine's root file system.
+    fn prepare(&self, ctx: &Ctx, machine: &Machine) -> std::result::Result<PreparedRootfs, String>;
+    /// Releases it (unmount, remove the writable layer). Missing is not an error.
+    fn release(&self, ctx: &Ctx, full_name: &str) -> std::result::Result<(), String>;
+}
+
+/// Attaches a machine's NIC inside the network namespace of `pid`.
+pub trait NetworkAttacher: Send + Sync {
+    fn attach(&self, ctx: &Ctx, spec: &MachineSpec, pid: i32) -> std::result::Result<(), String>;
+}
+
+/// A provider for tests and simple setups: each machine's rootfs is a
+/// folder `<base>/<full_name>` that already exists.
+pub struct FolderRootfs {
+    pub base: PathBuf,
+    pub system: bool,
+}
+
+impl RootfsProvider for FolderRootfs {
+    fn prepare(
+        &self,
+        _ctx: &Ctx,
+        machine: &Machine,
+    ) -> std::result::Result<PreparedRootfs, String> {
+        let path = self.base.join(&machine.full_name);
+        if !path.is_dir() {
+            return Err(format!("{} is not a folder", path.display()));
+        }
+        Ok(PreparedRootfs {
+            path,
+            config: ImageConfig::default(),
+            system: self.system,
+        })
+    }
+    fn release(&self, _ctx: &Ctx, _full_name: &str) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What the driver records next to the runtime's files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct NativeRecord {
+    spec_hash: String,
+    id_number: u32,
+    /// The machine has a NIC to attach at start.
+    nic: bool,
+}
+
+pub struct NativeDriver {
+    rootfs: Arc<dyn RootfsProvider>,
+    network: Option<Arc<dyn NetworkAttacher>>,
+    supervisor: Option<PathBuf>,
+    /// Specs of machines created by this process, for attaching NICs at start.
+    specs: Mutex<std::collections::BTreeMap<String, MachineSpec>>,
+    stop_timeout: Duration,
+}
+
+impl NativeDriver {
+    pub fn new(rootfs: Arc<dyn RootfsProvider>) -> Self {
+        NativeDriver {
+            rootfs,
+            network: None,
+            supervisor: None,
+            specs: Mutex::new(Default::default()),
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn with_network(mut self, attacher: Arc<dyn NetworkAttacher>) -> Self {
+        self.network = Some(attacher);
+        self
+    }
+
+    /// Path of `moat-supervisor` (default: [`machine::find_supervisor`]).
+    pub fn with_supervisor(mut self, path: PathBuf) -> Self {
+        self.supervisor = Some(path);
+        self
+    }
+
+    pub fn machine_dir(ctx: &Ctx, full_name: &str) -> MachineDir {
+        MachineDir::new(ctx.root.join("machines").join(full_name))
+    }
+
+    fn failed(machine: &str, message: impl Into<String>) -> DriverError {
+        DriverError::Failed {
+            machine: machine.into(),
+            message: message.into(),
+        }
+    }
+
+    fn rt(machine: &str) -> impl Fn(moat_runtime::RuntimeError) -> DriverError + '_ {
+        move |e| Self::failed(machine, e.to_string())
+    }
+
+    fn supervisor_path(&self, machine: &str) -> Result<PathBuf> {
+        match &self.supervisor {
+            Some(p) => Ok(p.clone()),
+            None => machine::find_supervisor().map_err(Self::rt(machine)),
+        }
+    }
+
+    fn read_record(dir: &MachineDir) -> Option<NativeRecord> {
+        serde_json::from_slice(&fs::read(dir.dir.join("native.json")).ok()?).ok()
+    }
+
+    /// Lowest id-range number not used by another machine of this root.
+    fn allocate_id_number(ctx: &Ctx, full_name: &str) -> u32 {
+        let mut used = std::collections::BTreeSet::new();
+        if let Ok(rd) = fs::read_dir(ctx.root.join("machines")) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy() == full_name {
+                    continue;
+                }
+                if let Some(r) = Self::read_record(&MachineDir::new(e.path())) {
+                    used.insert(r.id_number);
+                }
+            }
+        }
+        (1..).find(|n| !used.contains(n)).unwrap_or(1)
+    }
+
+    fn container_spec(
+        &self,
+        spec: &MachineSpec,
+        rootfs: &PreparedRootfs,
+        id_number: u32,
+    ) -> Result<ContainerSpec> {
+        let m = &spec.machine;
+        let args = match (&m.command, rootfs.system) {
+            (Some(cmd), _) => cmd.clone(),
+            (None, true) => vec![],
+            (None, false) => {
+                let mut a = rootfs.config.entrypoint.clone();
+                a.extend(rootfs.config.cmd.iter().cloned());
+                if a.is_empty() {
+                    return Err(Self::failed(
+                        &m.full_name,
+                        "the image has no entrypoint or cmd; set `command:` on the machine",
+                    ));
+                }
+                a
+            }
+        };
+        let kind = if m.command.is_none() && rootfs.system {
+            ContainerKind::System
+        } else {
+            ContainerKind::Application
+        };
+        let mut cs = ContainerSpec::new(&m.full_name, &rootfs.path, args);
+        cs.kind = kind;
+        cs.env = rootfs.config.env.clone();
+        cs.cwd = rootfs.config.workdir.clone().unwrap_or_else(|| "/".into());
+        cs.user = rootfs.config.user.unwrap_or((0, 0));
+        cs.hostname = Some(m.name.clone());
+        cs.limits = ResourceLimits {
+            cpus: m.cpus,
+            memory: m.memory,
+            pids: m.pids,
+        };
+        cs.idmap = Some(IdRange::for_machine(id_number));
+        cs.privileged = m.privileged;
+        cs.network = match m.network {
+            NetworkMode::Domain => NetworkSpec::Own,
+            NetworkMode::Host => NetworkSpec::Host,
+            NetworkMode::None => NetworkSpec::None,
+        };
+        for mnt in &m.mounts {
+            let source = PathBuf::from(&mnt.source);
+            if !source.is_absolute() {
+                return Err(Self::failed(
+                    &m.full_name,
+                    format!("mount source '{}' must be absolute here (the loader resolves project-relative paths)", mnt.source),
+                ));
+            }
+            cs.mounts.push(BindMount {
+                source,
+                target: mnt.target.clone(),
+                readonly: mnt.readonly,
+            });
+        }
+        let mut hosts = format!("127.0.0.1 localhost\n::1 localhost\n127.0.1.1 {}\n", m.name);
+        for (name, ip) in &spec.hosts {
+            hosts.push_str(&format!("{ip} {name}\n"));
+        }
+        cs.etc_hosts = Some(hosts);
+        if let Some(b) = &spec.bridge {
+            cs.resolv_conf = Some(format!("nameserver {}\n", b.gateway));
+        }
+        Ok(cs)
+    }
+}
+
+impl Driver for NativeDriver {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn probe(&self, _ctx: &Ctx) -> Probe {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Probe::Unavailable {
+                reason: "the native runtime needs root".into(),
+                hint: "run moat as root (or use the incus driver)".into(),
+            };
+        }
+        if !Path::new("/proc/self/ns/user").exists() {
+            return Probe::Unavailable {
+                reason: "the kernel has no user namespaces".into(),
+                hint: "enable CONFIG_USER_NS".into(),
+            };
+        }
+        if let Err(e) = self.supervisor_path("probe") {
+            return Probe::Unavailable {
+                reason: e.to_string(),
+                hint: "install moat-supervisor next to moat or set MOAT_SUPERVISOR".into(),
+            };
+        }
+        Probe::Available
+    }
+
+    fn supports(&self, kind: MachineType) -> bool {
+        kind == MachineType::Container
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            exec: true,
+            ..Capabilities::default()
+        }
+    }
+
+    fn list(&self, ctx: &Ctx) -> Result<Vec<ObservedMachine>> {
+        let mut out = Vec::new();
+        let Ok(rd) = fs::read_dir(ctx.root.join("machines")) else {
+            return Ok(out);
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(m) = self.observe(ctx, &name)? {
+                out.push(m);
+            }
+        }
+        out.sort_by(|a, b| a.full_name.cmp(&b.full_name));
+        Ok(out)
+    }
+
+    fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>> {
+        let dir = Self::machine_dir(ctx, full_name);
+        let Some(rec) = Self::read_record(&dir) else {
+            return Ok(None);
+        };
+        let limits = dir
+            .read_config()
+            .map(|c| Limits {
+                cpus: c.container.limits.cpus,
+                memory: c.container.limits.memory,
+                pids: c.container.limits.pids,
+            })
+            .unwrap_or_default();
+        let state = match dir.state() {
+            MachineState::Running { .. }
+            | MachineState::Created { .. }
+            | MachineState::Restarting { .. } => ObsState::Running,
+            MachineState::Absent => ObsState::Stopped,
+            MachineState::Stopped { .. } => ObsState::Stopped,
+            MachineState::Crashed { reason } => ObsState::Crashed { reason },
+        };
+        Ok(Some(ObservedMachine {
+            full_name: full_name.into(),
+            driver: "native".into(),
+            state,
+            spec_hash: rec.spec_hash,
+            limits,
+        }))
+    }
+
+    fn create(&self, ctx: &Ctx, spec: &MachineSpec) -> Result<()> {
+        let name = &spec.machine.full_name;
+        let dir = Self::machine_dir(ctx, name);
+        if let Some(rec) = Self::read_record(&dir) {
+            if rec.spec_hash == spec.spec_hash && dir.config_path().exists() {
+                self.specs
+                    .lock()
+                    .map_err(|_| Self::failed(name, "driver state poisoned"))?
+                    .insert(name.clone(), spec.clone());
+                return Ok(());
+            }
+        }
+        fs::create_dir_all(&dir.dir).map_err(|e| DriverError::Io {
+            machine: name.clone(),
+            source: e,
+        })?;
+        let id_number = Self::read_record(&dir)
+            .map(|r| r.id_number)
+            .unwrap_or_else(|| Self::allocate_id_number(ctx, name));
+        let rootfs = self
+            .rootfs
+            .prepare(ctx, &spec.machine)
+            .map_err(|e| Self::failed(name, format!("preparing the root file system: {e}")))?;
+        let cs = self.container_spec(spec, &rootfs, id_number)?;
+        let mut cfg = SupervisorConfig::new(cs);
+        cfg.restart = spec.machine.restart;
+        cfg.stop_timeout_ms = self.stop_timeout.as_millis() as u64;
+        cfg.wait_for_start = spec.nic.is_some() && self.network.is_some();
+        let text =
+            serde_json::to_vec_pretty(&cfg).map_err(|e| Self::failed(name, e.to_string()))?;
+        fs::write(dir.config_path(), text).map_err(|e| DriverError::Io {
+            machine: name.clone(),
+            source: e,
+        })?;
+        let rec = NativeRecord {
+            spec_hash: spec.spec_hash.clone(),
+            id_number,
+            nic: spec.nic.is_some(),
+        };
+        let text =
+            serde_json::to_vec_pretty(&rec).map_err(|e| Self::failed(name, e.to_string()))?;
+        fs::write(dir.dir.join("native.json"), text).map_err(|e| DriverError::Io {
+            machine: name.clone(),
+            source: e,
+        })?;
+        self.specs
+            .lock()
+            .map_err(|_| Self::failed(name, "driver state poisoned"))?
+            .insert(name.clone(), spec.clone());
+        Ok(())
+    }
+
+    fn start(&self, ctx: &Ctx, full_name: &str) -> Result<()> {
+        let dir = Self::machine_dir(ctx, full_name);
+        if Self::read_record(&dir).is_none() {
+            return Err(DriverError::NoSuchMachine {
+                machine: full_name.into(),
+            });
+        }
+        match dir.state() {
+            MachineState::Running { .. } | MachineState::Restarting { .. } => return Ok(()),
+            MachineState::Crashed { .. } => {
+                machine::cleanup_dead(&dir).map_err(Self::rt(full_name))?
+            }
+            _ => {}
+        }
+        let cfg = dir.read_config().map_err(Self::rt(full_name))?;
+        let sup = self.supervisor_path(full_name)?;
+        let st = machine::launch(&dir, &cfg, &sup).map_err(Self::rt(full_name))?;
+        if let MachineState::Created { pid } = st {
+            let spec = self
+                .specs
+                .lock()
+                .map_err(|_| Self::failed(full_name, "driver state poisoned"))?
+                .get(full_name)
+                .cloned();
+            if let (Some(net), Some(spec)) = (&self.network, spec) {
+                if let Err(e) = net.attach(ctx, &spec, pid) {
+                    let _ = machine::stop(&dir, Duration::from_secs(1));
+                    return Err(Self::failed(full_name, format!("attaching the NIC: {e}")));
+                }
+            }
+            machine::start(&dir).map_err(Self::rt(full_name))?;
+        }
+        match dir.state() {
+            MachineState::Crashed { reason } => Err(Self::failed(full_name, reason)),
+            _ => Ok(()),
+        }
+    }
+
+    fn stop(&self, ctx: &Ctx, full_name: &str, timeout: Duration) -> Result<()> {
+        let dir = Self::machine_dir(ctx, full_name);
+        machine::stop(&dir, timeout).map_err(Self::rt(full_name))?;
+        machine::cleanup_dead(&dir).map_err(Self::rt(full_name))
+    }
+
+    fn destroy(&self, ctx: &Ctx, full_name: &str) -> Result<()> {
+        let dir = Self::machine_dir(ctx, full_name);
+        machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
+        self.rootfs
+            .release(ctx, full_name)
+            .map_err(|e| Self::failed(full_name, format!("releasing the root file system: {e}")))?;
+        if let Ok(mut s) = self.specs.lock() {
+            s.remove(full_name);
+        }
+        Ok(())
+    }
+
+    fn exec(&self, ctx: &Ctx, full_name: &str, argv: &[String]) -> Result<ExecOutput> {
+        let dir = Self::machine_dir(ctx, full_name);
+        let r = machine::exec(&dir, argv).map_err(Self::rt(full_name))?;
+        Ok(ExecOutput {
+            status: r.status,
+            stdout: r.stdout,
+            stderr: r.stderr,
+        })
+    }
+}

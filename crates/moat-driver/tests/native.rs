@@ -1,0 +1,174 @@
+//! The native driver on real containers (root only; skips otherwise):
+//! create → start (with a fake NIC attacher seeing the netns) → observe →
+//! exec → stop → destroy, with the rootfs from a folder provider.
+
+use moat_core::model::{Machine, MachineType, NetworkMode, RestartPolicy};
+use moat_core::observed::MachineState;
+use moat_driver::native::{FolderRootfs, NativeDriver, NetworkAttacher};
+use moat_driver::{Ctx, Driver, MachineSpec, Probe};
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct RecordingAttacher(Mutex<Vec<(String, i32)>>);
+
+impl NetworkAttacher for RecordingAttacher {
+    fn attach(&self, _ctx: &Ctx, spec: &MachineSpec, pid: i32) -> Result<(), String> {
+        if !Path::new(&format!("/proc/{pid}/ns/net")).exists() {
+            return Err("no netns".into());
+        }
+        self.0
+            .lock()
+            .map_err(|e| e.to_string())?
+            .push((spec.machine.full_name.clone(), pid));
+        Ok(())
+    }
+}
+
+fn machine(full_name: &str, command: Option<Vec<String>>) -> Machine {
+    Machine {
+        name: "m".into(),
+        full_name: full_name.into(),
+        domain: "d".into(),
+        description: String::new(),
+        kind: MachineType::Container,
+        image: "busybox".into(),
+        driver: "native".into(),
+        cpus: Some(1),
+        memory: Some(64 << 20),
+        disk: None,
+        pids: Some(64),
+        network: NetworkMode::Domain,
+        ip: None,
+        ephemeral: false,
+        disposable: false,
+        privileged: false,
+        gpu: false,
+        profiles: vec![],
+        config: Default::default(),
+        persistent: Default::default(),
+        mounts: vec![],
+        cloud_init: None,
+        roles: vec![],
+        vars: serde_json::Value::Null,
+        weight: 0,
+        restart: RestartPolicy::No,
+        command,
+        loc: None,
+        ip_loc: None,
+    }
+}
+
+#[test]
+fn native_driver_lifecycle() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/bin/busybox").exists() {
+        eprintln!("SKIP: needs root and /bin/busybox");
+        return;
+    }
+    let sup = std::env::var("MOAT_SUPERVISOR").ok().or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        let p = exe.parent()?.parent()?.join("moat-supervisor");
+        p.exists().then(|| p.display().to_string())
+    });
+    let Some(sup) = sup else {
+        eprintln!("SKIP: moat-supervisor not built (cargo build -p moat-runtime) and MOAT_SUPERVISOR unset");
+        return;
+    };
+    let tmp = tempfile::Builder::new()
+        .prefix("moat-native-")
+        .tempdir()
+        .expect("tempdir");
+    let full = format!("d-nat{}", std::process::id());
+    let rootfs = tmp.path().join("rootfs").join(&full);
+    std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    assert!(Command::new("chroot")
+        .arg(&rootfs)
+        .args(["/bin/busybox", "--install", "-s", "/bin"])
+        .status()
+        .expect("chroot")
+        .success());
+    use std::os::unix::fs::PermissionsExt;
+    for p in [
+        tmp.path().to_path_buf(),
+        tmp.path().join("rootfs"),
+        rootfs.clone(),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let ctx = Ctx {
+        root: tmp.path().join("root"),
+        run_dir: tmp.path().join("run"),
+        root_tag: "t".into(),
+    };
+    let attacher = Arc::new(RecordingAttacher(Mutex::new(vec![])));
+    let driver = NativeDriver::new(Arc::new(FolderRootfs {
+        base: tmp.path().join("rootfs"),
+        system: false,
+    }))
+    .with_network(attacher.clone())
+    .with_supervisor(sup.into());
+    assert_eq!(driver.probe(&ctx), Probe::Available);
+
+    let spec = MachineSpec {
+        machine: machine(&full, Some(vec!["/bin/sleep".into(), "1000".into()])),
+        nic: Some(moat_core::model::ResolvedNic {
+            machine: full.clone(),
+            ip: "10.200.0.2".parse().expect("ip"),
+            mac: [2, 0, 0, 0, 0, 2],
+            host_if: "vx".into(),
+        }),
+        bridge: None,
+        spec_hash: "h1".into(),
+        hosts: vec![("peer".into(), "10.200.0.3".parse().expect("ip"))],
+    };
+    struct Cleanup<'a>(&'a NativeDriver, &'a Ctx, &'a str);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.destroy(self.1, self.2);
+        }
+    }
+    let _cleanup = Cleanup(&driver, &ctx, &full);
+    driver.create(&ctx, &spec).expect("create");
+    driver.create(&ctx, &spec).expect("create again is a no-op");
+    driver.start(&ctx, &full).expect("start");
+    assert_eq!(
+        attacher.0.lock().expect("lock").len(),
+        1,
+        "NIC attached once"
+    );
+    let obs = driver
+        .observe(&ctx, &full)
+        .expect("observe")
+        .expect("exists");
+    assert_eq!(obs.state, MachineState::Running);
+    assert_eq!(obs.spec_hash, "h1");
+    assert_eq!(obs.limits.memory, Some(64 << 20));
+    let out = driver
+        .exec(
+            &ctx,
+            &full,
+            &[
+                "/bin/sh".into(),
+                "-c".into(),
+                "grep peer /etc/hosts; exit 4".into(),
+            ],
+        )
+        .expect("exec");
+    assert_eq!(out.status, 4);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("10.200.0.3"));
+    driver
+        .stop(&ctx, &full, Duration::from_millis(200))
+        .expect("stop");
+    let obs = driver
+        .observe(&ctx, &full)
+        .expect("observe")
+        .expect("exists");
+    assert_eq!(obs.state, MachineState::Stopped);
+    assert_eq!(driver.list(&ctx).expect("list").len(), 1);
+    driver.destroy(&ctx, &full).expect("destroy");
+    assert!(driver.observe(&ctx, &full).expect("observe").is_none());
+    assert!(!ctx.root.join("machines").join(&full).exists());
+}
