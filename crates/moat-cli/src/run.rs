@@ -276,7 +276,31 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Shell(_) => Err(CliError::NotYet("shell")),
-        Command::Run(_) => Err(CliError::NotYet("run")),
+        Command::Run(a) => {
+            if a.domain.is_some() {
+                return Err(CliError::NotYet("run --domain"));
+            }
+            if a.tty {
+                return Err(CliError::NotYet("run -t (interactive)"));
+            }
+            let mut eng = engine(cli)?;
+            let opts = moat_engine::RunOpts {
+                image: a.image.clone(),
+                name: a.name.clone(),
+                command: a.command.clone(),
+                rm: a.rm,
+                detach: a.detach,
+                ..Default::default()
+            };
+            let r = eng.run(&opts, &Progress { out, quiet: false })?;
+            match r.status {
+                None => {
+                    out.data(&r.name);
+                    Ok(exit::OK)
+                }
+                Some(code) => Ok(code.clamp(0, 255) as u8),
+            }
+        }
         Command::Clone(_) => Err(CliError::NotYet("clone")),
         Command::Snapshot(_) => Err(CliError::NotYet("snapshot")),
         Command::Image(cmd) => crate::image::run(cli, out, cmd),

@@ -78,7 +78,7 @@ impl fmt::Display for ApplyReport {
 }
 
 /// Adapts the engine's progress to the image store's.
-struct ImageProgress<'a>(&'a dyn Progress);
+pub(crate) struct ImageProgress<'a>(pub(crate) &'a dyn Progress);
 impl moat_image::Progress for ImageProgress<'_> {
     fn step(&self, message: &str) {
         self.0.event(&format!("    {message}"));
@@ -153,7 +153,7 @@ impl Engine {
 
         let host = self.host()?;
         let desired = self.desired(&checked, Some(&state))?;
-        let observed = self.observe(&host)?;
+        let observed = self.observe_managed(&host)?;
         let plan = moat_core::plan::plan(
             &desired,
             &observed,

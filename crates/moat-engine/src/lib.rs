@@ -12,9 +12,11 @@
 
 mod apply;
 mod host;
+mod run;
 mod status;
 
 pub use apply::ApplyReport;
+pub use run::{RunOpts, RunOutcome};
 pub use status::{DestroyReport, NetworkStatus, Status};
 
 use moat_core::address::Allocated;
@@ -291,6 +293,16 @@ impl Engine {
         })
     }
 
+    /// What the host shows, less the ad-hoc machines (`moat run`, clones):
+    /// those are not the project's, so plans never list or prune them.
+    fn observe_managed(&self, host: &host::Host) -> Result<moat_core::observed::Observed> {
+        let mut o = self.observe(host)?;
+        for name in self.adhoc_machines()? {
+            o.machines.remove(&name);
+        }
+        Ok(o)
+    }
+
     fn desired(
         &self,
         checked: &Checked,
@@ -328,7 +340,7 @@ impl Engine {
             None
         };
         let desired = self.desired(checked, state.as_ref())?;
-        let observed = self.observe(&host)?;
+        let observed = self.observe_managed(&host)?;
         let plan = moat_core::plan::plan(
             &desired,
             &observed,

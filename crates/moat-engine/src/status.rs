@@ -312,6 +312,7 @@ impl Engine {
             progress.event(&format!("==> destroy machine {m}"));
             host.driver(&o.driver)?.destroy(&host.ctx, m)?;
             state.forget("machine", m).map_err(state_err)?;
+            state.forget(crate::run::ADHOC, m).map_err(state_err)?;
             destroyed.push(format!("machine {m}"));
         }
         let nets: Vec<_> = match target {

@@ -1,0 +1,221 @@
+//! `moat run`: a docker-like ad-hoc machine from an image. It is not part of
+//! the project: the state store records it as `adhoc`, so plans neither list it
+//! as an orphan nor prune it. Foreground runs stream the machine's output and
+//! return its exit status; `--rm` destroys it afterwards.
+
+use crate::{state_err, Engine, EngineError, Progress, Result};
+use moat_core::model::{Machine, MachineType, NetworkMode, RestartPolicy};
+use moat_driver::MachineSpec;
+use moat_runtime::machine::{MachineDir, MachineState};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Default)]
+pub struct RunOpts {
+    pub image: String,
+    pub name: Option<String>,
+    pub command: Vec<String>,
+    pub rm: bool,
+    pub detach: bool,
+    pub cpus: Option<u32>,
+    pub memory: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub name: String,
+    /// The workload's exit status (foreground runs); 128+N for a signal N.
+    pub status: Option<i32>,
+}
+
+/// Ad-hoc machines (run, clone) are recorded under this resource kind.
+pub(crate) const ADHOC: &str = "adhoc";
+
+fn random_suffix() -> String {
+    let mut b = [0u8; 3];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    hex::encode(b)
+}
+
+/// Copies what was appended to `path` since `pos` to `out`.
+fn pump(path: &std::path::Path, pos: &mut u64, out: &mut dyn Write) {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return;
+    };
+    if f.seek(SeekFrom::Start(*pos)).is_err() {
+        return;
+    }
+    let mut buf = Vec::new();
+    if f.read_to_end(&mut buf).is_ok() && !buf.is_empty() {
+        *pos += buf.len() as u64;
+        let _ = out.write_all(&buf);
+        let _ = out.flush();
+    }
+}
+
+impl Engine {
+    pub fn run(&mut self, opts: &RunOpts, progress: &dyn Progress) -> Result<RunOutcome> {
+        let host = self.host()?;
+        // The image: one already in the store, else a built-in source.
+        let image = match host
+            .images
+            .get(&opts.image)
+            .map_err(|e| EngineError::Failed(e.to_string()))?
+        {
+            Some(i) => i,
+            None => {
+                let src = moat_core::load::builtin_image(&opts.image).ok_or_else(|| {
+                    EngineError::Failed(format!(
+                        "no image '{}' in the store, and it is not a source moat can build; \
+                         `moat image ls` lists images, `moat image import` adds one",
+                        opts.image
+                    ))
+                })?;
+                progress.event(&format!("==> ensure image {}", opts.image));
+                host.images
+                    .ensure(&opts.image, &src, &crate::apply::ImageProgress(progress))
+                    .map_err(|e| EngineError::Failed(e.to_string()))?
+            }
+        };
+        let name = opts
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("run-{}", random_suffix()));
+        if let Some(why) =
+            moat_core::naming::check_dns_label(&name, moat_core::naming::MAX_FULL_NAME_LEN)
+        {
+            return Err(EngineError::Failed(format!("machine name '{name}' {why}")));
+        }
+        let d = host.driver("native")?;
+        if d.observe(&host.ctx, &name)?.is_some() {
+            return Err(EngineError::Failed(format!(
+                "a machine named '{name}' exists; pick another --name or `moat destroy {name}`"
+            )));
+        }
+        let command = if opts.command.is_empty() {
+            let mut c = image.config.entrypoint.clone();
+            c.extend(image.config.cmd.iter().cloned());
+            if c.is_empty() {
+                return Err(EngineError::Failed(format!(
+                    "image '{}' has no entrypoint or cmd; give a command after --",
+                    opts.image
+                )));
+            }
+            c
+        } else {
+            opts.command.clone()
+        };
+        let machine = Machine {
+            name: name.clone(),
+            full_name: name.clone(),
+            domain: String::new(),
+            description: format!("moat run {}", opts.image),
+            kind: MachineType::Container,
+            image: image.name.clone(),
+            driver: "native".into(),
+            cpus: opts.cpus,
+            memory: opts.memory,
+            disk: None,
+            pids: None,
+            network: NetworkMode::None,
+            ip: None,
+            ip_loc: None,
+            ephemeral: true,
+            disposable: opts.rm,
+            privileged: false,
+            gpu: false,
+            profiles: vec![],
+            config: Default::default(),
+            persistent: Default::default(),
+            mounts: vec![],
+            cloud_init: None,
+            roles: vec![],
+            vars: serde_json::Value::Null,
+            weight: 1,
+            restart: RestartPolicy::No,
+            command: Some(command),
+            loc: None,
+        };
+        let spec = MachineSpec {
+            spec_hash: moat_core::spec::spec_hash(&machine, None),
+            machine,
+            nic: None,
+            bridge: None,
+            hosts: vec![],
+        };
+        let state = self.state()?;
+        state
+            .intend(ADHOC, &name, None, Some(&name))
+            .map_err(state_err)?;
+        d.create(&host.ctx, &spec)?;
+        state.mark_done(ADHOC, &name).map_err(state_err)?;
+        d.start(&host.ctx, &name)?;
+        if opts.detach {
+            return Ok(RunOutcome { name, status: None });
+        }
+        let dir = MachineDir::new(host.ctx.root.join("machines").join(&name));
+        let (mut out_pos, mut err_pos) = (0u64, 0u64);
+        let mut stdout = std::io::stdout();
+        let mut stderr = std::io::stderr();
+        let mut sleep = Duration::from_micros(500);
+        let t0 = Instant::now();
+        let status = loop {
+            pump(&dir.stdout_log(), &mut out_pos, &mut stdout);
+            pump(&dir.stderr_log(), &mut err_pos, &mut stderr);
+            match dir.state() {
+                MachineState::Stopped {
+                    exit_code,
+                    exit_signal,
+                } => {
+                    break exit_code.or(exit_signal.map(|s| 128 + s)).unwrap_or(0);
+                }
+                MachineState::Crashed { reason } => {
+                    let st = dir.read_status();
+                    match st.and_then(|s| s.exit_code.or(s.exit_signal.map(|x| 128 + x))) {
+                        Some(code) => break code,
+                        None => {
+                            if opts.rm {
+                                let _ = d.destroy(&host.ctx, &name);
+                                let _ = state.forget(ADHOC, &name);
+                            }
+                            return Err(EngineError::Failed(format!("{name}: {reason}")));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            std::thread::sleep(sleep);
+            // Short polls at first (fast commands), then back off.
+            if t0.elapsed() > Duration::from_millis(200) {
+                sleep = Duration::from_millis(20);
+            }
+        };
+        pump(&dir.stdout_log(), &mut out_pos, &mut stdout);
+        pump(&dir.stderr_log(), &mut err_pos, &mut stderr);
+        if opts.rm {
+            d.destroy(&host.ctx, &name)?;
+            state.forget(ADHOC, &name).map_err(state_err)?;
+        }
+        Ok(RunOutcome {
+            name,
+            status: Some(status),
+        })
+    }
+
+    /// Names of ad-hoc machines (run, clone) of this root.
+    pub(crate) fn adhoc_machines(&self) -> Result<std::collections::BTreeSet<String>> {
+        if !self.cfg.root.join("state.db").exists() {
+            return Ok(Default::default());
+        }
+        Ok(self
+            .state()?
+            .resources()
+            .map_err(state_err)?
+            .into_iter()
+            .filter(|r| r.kind == ADHOC)
+            .map(|r| r.name)
+            .collect())
+    }
+}
