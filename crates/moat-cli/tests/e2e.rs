@@ -344,7 +344,10 @@ impl Drop for Guard {
         pids.sort_unstable();
         pids.dedup();
         for pid in pids {
-            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
         }
         std::thread::sleep(Duration::from_millis(200));
         let mut ms = mounts_under(&self.root);
@@ -645,7 +648,10 @@ fn drift_is_planned_and_repaired() {
     let (one, three) = (g.m("a", "one"), g.m("b", "three"));
 
     let pid = supervisor_pid(&g.root, &one).expect("supervisor of machine one");
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
     g.ok(&["stop", &three]);
     std::thread::sleep(Duration::from_millis(300));
 
