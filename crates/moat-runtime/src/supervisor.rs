@@ -266,6 +266,7 @@ impl Supervisor {
                 self.status.started_at = Some(now_secs());
                 self.status.message = None;
                 self.set_phase(Phase::Running);
+                sys::trim_resident_memory();
             } else {
                 let _ = self.kill_init(libc::SIGKILL);
             }

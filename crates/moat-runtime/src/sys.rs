@@ -165,3 +165,42 @@ pub fn loopback_up(pid: i32) -> io::Result<()> {
         ))),
     }
 }
+
+/// Drops what an idle supervisor no longer needs resident: free heap is
+/// returned to the kernel, and the PTEs of our own executable's code are
+/// dropped (they fault back in from the page cache when used). Only
+/// read-execute mappings are touched: they are never written, so nothing is
+/// lost; data and RELRO pages are left alone.
+pub fn trim_resident_memory() {
+    // SAFETY: malloc_trim only releases free heap memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    let Ok(exe) = fs::read_link("/proc/self/exe") else {
+        return;
+    };
+    let Ok(maps) = fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    let exe = exe.to_string_lossy();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(perms)) = (f.next(), f.next()) else {
+            continue;
+        };
+        if perms != "r-xp" || f.nth(3) != Some(exe.as_ref()) {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) else {
+            continue;
+        };
+        // SAFETY: a read-execute, never-written private file mapping of our
+        // executable: dropping its pages only causes re-faults from the file.
+        unsafe {
+            libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_DONTNEED);
+        }
+    }
+}
