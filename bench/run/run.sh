@@ -2,6 +2,7 @@
 # `run --rm busybox -- true` through moat's runtime against unshare+chroot,
 # runc, systemd-nspawn and podman, on the same busybox rootfs, in one
 # hyperfine run (medians and ratios), plus one idle supervisor's RSS.
+# podman gets explicit nofile/nproc ulimits: root here lacks CAP_SYS_RESOURCE.
 # Needs root, hyperfine, busybox-static; runc/nspawn/podman are skipped when absent.
 # Build first: cargo build --release -p moat-runtime --examples --bins
 set -euo pipefail
@@ -45,7 +46,7 @@ if command -v systemd-nspawn >/dev/null; then
 fi
 if command -v podman >/dev/null; then
   tar -C "$root" -c . | podman import -q - "$img" >/dev/null
-  cmds+=(-n podman "podman run --rm --runtime runc --ulimit nofile=20000:20000 $img /bin/true")
+  cmds+=(-n podman "podman run --rm --runtime runc --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 $img /bin/true")
 fi
 
 hyperfine -N --warmup 3 --runs "$runs" --export-json "$work/result.json" "${cmds[@]}" >&2 || true
