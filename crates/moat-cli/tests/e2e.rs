@@ -139,6 +139,8 @@ struct Guard {
     tag: String,
     /// Machines whose cgroups the sweep removes besides `<domain><sfx>-*`.
     extra_machines: Vec<String>,
+    /// Network namespace (under /run/netns) every command runs in, if any.
+    netns: Option<String>,
     ip_forward: Option<String>,
 }
 
@@ -161,6 +163,7 @@ impl Guard {
             sfx,
             tag: String::new(),
             extra_machines: Vec::new(),
+            netns: None,
             ip_forward: std::fs::read_to_string(IP_FORWARD).ok(),
         }
     }
@@ -185,7 +188,8 @@ impl Guard {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(moat_bin());
+        let moat = moat_bin();
+        let mut c = in_ns(self.netns.as_deref(), &moat.to_string_lossy());
         c.arg("--root")
             .arg(&self.root)
             .arg("-f")
@@ -292,9 +296,13 @@ impl Guard {
                 .map(|m| format!("mount {m}")),
         );
         if !self.tag.is_empty() {
-            left.extend(links(&self.tag).into_iter().map(|l| format!("link {l}")));
+            left.extend(
+                links(self.netns.as_deref(), &self.tag)
+                    .into_iter()
+                    .map(|l| format!("link {l}")),
+            );
             for fam in ["inet", "bridge"] {
-                if nft_has(fam, &self.tag) {
+                if nft_has(self.netns.as_deref(), fam, &self.tag) {
                     left.push(format!("nft table {fam} moat_{}", self.tag));
                 }
             }
@@ -369,16 +377,21 @@ impl Drop for Guard {
             std::thread::sleep(Duration::from_millis(100));
         }
         if !self.tag.is_empty() {
-            for l in links(&self.tag) {
-                let _ = Command::new("ip").args(["link", "del", &l]).status();
+            for l in links(self.netns.as_deref(), &self.tag) {
+                let _ = in_ns(self.netns.as_deref(), "ip")
+                    .args(["link", "del", &l])
+                    .status();
             }
             for fam in ["inet", "bridge"] {
-                if nft_has(fam, &self.tag) {
-                    let _ = Command::new("nft")
+                if nft_has(self.netns.as_deref(), fam, &self.tag) {
+                    let _ = in_ns(self.netns.as_deref(), "nft")
                         .args(["delete", "table", fam, &format!("moat_{}", self.tag)])
                         .status();
                 }
             }
+        }
+        if let Some(ns) = &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.base);
         if let Some(v) = &self.ip_forward {
@@ -410,8 +423,21 @@ fn mounts_under(root: &Path) -> Vec<String> {
         .collect()
 }
 
-fn links(tag: &str) -> Vec<String> {
-    let out = Command::new("ip")
+/// `prog`, run inside network namespace `ns` (by `nsenter`, which leaves the
+/// mount namespace alone) when given.
+fn in_ns(ns: Option<&str>, prog: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").arg(prog);
+            c
+        }
+        None => Command::new(prog),
+    }
+}
+
+fn links(ns: Option<&str>, tag: &str) -> Vec<String> {
+    let out = in_ns(ns, "ip")
         .args(["-o", "link", "show"])
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -424,8 +450,8 @@ fn links(tag: &str) -> Vec<String> {
         .collect()
 }
 
-fn nft_has(family: &str, tag: &str) -> bool {
-    Command::new("nft")
+fn nft_has(ns: Option<&str>, family: &str, tag: &str) -> bool {
+    in_ns(ns, "nft")
         .args(["list", "table", family, &format!("moat_{tag}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -860,6 +886,21 @@ fn interrupted_apply_converges() {
             "round {round}: SIGKILL after {delay} ms; re-apply exit {}; plan empty {empty}; {running}/10 running",
             o.code
         );
+        // One supervisor per machine, never two.
+        let root = g.root.to_string_lossy().to_string();
+        let mut sups: Vec<String> = pids_mentioning(&root)
+            .into_iter()
+            .filter(|(_, c)| c.contains("moat-supervisor"))
+            .map(|(_, c)| c)
+            .collect();
+        sups.sort();
+        let total = sups.len();
+        sups.dedup();
+        if total != sups.len() {
+            failures.push(format!(
+                "round {round}: two supervisors for one machine: {sups:?}"
+            ));
+        }
         if o.code != 0 || !empty || running != 10 {
             failures.push(format!("round {round} ({delay} ms): {o}\nplan: {plan}"));
         }
@@ -938,27 +979,25 @@ fn anklume_showcase_as_busybox_containers() {
         eprintln!("SKIP: showcase not found at {}", src.display());
         return;
     }
-    // Its subnets are fixed (10.100-10.150): another root using them would clash.
-    let addrs = Command::new("ip")
-        .args(["-4", "-o", "addr"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    if let Some(l) = addrs.lines().find(|l| {
-        [
-            "10.100.0.254",
-            "10.110.0.254",
-            "10.110.1.254",
-            "10.120.0.254",
-            "10.150.0.254",
-        ]
-        .iter()
-        .any(|a| l.contains(&format!(" {a}/")))
-    }) {
-        eprintln!("SKIP: another root already uses the showcase's subnets: {l}");
+    if !have("nsenter") {
+        eprintln!("SKIP: showcase: `nsenter` (util-linux) is missing");
         return;
     }
     let mut g = Guard::new();
+    // Its subnets are fixed (10.100-10.150): run it in a network namespace of
+    // its own so that it never meets the host's or another root's addresses.
+    let ns = format!("me2e-{}", std::process::id());
+    let o = Out::from(
+        Command::new("ip")
+            .args(["netns", "add", &ns])
+            .output()
+            .expect("ip netns add"),
+    );
+    if o.code != 0 {
+        eprintln!("SKIP: showcase: cannot create netns {ns}: {o}");
+        return;
+    }
+    g.netns = Some(ns);
     g.proj = g.base.join("showcase");
     copy_showcase(src, &g.proj).expect("copy showcase");
     let st = g.status();
@@ -989,11 +1028,16 @@ fn anklume_showcase_as_busybox_containers() {
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(subnets, want);
-    let bridges = links(&g.tag)
+    let bridges = links(g.netns.as_deref(), &g.tag)
         .into_iter()
         .filter(|l| l.starts_with("mt"))
         .count();
-    assert_eq!(bridges, 5, "bridges: {:?}", links(&g.tag));
+    assert_eq!(
+        bridges,
+        5,
+        "bridges: {:?}",
+        links(g.netns.as_deref(), &g.tag)
+    );
     let ms = g.machines();
     g.extra_machines = ms.keys().cloned().collect();
     assert_eq!(ms.len(), 20, "{ms:?}");
