@@ -66,7 +66,7 @@ pub const SYSTEM_CAPS: &[&str] = &[
     "CAP_CHECKPOINT_RESTORE",
 ];
 
-/// Every capability, for `privileged: true`.
+/// Every capability, for `privileged: true`; index = capability number.
 pub const ALL_CAPS: &[&str] = &[
     "CAP_CHOWN",
     "CAP_DAC_OVERRIDE",

@@ -212,7 +212,19 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
         (true, ContainerKind::System) => profile::SYSTEM_CAPS,
         (true, ContainerKind::Application) => profile::APP_CAPS,
     };
-    let caps: Vec<&str> = caps.to_vec();
+    let caps: Vec<&str> = if hardened {
+        caps.to_vec()
+    } else {
+        // A privileged container gets what the host may give: root here may
+        // itself lack some (e.g. CAP_SYS_RESOURCE), and asking for it fails.
+        let bounding = crate::sys::bounding_set();
+        profile::ALL_CAPS
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| bounding & (1u64 << bit) != 0)
+            .map(|(_, c)| *c)
+            .collect()
+    };
 
     let mut namespaces = vec![
         json!({"type": "pid"}),
@@ -345,7 +357,6 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
     });
     if !hardened {
         process["capabilities"]["inheritable"] = json!(caps);
-        process["capabilities"]["ambient"] = json!(caps);
     }
 
     Ok(json!({

@@ -204,3 +204,14 @@ pub fn trim_resident_memory() {
         }
     }
 }
+
+/// The calling process's capability bounding set (bit n = capability n).
+pub fn bounding_set() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("CapBnd:"))?.to_string();
+            u64::from_str_radix(line.split_whitespace().nth(1)?, 16).ok()
+        })
+        .unwrap_or(u64::MAX)
+}

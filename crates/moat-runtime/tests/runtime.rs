@@ -349,3 +349,37 @@ fn system_container_runs_busybox_init_and_stops() {
     let out = std::fs::read_to_string(dir.stdout_log()).unwrap_or_default();
     assert!(out.contains("booted"), "stdout: {out}");
 }
+
+#[test]
+fn privileged_container_has_no_user_namespace_nor_seccomp() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("priv");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, vec!["/bin/sleep".into(), "1000".into()]);
+    spec.privileged = true;
+    spec.idmap = None;
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec.clone());
+    cfg.stop_timeout_ms = 200;
+    machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    let (_, out, _) = exec_ok(
+        &dir,
+        "cat /proc/self/uid_map; grep -E '^(Seccomp|CapEff):' /proc/self/status",
+    );
+    assert!(
+        out.contains("4294967295") && out.contains("Seccomp:\t0"),
+        "{out}"
+    );
+    assert!(!out.contains("a80425fb"), "{out}");
+    // defense in depth: refused for untrusted domains
+    spec.untrusted_domain = true;
+    assert!(machine::launch(
+        &MachineDir::new(fx.tmp.path().join("m2")),
+        &SupervisorConfig::new(spec),
+        &supervisor()
+    )
+    .is_err());
+}
