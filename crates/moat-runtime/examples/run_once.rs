@@ -69,6 +69,8 @@ fn main() {
         };
         let created = container::create(&spec, &paths, stdio).unwrap_or_else(|e| {
             eprintln!("{e}");
+            let _ = container::delete(&name, &paths.state_root, true);
+            let _ = std::fs::remove_dir_all(&work);
             std::process::exit(1)
         });
         if let Err(e) = container::start(&name, &paths.state_root) {

@@ -477,7 +477,16 @@ pub fn destroy(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> 
     if !dir.dir.exists() {
         return Ok(());
     }
-    stop(dir, timeout)?;
+    if let Err(e) = stop(dir, timeout) {
+        // A wedged supervisor must not keep the machine alive: kill it and
+        // clean up after it like after a crash.
+        eprintln!("moat: {e}; killing the supervisor");
+        if let Some(s) = dir.read_status() {
+            if sys::alive(s.supervisor_pid, s.supervisor_start) {
+                let _ = sys::kill(s.supervisor_pid, libc::SIGKILL);
+            }
+        }
+    }
     cleanup_dead(dir)?;
     fs::remove_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))
 }
