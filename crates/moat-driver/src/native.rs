@@ -418,10 +418,14 @@ impl Driver for NativeDriver {
 
     fn destroy(&self, ctx: &Ctx, full_name: &str) -> Result<()> {
         let dir = Self::machine_dir(ctx, full_name);
-        machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
+        // Stop first, then release the root file system (it may be mounted
+        // inside the machine folder), then remove the folder.
+        machine::stop(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
+        machine::cleanup_dead(&dir).map_err(Self::rt(full_name))?;
         self.rootfs
             .release(ctx, full_name)
             .map_err(|e| Self::failed(full_name, format!("releasing the root file system: {e}")))?;
+        machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
         if let Ok(mut s) = self.specs.lock() {
             s.remove(full_name);
         }

@@ -381,7 +381,18 @@ pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
     if !sys::alive(s.supervisor_pid, s.supervisor_start) {
         return cleanup_dead(dir);
     }
-    dir.request(&format!("stop {}", timeout.as_millis()))?;
+    if let Err(e) = dir.request(&format!("stop {}", timeout.as_millis())) {
+        // The container may have just ended on its own: the supervisor is then
+        // exiting and no longer answers. That is a stopped machine, not an error.
+        let grace = Instant::now() + Duration::from_secs(2);
+        while sys::alive(s.supervisor_pid, s.supervisor_start) {
+            if Instant::now() > grace {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        return Ok(());
+    }
     let deadline = Instant::now() + timeout + Duration::from_secs(10);
     while sys::alive(s.supervisor_pid, s.supervisor_start) {
         if Instant::now() > deadline {
