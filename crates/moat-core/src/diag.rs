@@ -18,7 +18,11 @@ pub struct Loc {
 
 impl Loc {
     pub fn new(file: impl Into<Arc<str>>, line: u32, col: u32) -> Self {
-        Loc { file: file.into(), line, col }
+        Loc {
+            file: file.into(),
+            line,
+            col,
+        }
     }
 }
 

@@ -67,7 +67,10 @@ pub struct Addressing {
 
 impl Default for Addressing {
     fn default() -> Self {
-        Addressing { base: [10, 100], zone_step: 10 }
+        Addressing {
+            base: [10, 100],
+            zone_step: 10,
+        }
     }
 }
 

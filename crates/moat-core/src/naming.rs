@@ -58,7 +58,10 @@ pub fn check_dns_label(name: &str, max_len: usize) -> Option<String> {
         return Some("must not be empty".into());
     }
     if name.len() > max_len {
-        return Some(format!("is {} characters long, at most {max_len} are allowed", name.len()));
+        return Some(format!(
+            "is {} characters long, at most {max_len} are allowed",
+            name.len()
+        ));
     }
     let first = name.as_bytes()[0];
     if !first.is_ascii_lowercase() {
@@ -85,7 +88,10 @@ pub fn mac_for(tag: &str, full_name: &str) -> [u8; 6] {
 }
 
 pub fn mac_string(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]

@@ -12,7 +12,9 @@ pub enum MachineState {
     Running,
     Stopped,
     /// Stopped on its own with a non-zero status, or its supervisor died.
-    Crashed { reason: String },
+    Crashed {
+        reason: String,
+    },
 }
 
 /// Limits as read back from the host (cgroups, driver config).
