@@ -94,13 +94,36 @@ fn skip_reason() -> Option<String> {
     supervisor().err()
 }
 
+/// Held for the whole test: serializes tests, prints the test's duration
+/// (cleanup included: a test's `Guard` is declared after it, so drops first).
+struct Serial {
+    _lock: MutexGuard<'static, ()>,
+    name: &'static str,
+    started: Instant,
+}
+
+impl Drop for Serial {
+    fn drop(&mut self) {
+        eprintln!(
+            "time: {} took {:.1} s",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
 /// Start a test: None (after printing SKIP) when the host can't run it.
-fn start(test: &str) -> Option<MutexGuard<'static, ()>> {
+fn start(test: &'static str) -> Option<Serial> {
     if let Some(why) = skip_reason() {
         eprintln!("SKIP: {test}: {why}");
         return None;
     }
-    Some(SERIAL.lock().unwrap_or_else(|p| p.into_inner()))
+    let lock = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    Some(Serial {
+        _lock: lock,
+        name: test,
+        started: Instant::now(),
+    })
 }
 
 struct Out {
@@ -655,6 +678,27 @@ fn second_apply_is_a_no_op() {
     g.assert_all_running(4);
 }
 
+/// Supervisor processes of `root` (pid, command line), without their children.
+fn supervisors(root: &Path) -> Vec<(u32, String)> {
+    let all: Vec<(u32, String)> = pids_mentioning(&format!("{}/machines/", root.display()))
+        .into_iter()
+        .filter(|(_, c)| c.contains("moat-supervisor"))
+        .collect();
+    let ppid = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
+            })
+            .and_then(|p| p.parse::<u32>().ok())
+    };
+    all.iter()
+        .filter(|(pid, _)| !ppid(*pid).is_some_and(|pp| all.iter().any(|(p, _)| *p == pp)))
+        .cloned()
+        .collect()
+}
+
 fn supervisor_pid(root: &Path, machine: &str) -> Option<u32> {
     let want = format!("{}/machines/{machine}", root.display());
     pids_mentioning(&want)
@@ -862,6 +906,15 @@ fn interrupted_apply_converges() {
     for round in 0..10u64 {
         // Pseudo-random delays spread over 50..600 ms.
         let delay = 50 + (seed.wrapping_mul(2654435761).wrapping_add(round * 7919) % 551);
+        // Give the apply work to do: on odd rounds domain b's machines
+        // crashed (apply restarts them), on even rounds part of the project
+        // destroyed (at the end of the previous round).
+        let crash = format!("/machines/{}-", g.d("b"));
+        for (pid, c) in supervisors(&g.root) {
+            if round % 2 == 1 && c.contains(&crash) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
         let mut child = g
             .cmd(&["apply"])
             .stdout(Stdio::null())
@@ -886,17 +939,14 @@ fn interrupted_apply_converges() {
             "round {round}: SIGKILL after {delay} ms; re-apply exit {}; plan empty {empty}; {running}/10 running",
             o.code
         );
-        // One supervisor per machine, never two.
-        let root = g.root.to_string_lossy().to_string();
-        let mut sups: Vec<String> = pids_mentioning(&root)
-            .into_iter()
-            .filter(|(_, c)| c.contains("moat-supervisor"))
-            .map(|(_, c)| c)
-            .collect();
-        sups.sort();
-        let total = sups.len();
-        sups.dedup();
-        if total != sups.len() {
+        // One supervisor per machine, never two (a supervisor's own
+        // children share its command line: count only the top ones).
+        let sups = supervisors(&g.root);
+        let mut names: Vec<&String> = sups.iter().map(|(_, c)| c).collect();
+        names.sort();
+        let total = names.len();
+        names.dedup();
+        if total != names.len() {
             failures.push(format!(
                 "round {round}: two supervisors for one machine: {sups:?}"
             ));
