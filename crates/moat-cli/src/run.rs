@@ -209,8 +209,15 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Start(a) => {
-            let path = project_path(cli)?;
-            engine(cli)?.start_machine(&path, &a.machine)?;
+            let eng = engine(cli)?;
+            // Declared machines start from the project (NIC, limits); ad-hoc
+            // ones (run -d, clones) as they were created.
+            match project_path(cli) {
+                Ok(path) if eng.is_declared(&path, &a.machine) => {
+                    eng.start_machine(&path, &a.machine)?
+                }
+                _ => eng.start_existing(&a.machine)?,
+            }
             out.info(&format!("started {}", a.machine));
             Ok(exit::OK)
         }
@@ -220,10 +227,14 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Restart(a) => {
-            let path = project_path(cli)?;
             let eng = engine(cli)?;
             eng.stop_machine(&a.machine, std::time::Duration::from_secs(a.timeout))?;
-            eng.start_machine(&path, &a.machine)?;
+            match project_path(cli) {
+                Ok(path) if eng.is_declared(&path, &a.machine) => {
+                    eng.start_machine(&path, &a.machine)?
+                }
+                _ => eng.start_existing(&a.machine)?,
+            }
             out.info(&format!("restarted {}", a.machine));
             Ok(exit::OK)
         }
@@ -301,8 +312,55 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
                 Some(code) => Ok(code.clamp(0, 255) as u8),
             }
         }
-        Command::Clone(_) => Err(CliError::NotYet("clone")),
-        Command::Snapshot(_) => Err(CliError::NotYet("snapshot")),
+        Command::Clone(a) => {
+            let t = std::time::Instant::now();
+            let project = project_path(cli).ok();
+            engine(cli)?.clone_machine(project.as_deref(), &a.source, &a.new)?;
+            out.info(&format!(
+                "cloned {} to {} in {:.1} ms; `moat start {}` runs it",
+                a.source,
+                a.new,
+                t.elapsed().as_secs_f64() * 1000.0,
+                a.new
+            ));
+            Ok(exit::OK)
+        }
+        Command::Snapshot(cmd) => {
+            use crate::cli::SnapshotCmd;
+            let eng = engine(cli)?;
+            match cmd {
+                SnapshotCmd::Create { machine, name } => {
+                    let name = name.clone().unwrap_or_else(|| {
+                        let secs = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0);
+                        format!("snap-{secs}")
+                    });
+                    eng.snapshot_create(machine, &name)?;
+                    out.data(&name);
+                }
+                SnapshotCmd::Ls { machine, json } => {
+                    let snaps = eng.snapshots(machine)?;
+                    if *json {
+                        out.json(&snaps)?;
+                    } else {
+                        for s in &snaps {
+                            out.data(&s.name);
+                        }
+                    }
+                }
+                SnapshotCmd::Restore { machine, name } => {
+                    eng.snapshot_restore(machine, name)?;
+                    out.info(&format!("{machine} restored to snapshot {name}"));
+                }
+                SnapshotCmd::Rm { machine, name } => {
+                    eng.snapshot_remove(machine, name)?;
+                    out.info(&format!("removed snapshot {name} of {machine}"));
+                }
+            }
+            Ok(exit::OK)
+        }
         Command::Image(cmd) => crate::image::run(cli, out, cmd),
         Command::Completions { .. } | Command::Man => Ok(exit::OK),
     }

@@ -48,6 +48,11 @@ pub trait RootfsProvider: Send + Sync {
     fn prepare(&self, ctx: &Ctx, machine: &Machine) -> std::result::Result<PreparedRootfs, String>;
     /// Releases it (unmount, remove the writable layer). Missing is not an error.
     fn release(&self, ctx: &Ctx, full_name: &str) -> std::result::Result<(), String>;
+    /// Makes sure a prepared root file system is mounted again (after a host
+    /// reboot, a snapshot or a restore). Called at every start.
+    fn remount(&self, _ctx: &Ctx, _full_name: &str) -> std::result::Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Attaches a machine's NIC inside the network namespace of `pid`.
@@ -386,6 +391,9 @@ impl Driver for NativeDriver {
             }
             _ => {}
         }
+        self.rootfs
+            .remount(ctx, full_name)
+            .map_err(|e| Self::failed(full_name, format!("mounting the root file system: {e}")))?;
         let cfg = dir.read_config().map_err(Self::rt(full_name))?;
         let sup = self.supervisor_path(full_name)?;
         let st = machine::launch(&dir, &cfg, &sup).map_err(Self::rt(full_name))?;

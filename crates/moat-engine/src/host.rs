@@ -64,6 +64,14 @@ impl RootfsProvider for StoreRootfs {
         })
     }
 
+    fn remount(&self, _ctx: &Ctx, full_name: &str) -> std::result::Result<(), String> {
+        if !MachineFs::exists(&self.store, full_name) {
+            return Ok(());
+        }
+        let fs = MachineFs::open(&self.store, full_name).map_err(|e| e.to_string())?;
+        fs.mount().map(|_| ()).map_err(|e| e.to_string())
+    }
+
     fn release(&self, _ctx: &Ctx, full_name: &str) -> std::result::Result<(), String> {
         if !MachineFs::exists(&self.store, full_name) {
             return Ok(());

@@ -14,6 +14,7 @@ mod apply;
 mod host;
 mod run;
 mod status;
+mod storage;
 
 pub use apply::ApplyReport;
 pub use run::{RunOpts, RunOutcome};
@@ -256,6 +257,12 @@ impl Engine {
         let (Allocated { resolved, .. }, warnings) =
             moat_core::check(path, &prior, &self.root_str).map_err(EngineError::Invalid)?;
         Ok(Checked { resolved, warnings })
+    }
+
+    /// Whether the project at `path` declares machine `name` (false when invalid).
+    pub fn is_declared(&self, path: &Path, name: &str) -> bool {
+        self.check(path)
+            .is_ok_and(|c| c.resolved.project.machine(name).is_some())
     }
 
     /// The ruleset moat would apply for this project.

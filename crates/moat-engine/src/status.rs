@@ -357,6 +357,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Start a machine that exists already (ad-hoc ones: run -d, clones).
+    pub fn start_existing(&self, name: &str) -> Result<()> {
+        let (host, d) = self.observed_driver(name)?;
+        host.driver(&d)?.start(&host.ctx, name)?;
+        Ok(())
+    }
+
     fn observed_driver(&self, name: &str) -> Result<(crate::host::Host, String)> {
         let host = self.host()?;
         for (dname, d) in &host.drivers {

@@ -1,0 +1,143 @@
+//! Clones and snapshots of machine root file systems (image store), wired to
+//! the driver's view of the machine (it must be stopped where the store needs
+//! the rootfs unmounted).
+
+use crate::run::ADHOC;
+use crate::{state_err, Engine, EngineError, Result};
+use moat_core::model::{Machine, MachineType, NetworkMode, RestartPolicy};
+use moat_core::observed::MachineState;
+use moat_driver::MachineSpec;
+use moat_image::{MachineFs, SnapshotInfo};
+use std::path::Path;
+
+fn img(e: moat_image::ImageError) -> EngineError {
+    EngineError::Failed(e.to_string())
+}
+
+impl Engine {
+    fn require_stopped(&self, host: &crate::host::Host, name: &str, what: &str) -> Result<()> {
+        let mut found = false;
+        for d in host.drivers.values() {
+            if let Some(o) = d.observe(&host.ctx, name)? {
+                found = true;
+                if o.state == MachineState::Running {
+                    return Err(EngineError::Failed(format!(
+                        "{name} is running; `moat stop {name}` first, then {what}"
+                    )));
+                }
+            }
+        }
+        if !found && !MachineFs::exists(&host.images, name) {
+            return Err(EngineError::NoSuchMachine(name.into()));
+        }
+        Ok(())
+    }
+
+    /// `moat clone SRC NEW`: NEW gets SRC's files as they are now, in constant
+    /// time (SRC's writable layer becomes a shared read-only layer under both).
+    /// NEW is an ad-hoc machine (not in the project) without network; it runs
+    /// the image's init, or SRC's command when SRC is declared in `project`.
+    pub fn clone_machine(&mut self, project: Option<&Path>, src: &str, new: &str) -> Result<()> {
+        if let Some(why) =
+            moat_core::naming::check_dns_label(new, moat_core::naming::MAX_FULL_NAME_LEN)
+        {
+            return Err(EngineError::Failed(format!("machine name '{new}' {why}")));
+        }
+        let host = self.host()?;
+        self.require_stopped(&host, src, "clone it")?;
+        let mut fs = MachineFs::open(&host.images, src).map_err(img)?;
+        fs.unmount().map_err(img)?;
+        let declared = project
+            .and_then(|p| self.check(p).ok())
+            .and_then(|c| c.resolved.project.machine(src).cloned());
+        let state = self.state()?;
+        state
+            .intend(ADHOC, new, None, Some(new))
+            .map_err(state_err)?;
+        let cloned = fs.clone_to(new).map_err(img)?;
+        let mut m = declared.unwrap_or_else(|| Machine {
+            name: String::new(),
+            full_name: String::new(),
+            domain: String::new(),
+            description: String::new(),
+            kind: MachineType::Container,
+            image: cloned.state().image.clone(),
+            driver: "native".into(),
+            cpus: None,
+            memory: None,
+            disk: None,
+            pids: None,
+            network: NetworkMode::None,
+            ip: None,
+            ip_loc: None,
+            ephemeral: true,
+            disposable: false,
+            privileged: false,
+            gpu: false,
+            profiles: vec![],
+            config: Default::default(),
+            persistent: Default::default(),
+            mounts: vec![],
+            cloud_init: None,
+            roles: vec![],
+            vars: serde_json::Value::Null,
+            weight: 1,
+            restart: RestartPolicy::No,
+            command: None,
+            loc: None,
+        });
+        m.name = new.into();
+        m.full_name = new.into();
+        m.domain = String::new();
+        m.description = format!("clone of {src}");
+        m.network = NetworkMode::None;
+        m.ephemeral = true;
+        m.disposable = false;
+        let spec = MachineSpec {
+            spec_hash: moat_core::spec::spec_hash(&m, None),
+            machine: m,
+            nic: None,
+            bridge: None,
+            hosts: vec![],
+        };
+        host.driver("native")?.create(&host.ctx, &spec)?;
+        state.mark_done(ADHOC, new).map_err(state_err)?;
+        Ok(())
+    }
+
+    /// Snapshot a stopped machine's files (constant time: its writable layer is
+    /// frozen into a shared read-only layer). Running machines are refused: a
+    /// copy of a live overlay upper layer loses overlayfs metadata.
+    pub fn snapshot_create(&self, machine: &str, name: &str) -> Result<SnapshotInfo> {
+        let host = self.host()?;
+        self.require_stopped(&host, machine, "snapshot it")?;
+        let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
+        fs.unmount().map_err(img)?;
+        fs.snapshot_create(name).map_err(img)
+    }
+
+    pub fn snapshots(&self, machine: &str) -> Result<Vec<SnapshotInfo>> {
+        let host = self.host()?;
+        MachineFs::open(&host.images, machine)
+            .map_err(img)?
+            .snapshots()
+            .map_err(img)
+    }
+
+    /// Bring a stopped machine's files back to a snapshot.
+    pub fn snapshot_restore(&self, machine: &str, name: &str) -> Result<()> {
+        let host = self.host()?;
+        self.require_stopped(&host, machine, "restore it")?;
+        let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
+        fs.unmount().map_err(img)?;
+        fs.snapshot_restore(name).map_err(img)
+    }
+
+    pub fn snapshot_remove(&self, machine: &str, name: &str) -> Result<()> {
+        let host = self.host()?;
+        MachineFs::open(&host.images, machine)
+            .map_err(img)?
+            .snapshot_remove(name)
+            .map_err(img)
+    }
+}
