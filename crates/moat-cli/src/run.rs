@@ -260,7 +260,30 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
                 out.data(l);
             }
             if a.follow {
-                return Err(CliError::NotYet("logs -f"));
+                // Print what is appended, until interrupted. A rotated log
+                // (shorter than what was read) is read again from its start.
+                use std::io::{Read, Seek, SeekFrom, Write};
+                let mut pos = text.len() as u64;
+                loop {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    let Ok(mut f) = std::fs::File::open(&p) else {
+                        continue;
+                    };
+                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                    if len < pos {
+                        pos = 0;
+                    }
+                    if len == pos || f.seek(SeekFrom::Start(pos)).is_err() {
+                        continue;
+                    }
+                    let mut buf = Vec::new();
+                    if f.read_to_end(&mut buf).is_ok() {
+                        pos += buf.len() as u64;
+                        let mut o = std::io::stdout().lock();
+                        let _ = o.write_all(&buf);
+                        let _ = o.flush();
+                    }
+                }
             }
             Ok(exit::OK)
         }
