@@ -8,7 +8,7 @@
 //! (config.json) under `bundle/`.
 
 use crate::rootfs;
-use crate::spec::{oci_config, ContainerSpec, NetworkSpec};
+use crate::spec::{oci_config, ContainerKind, ContainerSpec, NetworkSpec};
 use crate::RuntimeError;
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
@@ -105,7 +105,23 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         None => dev_null()?,
     };
     let err = lc_err(&spec.name, "create");
-    let container = ContainerBuilder::new(spec.name.clone(), SyscallType::default())
+    // A system container's init gets its own writable cgroup subtree.
+    let delegate_to = match (spec.kind, spec.idmap, spec.privileged) {
+        (ContainerKind::System, Some(r), false) => Some(r.host_id),
+        (ContainerKind::System, _, true) => Some(0),
+        _ => None,
+    };
+    let entered = match delegate_to {
+        Some(id) => Some(
+            crate::cgroups::enter_before_create(&spec.name, id).map_err(|e| RuntimeError::Sys {
+                container: spec.name.clone(),
+                op: "prepare the name=systemd cgroup",
+                source: e,
+            })?,
+        ),
+        None => None,
+    };
+    let built = ContainerBuilder::new(spec.name.clone(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(&paths.state_root)
         .map_err(&err)?
@@ -118,7 +134,18 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         .with_systemd(false)
         .with_detach(true)
         .build()
-        .map_err(&err)?;
+        .map_err(&err);
+    if let Some(e) = entered {
+        let _ = e.leave();
+    }
+    let container = built?;
+    if let Some(id) = delegate_to {
+        crate::cgroups::delegate_after_create(&spec.name, id).map_err(|e| RuntimeError::Sys {
+            container: spec.name.clone(),
+            op: "delegate the cgroup subtree",
+            source: e,
+        })?;
+    }
     let pid = container
         .pid()
         .map(|p| p.as_raw())
@@ -189,5 +216,20 @@ pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeE
         Err(RuntimeError::NoSuchContainer { .. }) => return Ok(()),
         Err(e) => return Err(e),
     };
-    c.delete(force).map_err(lc_err(name, "delete"))
+    if force {
+        let _ = kill_all(name, state_root);
+        if let Some(pid) = c.pid() {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while crate::sys::start_time(pid.as_raw()).is_some()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        }
+    }
+    // An init such as systemd made sub-cgroups: they must go first.
+    crate::cgroups::remove_tree(name);
+    let r = c.delete(force).map_err(lc_err(name, "delete"));
+    crate::cgroups::remove_tree(name);
+    r
 }

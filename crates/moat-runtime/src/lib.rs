@@ -9,6 +9,7 @@
 //! - [`machine`]: the lifecycle API callers use (launch a supervisor, start, stop, state,
 //!   exec, destroy), all keyed by a machine folder.
 
+pub mod cgroups;
 pub mod container;
 pub mod exec;
 pub mod logs;

@@ -268,14 +268,31 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
                            "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
         );
     }
+    // A system container's init manages its own (delegated, namespaced)
+    // cgroup subtree, so its cgroupfs is writable; see `cgroups`.
+    let cgroup_ro = if spec.kind == ContainerKind::System {
+        "rw"
+    } else {
+        sys_ro
+    };
     mounts.push(
         json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                       "options": ["nosuid", "noexec", "nodev", "relatime", sys_ro]}),
+                       "options": ["nosuid", "noexec", "nodev", "relatime", cgroup_ro]}),
     );
     if spec.kind == ContainerKind::System {
+        // What systemd expects of a container (systemd.io/CONTAINER_INTERFACE):
+        // /run and /run/lock as tmpfs, /tmp a tmpfs like on most hosts.
         mounts.push(
             json!({"destination": "/run", "type": "tmpfs", "source": "tmpfs",
-                           "options": ["nosuid", "nodev", "mode=755"]}),
+                           "options": ["nosuid", "nodev", "mode=755", "size=20%"]}),
+        );
+        mounts.push(
+            json!({"destination": "/run/lock", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "nodev", "noexec", "mode=1777", "size=5m"]}),
+        );
+        mounts.push(
+            json!({"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
+                           "options": ["nosuid", "nodev", "mode=1777", "size=20%"]}),
         );
     }
     for m in &spec.mounts {

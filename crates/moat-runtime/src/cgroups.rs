@@ -1,0 +1,207 @@
+//! cgroup delegation for system containers: an init such as systemd must be
+//! able to create cgroups below its own, so the container's subtree is
+//! handed to the container's root (host uid `host_id`), the way LXC and
+//! Incus do it.
+//!
+//! The layout is detected, not assumed:
+//! - **v2** (`/sys/fs/cgroup` is cgroup2): libcontainer creates
+//!   `/moat/<name>`; after create we chown that folder and its
+//!   `cgroup.procs`, `cgroup.threads`, `cgroup.subtree_control` to the
+//!   container's root. Limit files stay root-owned, so the container cannot
+//!   raise its own limits. (Untested here: this host is hybrid.)
+//! - **v1 / hybrid** (`/sys/fs/cgroup` is a tmpfs of per-controller mounts):
+//!   libcontainer's v1 manager does not handle the `name=systemd`
+//!   hierarchy, which systemd needs in legacy mode. Before create the
+//!   supervisor moves itself into `name=systemd:/moat/<name>` (created and
+//!   chowned here) so that init inherits it and the cgroup namespace is
+//!   rooted there; after create it moves back. The controllers' own
+//!   `/moat/<name>` folders are chowned the same way (folder, `tasks`,
+//!   `cgroup.procs`, `cgroup.clone_children`), never their limit files.
+//!
+//! [`remove_tree`] removes what the container created below its cgroups
+//! (systemd makes `init.scope`, `system.slice/...`) once its processes are
+//! gone, deepest first, so libcontainer's own delete finds empty folders.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::chown;
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = "/sys/fs/cgroup";
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// How the host's cgroups are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Pure cgroup v2 at /sys/fs/cgroup.
+    Unified,
+    /// Per-controller v1 mounts (possibly plus a cgroup2 mount at /sys/fs/cgroup/unified).
+    Legacy,
+}
+
+/// Detects the layout from the file system type of /sys/fs/cgroup.
+pub fn layout() -> Layout {
+    let Ok(c) = std::ffi::CString::new(ROOT) else {
+        return Layout::Legacy;
+    };
+    // SAFETY: c is a valid NUL-terminated path, st a zeroed statfs the kernel fills.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; statfs only writes into st.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    if rc == 0 && st.f_type as i64 == CGROUP2_SUPER_MAGIC {
+        Layout::Unified
+    } else {
+        Layout::Legacy
+    }
+}
+
+/// The v1 hierarchies mounted under /sys/fs/cgroup (their mount points).
+fn v1_mounts() -> Vec<PathBuf> {
+    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mnt = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup" && mnt.starts_with(ROOT)).then(|| PathBuf::from(mnt))
+        })
+        .collect()
+}
+
+/// Every folder of the container's cgroup `/moat/<name>`, over all hierarchies.
+fn container_dirs(name: &str) -> Vec<PathBuf> {
+    let rel = format!("moat/{name}");
+    match layout() {
+        Layout::Unified => vec![Path::new(ROOT).join(rel)],
+        Layout::Legacy => {
+            let mut v: Vec<PathBuf> = v1_mounts().into_iter().map(|m| m.join(&rel)).collect();
+            let unified = Path::new(ROOT).join("unified").join(&rel);
+            v.push(unified);
+            v
+        }
+    }
+}
+
+fn chown_delegated(dir: &Path, id: u32) -> io::Result<()> {
+    chown(dir, Some(id), Some(id))?;
+    for f in [
+        "cgroup.procs",
+        "tasks",
+        "cgroup.clone_children",
+        "cgroup.threads",
+        "cgroup.subtree_control",
+    ] {
+        let p = dir.join(f);
+        if p.exists() {
+            chown(&p, Some(id), Some(id))?;
+        }
+    }
+    Ok(())
+}
+
+/// The `name=systemd` hierarchy's mount point, on a v1/hybrid host.
+fn systemd_v1_mount() -> Option<PathBuf> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    text.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        let (fstype, _src, opts) = (r.next()?, r.next()?, r.next()?);
+        let mnt = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup" && opts.split(',').any(|o| o == "name=systemd"))
+            .then(|| PathBuf::from(mnt))
+    })
+}
+
+/// Our own cgroup in the `name=systemd` hierarchy (to return to after create).
+fn own_systemd_cgroup() -> Option<String> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines().find_map(|l| {
+        let mut p = l.splitn(3, ':');
+        let (_, ctl, path) = (p.next()?, p.next()?, p.next()?);
+        (ctl == "name=systemd").then(|| path.to_string())
+    })
+}
+
+/// Undo for [`enter_before_create`]: moves the caller back where it was.
+pub struct Entered {
+    back: Option<PathBuf>,
+}
+
+impl Entered {
+    pub fn leave(self) -> io::Result<()> {
+        match &self.back {
+            Some(procs) => fs::write(procs, std::process::id().to_string()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// v1 only: creates `name=systemd:/moat/<name>` owned by the container's root
+/// and moves the calling process into it, so the init it creates inherits it.
+pub fn enter_before_create(name: &str, host_id: u32) -> io::Result<Entered> {
+    if layout() == Layout::Unified {
+        return Ok(Entered { back: None });
+    }
+    let Some(mnt) = systemd_v1_mount() else {
+        return Ok(Entered { back: None });
+    };
+    let dir = mnt.join("moat").join(name);
+    fs::create_dir_all(&dir)?;
+    chown_delegated(&dir, host_id)?;
+    let back = own_systemd_cgroup()
+        .map(|p| mnt.join(p.trim_start_matches('/')).join("cgroup.procs"))
+        .unwrap_or_else(|| mnt.join("cgroup.procs"));
+    fs::write(dir.join("cgroup.procs"), std::process::id().to_string())?;
+    Ok(Entered { back: Some(back) })
+}
+
+/// After create, before start: hands the container's cgroup folders (all
+/// hierarchies) to its root.
+pub fn delegate_after_create(name: &str, host_id: u32) -> io::Result<()> {
+    for d in container_dirs(name) {
+        if d.is_dir() {
+            chown_delegated(&d, host_id)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the sub-cgroups the container made below `/moat/<name>` (deepest
+/// first), and the `name=systemd` folder itself, which libcontainer does not
+/// manage. The container's processes must be gone.
+pub fn remove_tree(name: &str) {
+    let mut dirs = container_dirs(name);
+    if let Some(m) = systemd_v1_mount() {
+        let d = m.join("moat").join(name);
+        if !dirs.contains(&d) {
+            dirs.push(d);
+        }
+    }
+    for d in dirs {
+        if !d.is_dir() {
+            continue;
+        }
+        let mut all = Vec::new();
+        collect_dirs(&d, &mut all);
+        // Deepest first; the container's own folder last.
+        all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        for p in all {
+            let _ = fs::remove_dir(&p);
+        }
+        let _ = fs::remove_dir(&d);
+    }
+}
+
+fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(rd) = fs::read_dir(d) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let p = e.path();
+                collect_dirs(&p, out);
+                out.push(p);
+            }
+        }
+    }
+}
