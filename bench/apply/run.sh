@@ -5,7 +5,7 @@
 #   cargo build --release -p moat-cli -p moat-runtime
 #   sudo bench/apply/run.sh [MACHINES_PER_DOMAIN]
 # Env: MOAT_BIN (default $CARGO_TARGET_DIR/release/moat), BENCH_DIR (default /var/tmp).
-# Uses its own root and subnets 10.230-10.234, and removes everything it made on exit.
+# Uses its own root and subnets 10.170-10.175, and removes everything it made on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
@@ -19,12 +19,15 @@ done
 command -v hyperfine >/dev/null || { echo "needs hyperfine (apt-get install hyperfine)" >&2; exit 2; }
 
 W=$(mktemp -d "${BENCH_DIR:-/var/tmp}/moat-bench-apply.XXXX")
+# mktemp makes it 0700: machines could not reach their rootfs under it.
+chmod 755 "$W"
 R=$W/r
 P=$W/p
 mkdir -p "$P"
 m() { "$MOAT" --root "$R" -f "$P" --color never "$@"; }
 
 cleanup() {
+  set +e
   m destroy --all --force >/dev/null 2>&1 || echo "destroy --all --force failed; sweeping" >&2
   for pid in $(pgrep -f "$R/" || true); do kill -9 "$pid" 2>/dev/null || true; done
   sleep 0.2
@@ -48,7 +51,7 @@ TRUST=(admin trusted semi-trusted untrusted disposable)
 {
   echo "schema_version: 1"
   echo "project: bench-apply"
-  echo 'addressing: {base: "10.230", zone_step: 1}'
+  echo 'addressing: {base: "10.170", zone_step: 1}'
   echo "domains:"
   for d in 0 1 2 3 4; do
     echo "  bench$d:"
@@ -65,7 +68,7 @@ N=$((PER * 5))
 
 echo "== moat apply: $N busybox containers, 5 domains, from scratch"
 t0=$(date +%s.%N)
-m apply -q >/dev/null
+m apply >"$W/apply.log" 2>&1 || { echo "apply failed:" >&2; tail -20 "$W/apply.log" >&2; exit 1; }
 t1=$(date +%s.%N)
 running=$(m status --json | python3 -c 'import json,sys; print(sum(x["state"]=="running" for x in json.load(sys.stdin)["machines"]))')
 printf 'from scratch: %.2f s (%s/%s running; goal <= 5 s)\n' "$(echo "$t1 - $t0" | bc)" "$running" "$N"
@@ -82,7 +85,7 @@ PY
 
 echo "== destroy --all --force"
 t0=$(date +%s.%N)
-rc=0; m destroy --all --force -q >/dev/null || rc=$?
+rc=0; m destroy --all --force >"$W/destroy.log" 2>&1 || rc=$?
 t1=$(date +%s.%N)
 printf 'destroy: %.2f s (exit %s)\n' "$(echo "$t1 - $t0" | bc)" "$rc"
 left=$(grep -cF " $R/" /proc/mounts || true)

@@ -164,6 +164,8 @@ struct Guard {
     extra_machines: Vec<String>,
     /// Network namespace (under /run/netns) every command runs in, if any.
     netns: Option<String>,
+    /// Run `moat destroy --all --force` before sweeping.
+    destroy_on_drop: bool,
     ip_forward: Option<String>,
 }
 
@@ -187,6 +189,7 @@ impl Guard {
             tag: String::new(),
             extra_machines: Vec::new(),
             netns: None,
+            destroy_on_drop: false,
             ip_forward: std::fs::read_to_string(IP_FORWARD).ok(),
         }
     }
@@ -346,7 +349,9 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        if self.root.exists() {
+        // `moat destroy` stops machines one by one (seconds each): only the
+        // tests about destroy use it; the others are swept directly below.
+        if self.destroy_on_drop && self.root.exists() {
             let o = self.run(&["destroy", "--all", "--force"]);
             if o.code != 0 {
                 eprintln!("cleanup: destroy --all --force: {o}");
@@ -561,8 +566,27 @@ fn walk_cgroups(f: &mut dyn FnMut(&Path)) {
     }
 }
 
-/// A three-domain project; `base` keeps its subnets apart from other tests'.
-fn three_domains(g: &Guard, base: u32) -> String {
+/// A second octet N such that no host address is in 10.N..10.N+5 (the six
+/// zones with `zone_step: 1`), searched from a per-process start so that two
+/// test processes running at once (say, CI and a developer) pick different ones.
+fn free_base() -> u32 {
+    let addrs = Command::new("ip")
+        .args(["-4", "-o", "addr"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let used = |n: u32| addrs.contains(&format!(" 10.{n}."));
+    let bases: Vec<u32> = (0..9).map(|i| 196 + i * 6).collect();
+    let start = std::process::id() as usize % bases.len();
+    (0..bases.len())
+        .map(|i| bases[(start + i) % bases.len()])
+        .find(|&b| !(b..b + 6).any(used))
+        .unwrap_or(bases[start])
+}
+
+/// A three-domain project on subnets no other root uses now.
+fn three_domains(g: &Guard) -> String {
+    let base = free_base();
     let (a, b, c) = (g.d("a"), g.d("b"), g.d("c"));
     format!(
         r#"schema_version: 1
@@ -599,7 +623,7 @@ fn apply_from_scratch_then_flows() {
         return;
     };
     let mut g = Guard::new();
-    g.write(&three_domains(&g, 200));
+    g.write(&three_domains(&g));
     let t = Instant::now();
     g.ok(&["apply"]);
     eprintln!("apply (4 machines, 3 domains): {:?}", t.elapsed());
@@ -611,12 +635,28 @@ fn apply_from_scratch_then_flows() {
         g.m("c", "four"),
     );
     let ms = g.machines();
-    for m in [&one, &two, &three, &four] {
+    let st = g.status();
+    let subnet = |d: &str| -> String {
+        st["domains"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == d)
+            .and_then(|e| e["subnet"].as_str())
+            .and_then(|s| s.rsplit_once('.'))
+            .map(|(net, _)| format!("{net}."))
+            .unwrap_or_else(|| panic!("no subnet for {d}: {st}"))
+    };
+    for (m, d) in [(&one, "a"), (&two, "a"), (&three, "b"), (&four, "c")] {
         let (state, ip) = ms
             .get(m.as_str())
             .unwrap_or_else(|| panic!("{m} missing: {ms:?}"));
         assert_eq!(state, "running", "{m}: {ms:?}");
-        assert!(ip.starts_with("10.20"), "{m} has address {ip:?}");
+        let net = subnet(&g.d(d));
+        assert!(
+            ip.starts_with(&net),
+            "{m} has address {ip:?}, not in {net}0/24"
+        );
     }
     let ip = |m: &str| ms[m].1.clone();
 
@@ -660,7 +700,7 @@ fn second_apply_is_a_no_op() {
         return;
     };
     let mut g = Guard::new();
-    g.write(&three_domains(&g, 206));
+    g.write(&three_domains(&g));
     g.ok(&["apply"]);
     let plan = g.plan();
     assert_eq!(
@@ -713,7 +753,7 @@ fn drift_is_planned_and_repaired() {
         return;
     };
     let mut g = Guard::new();
-    g.write(&three_domains(&g, 212));
+    g.write(&three_domains(&g));
     g.ok(&["apply"]);
     let (one, three) = (g.m("a", "one"), g.m("b", "three"));
 
@@ -746,7 +786,7 @@ fn orphans_kept_until_prune() {
         return;
     };
     let mut g = Guard::new();
-    let full = three_domains(&g, 218);
+    let full = three_domains(&g);
     g.write(&full);
     g.ok(&["apply"]);
     let four = g.m("c", "four");
@@ -781,7 +821,7 @@ fn allocations_stay_stable() {
         return;
     };
     let mut g = Guard::new();
-    let first = three_domains(&g, 224);
+    let first = three_domains(&g);
     g.write(&first);
     g.ok(&["apply"]);
     let before = g.machines();
@@ -829,7 +869,7 @@ fn destroy_all_leaves_nothing() {
         return;
     };
     let mut g = Guard::new();
-    g.write(&three_domains(&g, 230));
+    g.write(&three_domains(&g));
     g.ok(&["apply"]);
     let names: Vec<String> = g.machines().into_keys().collect();
     assert!(!g.leftovers(&names).is_empty(), "nothing to destroy?");
@@ -848,7 +888,7 @@ fn concurrent_apply_is_refused_then_waits() {
         return;
     };
     let mut g = Guard::new();
-    g.write(&three_domains(&g, 236));
+    g.write(&three_domains(&g));
     std::fs::create_dir_all(&g.root).expect("root");
     let lock = g.root.join("apply.lock");
     // Hold the flock the way a running apply does, with its pid recorded.
@@ -876,8 +916,9 @@ fn concurrent_apply_is_refused_then_waits() {
     g.assert_all_running(4);
 }
 
-/// Ten machines over two domains.
-fn ten_machines(g: &Guard, base: u32) -> String {
+/// Ten machines over two domains, on subnets no other root uses now.
+fn ten_machines(g: &Guard) -> String {
+    let base = free_base();
     let mut y = format!(
         "schema_version: 1\nproject: e2e\naddressing: {{base: \"10.{base}\", zone_step: 1}}\ndomains:\n"
     );
@@ -899,7 +940,7 @@ fn interrupted_apply_converges() {
         return;
     };
     let mut g = Guard::new();
-    g.write(&ten_machines(&g, 242));
+    g.write(&ten_machines(&g));
     let mut failures = Vec::new();
     let mut killed_mid = 0;
     let seed = std::process::id() as u64;
