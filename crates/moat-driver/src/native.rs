@@ -172,6 +172,7 @@ impl NativeDriver {
 
     fn container_spec(
         &self,
+        ctx: &Ctx,
         spec: &MachineSpec,
         rootfs: &PreparedRootfs,
         id_number: u32,
@@ -198,6 +199,8 @@ impl NativeDriver {
             ContainerKind::Application
         };
         let mut cs = ContainerSpec::new(&m.full_name, &rootfs.path, args);
+        // Per-root cgroup parent: two roots may both have a machine `pro-dev`.
+        cs.cgroup = Some(format!("/moat-{}/{}", ctx.root_tag, m.full_name));
         cs.kind = kind;
         cs.env = rootfs.config.env.clone();
         cs.cwd = rootfs.config.workdir.clone().unwrap_or_else(|| "/".into());
@@ -348,7 +351,7 @@ impl Driver for NativeDriver {
             .rootfs
             .prepare(ctx, &spec.machine)
             .map_err(|e| Self::failed(name, format!("preparing the root file system: {e}")))?;
-        let cs = self.container_spec(spec, &rootfs, id_number)?;
+        let cs = self.container_spec(ctx, spec, &rootfs, id_number)?;
         let mut cfg = SupervisorConfig::new(cs);
         cfg.restart = spec.machine.restart;
         cfg.stop_timeout_ms = self.stop_timeout.as_millis() as u64;
@@ -426,9 +429,10 @@ impl Driver for NativeDriver {
 
     fn destroy(&self, ctx: &Ctx, full_name: &str) -> Result<()> {
         let dir = Self::machine_dir(ctx, full_name);
-        // Stop first, then release the root file system (it may be mounted
-        // inside the machine folder), then remove the folder.
-        machine::stop(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
+        // Stop first (no grace period: its files are discarded anyway), then
+        // release the root file system (it may be mounted inside the machine
+        // folder), then remove the folder.
+        machine::stop(&dir, Duration::from_millis(100)).map_err(Self::rt(full_name))?;
         machine::cleanup_dead(&dir).map_err(Self::rt(full_name))?;
         self.rootfs
             .release(ctx, full_name)

@@ -174,6 +174,7 @@ impl Engine {
                 millis: t0.elapsed().as_millis() as u64,
             });
         }
+        check_address_clashes(&checked.resolved)?;
         // Allocations first: they must be stable even if we die right after.
         if !plan.actions.is_empty() || !recovered.is_empty() {
             state
@@ -466,4 +467,49 @@ impl From<moat_driver::DriverError> for EngineError {
             other => EngineError::Failed(other.to_string()),
         }
     }
+}
+
+/// A domain subnet that some other interface of the host already uses (another
+/// moat root, a VPN, the LAN) would break routing and DHCP: refuse up front.
+fn check_address_clashes(resolved: &Resolved) -> Result<()> {
+    use moat_host::exec::{Cmd, Executor, HostExecutor};
+    let Ok(out) = HostExecutor.run(&Cmd::new("ip").args(["-j", "-4", "addr", "show"])) else {
+        return Ok(()); // the network layer reports its own errors later
+    };
+    let links: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    let ours = moat_core::naming::bridge_name(&resolved.root_tag, "");
+    let mut problems = Vec::new();
+    for l in links.as_array().into_iter().flatten() {
+        let ifname = l["ifname"].as_str().unwrap_or("");
+        if ifname.starts_with(&ours) {
+            continue;
+        }
+        for a in l["addr_info"].as_array().into_iter().flatten() {
+            let (Some(local), Some(plen)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
+                continue;
+            };
+            let Ok(addr) = local.parse::<std::net::Ipv4Addr>() else {
+                continue;
+            };
+            let Ok(theirs) = ipnet::Ipv4Net::new(addr, plen as u8) else {
+                continue;
+            };
+            for n in resolved.networks.values() {
+                if n.subnet.contains(&addr) || theirs.trunc().contains(&n.gateway) {
+                    problems.push(format!(
+                        "domain '{}' wants {} but interface {ifname} already has {local}/{plen}",
+                        n.domain, n.subnet
+                    ));
+                }
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::Failed(format!(
+        "address clash on this host: {}; give the domain a `subnet:` of its own or change \
+         `addressing.base` (another moat root using the same addresses must be destroyed first)",
+        problems.join("; ")
+    )))
 }

@@ -208,6 +208,7 @@ impl Engine {
             "cannot create the run folder {}",
             cfg.run_dir.display()
         )))?;
+        check_searchable(&cfg.root)?;
         Ok(Engine::new(cfg))
     }
 
@@ -388,6 +389,35 @@ impl Engine {
     pub(crate) fn applied_rules_path(&self) -> PathBuf {
         self.cfg.root.join("firewall.nft")
     }
+}
+
+/// Containers run as unprivileged host uids (user namespaces): every folder
+/// above the root must let them through (the `x` bit for others), or each
+/// container fails with an obscure "failed to prepare rootfs".
+fn check_searchable(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let abs = std::fs::canonicalize(root).map_err(io(format!(
+        "cannot resolve the moat root {}",
+        root.display()
+    )))?;
+    // The root itself is moat's (0700 works: the runtime enters it as root).
+    for dir in abs.ancestors().skip(1) {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(EngineError::Failed(format!(
+                "the moat root {} is below {}, which other users cannot enter (mode {:o}); \
+                 containers run as unprivileged users and could not reach their files. \
+                 Use another --root, or `chmod o+x {}`",
+                abs.display(),
+                dir.display(),
+                meta.permissions().mode() & 0o7777,
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Rule-level difference between two rulesets (`nft -f` text): lines only in

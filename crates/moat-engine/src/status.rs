@@ -307,13 +307,41 @@ impl Engine {
             }
         }
         let mut destroyed = Vec::new();
-        for m in &victims {
-            let o = &observed.machines[m];
-            progress.event(&format!("==> destroy machine {m}"));
-            host.driver(&o.driver)?.destroy(&host.ctx, m)?;
-            state.forget("machine", m).map_err(state_err)?;
-            state.forget(crate::run::ADHOC, m).map_err(state_err)?;
-            destroyed.push(format!("machine {m}"));
+        // Machines are independent: destroy them a few at a time.
+        for wave in victims.chunks(8) {
+            let results: Vec<(String, Result<()>)> = std::thread::scope(|sc| {
+                let handles: Vec<_> = wave
+                    .iter()
+                    .map(|m| {
+                        let host = &host;
+                        let o = &observed.machines[m];
+                        progress.event(&format!("==> destroy machine {m}"));
+                        sc.spawn(move || {
+                            let r = host
+                                .driver(&o.driver)
+                                .and_then(|d| d.destroy(&host.ctx, m).map_err(EngineError::from));
+                            (m.clone(), r)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            (
+                                String::new(),
+                                Err(EngineError::Failed("destroy panicked".into())),
+                            )
+                        })
+                    })
+                    .collect()
+            });
+            for (m, r) in results {
+                r?;
+                state.forget("machine", &m).map_err(state_err)?;
+                state.forget(crate::run::ADHOC, &m).map_err(state_err)?;
+                destroyed.push(format!("machine {m}"));
+            }
         }
         let nets: Vec<_> = match target {
             DestroyTarget::Machine(_) => vec![],
@@ -340,6 +368,14 @@ impl Engine {
             let t = moat_core::naming::nft_table(&self.tag);
             state.forget("nft-table", &t).map_err(state_err)?;
             let _ = std::fs::remove_file(self.applied_rules_path());
+            // The per-root cgroup parents (`/moat-<tag>` in each hierarchy), now empty.
+            if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+                for h in rd.flatten() {
+                    let _ = std::fs::remove_dir(h.path().join(format!("moat-{}", self.tag)));
+                }
+            }
+            let _ =
+                std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(format!("moat-{}", self.tag)));
             destroyed.push(format!("nftables tables {t}"));
         }
         Ok(DestroyReport { destroyed })

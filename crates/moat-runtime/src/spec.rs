@@ -97,6 +97,10 @@ pub struct ContainerSpec {
     pub resolv_conf: Option<String>,
     /// Signal that asks PID 1 to stop; `None` = SIGRTMIN+3 for systemd, SIGTERM otherwise.
     pub stop_signal: Option<i32>,
+    /// Cgroup path (below each hierarchy's root); `None` = `/moat/<name>`.
+    /// moat passes `/moat-<root tag>/<name>` so two roots never share a cgroup.
+    #[serde(default)]
+    pub cgroup: Option<String>,
 }
 
 impl ContainerSpec {
@@ -120,6 +124,7 @@ impl ContainerSpec {
             etc_hosts: None,
             resolv_conf: None,
             stop_signal: None,
+            cgroup: None,
         }
     }
 
@@ -337,7 +342,7 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
 
     let mut linux = json!({
         "namespaces": namespaces,
-        "cgroupsPath": format!("/moat/{}", spec.name),
+        "cgroupsPath": spec.cgroup.clone().unwrap_or_else(|| format!("/moat/{}", spec.name)),
         "resources": resources,
     });
     if userns {
