@@ -160,6 +160,13 @@ fn debian_systemd_boots_runs_and_stops_cleanly() {
         "systemctl show -p ControlGroup systemd-journald.service",
     );
     eprintln!("journald: {cg}");
+    let (_, info) = exec(
+        &dir,
+        "echo cgroupfs: $(stat -fc %T /sys/fs/cgroup) $(ls /sys/fs/cgroup | tr '\\n' ' '); \
+         echo PID 1 cgroups: $(grep systemd /proc/1/cgroup); \
+         echo running services: $(systemctl list-units --type=service --state=running --no-legend --plain | cut -d' ' -f1)",
+    );
+    eprintln!("{info}");
     assert_eq!(code, 0);
     assert!(cg.contains("system.slice/systemd-journald.service"), "{cg}");
     let (code, out) = exec(&dir, "echo hello from $(hostname)");
