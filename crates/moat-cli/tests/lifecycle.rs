@@ -2,90 +2,11 @@
 //! `--rm`, `-d`), `exec`, `logs`, `stop`/`start`, `snapshot`, `restore`,
 //! `clone`, `destroy`, and that nothing of the root is left afterwards.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn supervisor() -> Option<PathBuf> {
-    let moat = PathBuf::from(env!("CARGO_BIN_EXE_moat"));
-    let sup = moat.with_file_name("moat-supervisor");
-    if sup.exists() {
-        return Some(sup);
-    }
-    let ok = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "moat-runtime",
-            "--bin",
-            "moat-supervisor",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .is_ok_and(|s| s.success());
-    (ok && sup.exists()).then_some(sup)
-}
-
-/// A root of its own; `Drop` destroys what it holds and unmounts leftovers.
-struct Root {
-    dir: tempfile::TempDir,
-    sup: PathBuf,
-}
-
-impl Root {
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-    fn moat(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_moat"))
-            .arg("--root")
-            .arg(self.path())
-            .args(args)
-            .env("MOAT_SUPERVISOR", &self.sup)
-            .env("NO_COLOR", "1")
-            .output()
-            .expect("run moat")
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.moat(args);
-        assert!(
-            o.status.success(),
-            "moat {args:?} failed ({:?}): {}",
-            o.status.code(),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-    fn mounts(&self) -> Vec<String> {
-        let root = self.path().to_string_lossy().into_owned();
-        std::fs::read_to_string("/proc/mounts")
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-            .filter(|m| m.starts_with(&root))
-            .collect()
-    }
-}
-
-impl Drop for Root {
-    fn drop(&mut self) {
-        let _ = self.moat(&["destroy", "--all", "--force"]);
-        let mut m = self.mounts();
-        m.sort_by_key(|p| std::cmp::Reverse(p.len()));
-        for p in m {
-            let _ = Command::new("umount").arg("-l").arg(&p).status();
-        }
-    }
-}
+use common::{is_root, supervisor, Root};
+use std::path::Path;
+use std::process::Command;
 
 #[test]
 fn run_exec_snapshot_clone_destroy() {
