@@ -153,7 +153,7 @@ impl Engine {
 
         let host = self.host()?;
         let desired = self.desired(&checked, Some(&state))?;
-        let observed = self.observe_managed(&host)?;
+        let observed = self.observe_managed(&host, &checked)?;
         let plan = moat_core::plan::plan(
             &desired,
             &observed,

@@ -303,10 +303,27 @@ impl Engine {
 
     /// What the host shows, less the ad-hoc machines (`moat run`, clones):
     /// those are not the project's, so plans never list or prune them.
-    fn observe_managed(&self, host: &host::Host) -> Result<moat_core::observed::Observed> {
+    fn observe_managed(
+        &self,
+        host: &host::Host,
+        checked: &Checked,
+    ) -> Result<moat_core::observed::Observed> {
         let mut o = self.observe(host)?;
         for name in self.adhoc_machines()? {
             o.machines.remove(&name);
+        }
+        // A domain whose DHCP server died is a network to repair (drift).
+        for d in checked
+            .resolved
+            .project
+            .enabled_domains()
+            .filter(|d| d.dhcp)
+        {
+            if let Some(n) = o.networks.get_mut(&d.name) {
+                if moat_net::dhcp::running_pid(&self.cfg.run_dir, &n.bridge).is_none() {
+                    n.up = false;
+                }
+            }
         }
         Ok(o)
     }
@@ -348,7 +365,7 @@ impl Engine {
             None
         };
         let desired = self.desired(checked, state.as_ref())?;
-        let observed = self.observe_managed(&host)?;
+        let observed = self.observe_managed(&host, checked)?;
         let plan = moat_core::plan::plan(
             &desired,
             &observed,

@@ -126,7 +126,8 @@ impl<E: Executor> NetHost<E> {
 }
 
 /// Pid from the pid file, if that process is a dnsmasq serving `bridge`.
-fn running_pid(run_dir: &Path, bridge: &str) -> Option<u32> {
+/// The pid of the domain's running dnsmasq, if any (checked by its command line).
+pub fn running_pid(run_dir: &Path, bridge: &str) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(file(run_dir, bridge, "pid"))
         .ok()?
         .trim()
