@@ -57,10 +57,12 @@ pub fn layout() -> Layout {
 
 /// The v1 hierarchies mounted under /sys/fs/cgroup (their mount points).
 fn v1_mounts() -> Vec<PathBuf> {
-    let Ok(text) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    text.lines()
+    v1_mounts_in(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+fn v1_mounts_in(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
         .filter_map(|l| {
             let (left, right) = l.split_once(" - ")?;
             let fstype = right.split_whitespace().next()?;
@@ -103,8 +105,11 @@ fn chown_delegated(dir: &Path, id: u32) -> io::Result<()> {
 
 /// The `name=systemd` hierarchy's mount point, on a v1/hybrid host.
 fn systemd_v1_mount() -> Option<PathBuf> {
-    let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    text.lines().find_map(|l| {
+    systemd_v1_mount_in(&fs::read_to_string("/proc/self/mountinfo").ok()?)
+}
+
+fn systemd_v1_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
         let (left, right) = l.split_once(" - ")?;
         let mut r = right.split_whitespace();
         let (fstype, _src, opts) = (r.next()?, r.next()?, r.next()?);
@@ -203,5 +208,32 @@ fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
                 out.push(p);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 25 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw
+32 30 0:28 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+35 30 0:31 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+36 30 0:32 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+";
+
+    #[test]
+    fn finds_the_v1_hierarchies_and_name_systemd() {
+        let m = v1_mounts_in(HYBRID);
+        assert_eq!(m.len(), 3);
+        assert!(m.contains(&PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(
+            systemd_v1_mount_in(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/systemd"))
+        );
+        let v2 = "30 25 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert!(v1_mounts_in(v2).is_empty());
+        assert_eq!(systemd_v1_mount_in(v2), None);
     }
 }

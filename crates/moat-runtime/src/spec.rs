@@ -452,4 +452,33 @@ mod tests {
         assert!(names.contains("init_module") && !names.contains("\"mount\""));
         assert_eq!(v["process"]["args"][0], "/sbin/init");
     }
+
+    #[test]
+    fn system_containers_get_what_systemd_expects() {
+        let mut s = sample();
+        s.kind = ContainerKind::System;
+        s.args.clear();
+        let v = oci_config(&s).expect("config");
+        let mounts = v["mounts"].as_array().expect("mounts");
+        let find = |d: &str| mounts.iter().find(|m| m["destination"] == d).cloned();
+        for d in ["/run", "/run/lock", "/tmp"] {
+            assert_eq!(
+                find(d).map(|m| m["type"].clone()),
+                Some(json!("tmpfs")),
+                "{d}"
+            );
+        }
+        let cg = find("/sys/fs/cgroup").expect("cgroupfs");
+        assert!(cg["options"].to_string().contains("\"rw\""));
+        assert!(v["process"]["env"].to_string().contains("container=moat"));
+        // Application containers keep a read-only cgroupfs and no /run tmpfs.
+        let v = oci_config(&sample()).expect("config");
+        let mounts = v["mounts"].as_array().expect("mounts");
+        assert!(!mounts.iter().any(|m| m["destination"] == "/run"));
+        let cg = mounts
+            .iter()
+            .find(|m| m["destination"] == "/sys/fs/cgroup")
+            .expect("cgroupfs");
+        assert!(cg["options"].to_string().contains("\"ro\""));
+    }
 }
