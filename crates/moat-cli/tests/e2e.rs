@@ -364,6 +364,18 @@ impl Drop for Guard {
             .collect();
         let mut cgs = cgroup_dirs_prefixed(&names);
         cgs.extend(cgroups_named(&self.extra_machines));
+        // The root's cgroup parent in each hierarchy (`moat-<tag>`), removed
+        // after the machines' (longer paths go first below).
+        if !self.tag.is_empty() {
+            if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+                for h in rd.flatten() {
+                    let p = h.path().join(format!("moat-{}", self.tag));
+                    if p.is_dir() {
+                        cgs.push(p);
+                    }
+                }
+            }
+        }
         cgs.sort_by_key(|c| std::cmp::Reverse(c.as_os_str().len()));
         // Processes first (supervisors, dnsmasq, machine inits: those live in
         // another mount namespace, so find them by cgroup), so that mounts

@@ -72,9 +72,10 @@ fn v1_mounts_in(mountinfo: &str) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Every folder of the container's cgroup `/moat/<name>`, over all hierarchies.
-fn container_dirs(name: &str) -> Vec<PathBuf> {
-    let rel = format!("moat/{name}");
+/// Every folder of the container's cgroup (`cgroup`: its path below each
+/// hierarchy's root, e.g. `/moat-<tag>/<name>`), over all hierarchies.
+fn container_dirs(cgroup: &str) -> Vec<PathBuf> {
+    let rel = cgroup.trim_start_matches('/').to_string();
     match layout() {
         Layout::Unified => vec![Path::new(ROOT).join(rel)],
         Layout::Legacy => {
@@ -145,14 +146,14 @@ impl Entered {
 
 /// v1 only: creates `name=systemd:/moat/<name>` owned by the container's root
 /// and moves the calling process into it, so the init it creates inherits it.
-pub fn enter_before_create(name: &str, host_id: u32) -> io::Result<Entered> {
+pub fn enter_before_create(cgroup: &str, host_id: u32) -> io::Result<Entered> {
     if layout() == Layout::Unified {
         return Ok(Entered { back: None });
     }
     let Some(mnt) = systemd_v1_mount() else {
         return Ok(Entered { back: None });
     };
-    let dir = mnt.join("moat").join(name);
+    let dir = mnt.join(cgroup.trim_start_matches('/'));
     fs::create_dir_all(&dir)?;
     chown_delegated(&dir, host_id)?;
     let back = own_systemd_cgroup()
@@ -164,8 +165,8 @@ pub fn enter_before_create(name: &str, host_id: u32) -> io::Result<Entered> {
 
 /// After create, before start: hands the container's cgroup folders (all
 /// hierarchies) to its root.
-pub fn delegate_after_create(name: &str, host_id: u32) -> io::Result<()> {
-    for d in container_dirs(name) {
+pub fn delegate_after_create(cgroup: &str, host_id: u32) -> io::Result<()> {
+    for d in container_dirs(cgroup) {
         if d.is_dir() {
             chown_delegated(&d, host_id)?;
         }
@@ -176,10 +177,10 @@ pub fn delegate_after_create(name: &str, host_id: u32) -> io::Result<()> {
 /// Removes the sub-cgroups the container made below `/moat/<name>` (deepest
 /// first), and the `name=systemd` folder itself, which libcontainer does not
 /// manage. The container's processes must be gone.
-pub fn remove_tree(name: &str) {
-    let mut dirs = container_dirs(name);
+pub fn remove_tree(cgroup: &str) {
+    let mut dirs = container_dirs(cgroup);
     if let Some(m) = systemd_v1_mount() {
-        let d = m.join("moat").join(name);
+        let d = m.join(cgroup.trim_start_matches('/'));
         if !dirs.contains(&d) {
             dirs.push(d);
         }
@@ -196,6 +197,15 @@ pub fn remove_tree(name: &str) {
             let _ = fs::remove_dir(&p);
         }
         let _ = fs::remove_dir(&d);
+        // The parent (`/moat` or `/moat-<tag>`) goes with its last container.
+        if let Some(parent) = d.parent() {
+            if parent
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("moat"))
+            {
+                let _ = fs::remove_dir(parent);
+            }
+        }
     }
 }
 

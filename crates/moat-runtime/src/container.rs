@@ -113,10 +113,12 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
     };
     let entered = match delegate_to {
         Some(id) => Some(
-            crate::cgroups::enter_before_create(&spec.name, id).map_err(|e| RuntimeError::Sys {
-                container: spec.name.clone(),
-                op: "prepare the name=systemd cgroup",
-                source: e,
+            crate::cgroups::enter_before_create(&spec.cgroup_path(), id).map_err(|e| {
+                RuntimeError::Sys {
+                    container: spec.name.clone(),
+                    op: "prepare the name=systemd cgroup",
+                    source: e,
+                }
             })?,
         ),
         None => None,
@@ -140,10 +142,12 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
     }
     let container = built?;
     if let Some(id) = delegate_to {
-        crate::cgroups::delegate_after_create(&spec.name, id).map_err(|e| RuntimeError::Sys {
-            container: spec.name.clone(),
-            op: "delegate the cgroup subtree",
-            source: e,
+        crate::cgroups::delegate_after_create(&spec.cgroup_path(), id).map_err(|e| {
+            RuntimeError::Sys {
+                container: spec.name.clone(),
+                op: "delegate the cgroup subtree",
+                source: e,
+            }
         })?;
     }
     let pid = container
@@ -208,6 +212,15 @@ pub fn kill_all(name: &str, state_root: &Path) -> Result<(), RuntimeError> {
     c.kill(sig, true).map_err(lc_err(name, "kill"))
 }
 
+/// The cgroup path a container was created with (its bundle's config.json).
+fn cgroup_of(c: &Container, name: &str) -> String {
+    std::fs::read(c.bundle().join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["linux"]["cgroupsPath"].as_str().map(str::to_string))
+        .unwrap_or_else(|| format!("/moat/{name}"))
+}
+
 /// Removes the container: its processes (when `force`), cgroups and state.
 /// A missing container is not an error.
 pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeError> {
@@ -228,8 +241,9 @@ pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeE
         }
     }
     // An init such as systemd made sub-cgroups: they must go first.
-    crate::cgroups::remove_tree(name);
+    let cgroup = cgroup_of(&c, name);
+    crate::cgroups::remove_tree(&cgroup);
     let r = c.delete(force).map_err(lc_err(name, "delete"));
-    crate::cgroups::remove_tree(name);
+    crate::cgroups::remove_tree(&cgroup);
     r
 }

@@ -104,6 +104,13 @@ pub struct ContainerSpec {
 }
 
 impl ContainerSpec {
+    /// The container's cgroup below each hierarchy's root.
+    pub fn cgroup_path(&self) -> String {
+        self.cgroup
+            .clone()
+            .unwrap_or_else(|| format!("/moat/{}", self.name))
+    }
+
     /// A hardened application container running `args` in `rootfs`.
     pub fn new(name: impl Into<String>, rootfs: impl Into<PathBuf>, args: Vec<String>) -> Self {
         ContainerSpec {
@@ -342,7 +349,7 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
 
     let mut linux = json!({
         "namespaces": namespaces,
-        "cgroupsPath": spec.cgroup.clone().unwrap_or_else(|| format!("/moat/{}", spec.name)),
+        "cgroupsPath": spec.cgroup_path(),
         "resources": resources,
     });
     if userns {
