@@ -62,12 +62,20 @@ pub fn busybox_fixture() -> Fixture {
         std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-    let st = Command::new("chroot")
-        .arg(&rootfs)
-        .args(["/bin/busybox", "--install", "-s"])
-        .status()
-        .expect("chroot busybox --install");
-    assert!(st.success(), "busybox --install failed");
+    // Retried: a thread of another test forking while our copy's fd is open
+    // makes the exec fail with ETXTBSY for a moment.
+    let ok = (0..20).any(|_| {
+        let st = Command::new("chroot")
+            .arg(&rootfs)
+            .args(["/bin/busybox", "--install", "-s"])
+            .status()
+            .expect("chroot busybox --install");
+        st.success() || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            false
+        }
+    });
+    assert!(ok, "busybox --install failed");
     chmod_755(&rootfs);
     let machine_dir = tmp.path().join("machine");
     Fixture {
