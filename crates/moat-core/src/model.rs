@@ -310,6 +310,44 @@ pub struct Machine {
     pub ip_loc: Option<Loc>,
 }
 
+impl Machine {
+    /// A machine outside any project (`moat run`, clones): a container of the
+    /// `native` driver with no network, no limits and nothing AnKLuMe-specific.
+    pub fn adhoc(name: &str, image: &str) -> Machine {
+        Machine {
+            name: name.into(),
+            full_name: name.into(),
+            domain: String::new(),
+            description: String::new(),
+            kind: MachineType::Container,
+            image: image.into(),
+            driver: "native".into(),
+            cpus: None,
+            memory: None,
+            disk: None,
+            pids: None,
+            network: NetworkMode::None,
+            ip: None,
+            ip_loc: None,
+            ephemeral: true,
+            disposable: false,
+            privileged: false,
+            gpu: false,
+            profiles: vec![],
+            config: BTreeMap::new(),
+            persistent: BTreeMap::new(),
+            mounts: vec![],
+            cloud_init: None,
+            roles: vec![],
+            vars: serde_json::Value::Null,
+            weight: 1,
+            restart: RestartPolicy::No,
+            command: None,
+            loc: None,
+        }
+    }
+}
+
 /// A policy opens a flow between two endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {

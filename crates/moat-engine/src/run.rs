@@ -4,7 +4,7 @@
 //! return its exit status; `--rm` destroys it afterwards.
 
 use crate::{state_err, Engine, EngineError, Progress, Result};
-use moat_core::model::{Machine, MachineType, NetworkMode, RestartPolicy};
+use moat_core::model::Machine;
 use moat_driver::MachineSpec;
 use moat_runtime::machine::{MachineDir, MachineState};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -108,35 +108,12 @@ impl Engine {
             opts.command.clone()
         };
         let machine = Machine {
-            name: name.clone(),
-            full_name: name.clone(),
-            domain: String::new(),
             description: format!("moat run {}", opts.image),
-            kind: MachineType::Container,
-            image: image.name.clone(),
-            driver: "native".into(),
             cpus: opts.cpus,
             memory: opts.memory,
-            disk: None,
-            pids: None,
-            network: NetworkMode::None,
-            ip: None,
-            ip_loc: None,
-            ephemeral: true,
             disposable: opts.rm,
-            privileged: false,
-            gpu: false,
-            profiles: vec![],
-            config: Default::default(),
-            persistent: Default::default(),
-            mounts: vec![],
-            cloud_init: None,
-            roles: vec![],
-            vars: serde_json::Value::Null,
-            weight: 1,
-            restart: RestartPolicy::No,
             command: Some(command),
-            loc: None,
+            ..Machine::adhoc(&name, &image.name)
         };
         let spec = MachineSpec {
             spec_hash: moat_core::spec::spec_hash(&machine, None),

@@ -4,7 +4,7 @@
 
 use crate::run::ADHOC;
 use crate::{state_err, Engine, EngineError, Result};
-use moat_core::model::{Machine, MachineType, NetworkMode, RestartPolicy};
+use moat_core::model::{Machine, NetworkMode};
 use moat_core::observed::MachineState;
 use moat_driver::MachineSpec;
 use moat_image::{MachineFs, SnapshotInfo};
@@ -55,37 +55,7 @@ impl Engine {
             .intend(ADHOC, new, None, Some(new))
             .map_err(state_err)?;
         let cloned = fs.clone_to(new).map_err(img)?;
-        let mut m = declared.unwrap_or_else(|| Machine {
-            name: String::new(),
-            full_name: String::new(),
-            domain: String::new(),
-            description: String::new(),
-            kind: MachineType::Container,
-            image: cloned.state().image.clone(),
-            driver: "native".into(),
-            cpus: None,
-            memory: None,
-            disk: None,
-            pids: None,
-            network: NetworkMode::None,
-            ip: None,
-            ip_loc: None,
-            ephemeral: true,
-            disposable: false,
-            privileged: false,
-            gpu: false,
-            profiles: vec![],
-            config: Default::default(),
-            persistent: Default::default(),
-            mounts: vec![],
-            cloud_init: None,
-            roles: vec![],
-            vars: serde_json::Value::Null,
-            weight: 1,
-            restart: RestartPolicy::No,
-            command: None,
-            loc: None,
-        });
+        let mut m = declared.unwrap_or_else(|| Machine::adhoc(new, &cloned.state().image));
         m.name = new.into();
         m.full_name = new.into();
         m.domain = String::new();
