@@ -18,10 +18,7 @@ fn run_exec_snapshot_clone_destroy() {
         eprintln!("SKIP: moat-supervisor could not be built");
         return;
     };
-    let r = Root {
-        dir: tempfile::tempdir().unwrap(),
-        sup,
-    };
+    let r = Root::new(sup);
 
     // Foreground run: output on our stdout/stderr, the workload's exit status.
     let o = r.moat(&[

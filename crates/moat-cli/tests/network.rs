@@ -38,10 +38,7 @@ fn host_network_rules_status_and_firewall_diff() {
         eprintln!("SKIP: moat-supervisor could not be built");
         return;
     };
-    let r = Root {
-        dir: tempfile::tempdir().unwrap(),
-        sup,
-    };
+    let r = Root::new(sup);
     let proj = r.path().join("project");
     std::fs::create_dir_all(&proj).unwrap();
     std::fs::write(proj.join("moat.yml"), PROJECT).unwrap();

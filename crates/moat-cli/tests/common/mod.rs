@@ -38,9 +38,21 @@ pub fn supervisor() -> Option<PathBuf> {
 pub struct Root {
     pub dir: tempfile::TempDir,
     pub sup: PathBuf,
+    /// `net.ipv4.ip_forward` before the test (apply turns it on): restored on drop.
+    ip_forward: String,
 }
 
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
 impl Root {
+    pub fn new(sup: PathBuf) -> Root {
+        Root {
+            dir: tempfile::tempdir().expect("tempdir"),
+            sup,
+            ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_default(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
@@ -82,6 +94,9 @@ impl Drop for Root {
         m.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in m {
             let _ = Command::new("umount").arg("-l").arg(&p).status();
+        }
+        if !self.ip_forward.is_empty() {
+            let _ = std::fs::write(IP_FORWARD, self.ip_forward.trim());
         }
     }
 }
