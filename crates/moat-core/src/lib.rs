@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod address;
+pub mod cloudinit;
 pub mod diag;
 pub mod load;
 pub mod model;
