@@ -37,6 +37,22 @@ pub struct Project {
     pub domains: BTreeMap<String, Domain>,
     pub policies: Vec<Policy>,
     pub reconcile: Reconcile,
+    /// How to reach an Incus server (`incus:`); `None` = the local Unix socket.
+    pub incus: Option<IncusConfig>,
+}
+
+/// Connection settings for the `incus` driver (`incus:` at the top level).
+/// Paths are resolved against the project folder.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IncusConfig {
+    /// `https://host:port` of a remote server; `None` = the local Unix socket.
+    pub url: Option<String>,
+    /// Local Unix socket path (default `/var/lib/incus/unix.socket`).
+    pub socket: Option<PathBuf>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// The server's certificate (pinned) when it is not signed by a known CA.
+    pub server_cert: Option<PathBuf>,
 }
 
 impl Project {
@@ -196,6 +212,8 @@ pub struct Domain {
     pub dhcp: bool,
     /// Profiles defined in this domain, by name.
     pub profiles: BTreeMap<String, Profile>,
+    /// Default Incus cluster member for the domain's machines (`target:`).
+    pub target: Option<String>,
     pub machines: BTreeMap<String, Machine>,
     /// Where the domain is defined (its file, or its key in moat.yml).
     pub loc: Option<Loc>,
@@ -227,6 +245,45 @@ impl MachineType {
             MachineType::Microvm => "microvm",
         }
     }
+}
+
+/// VM accelerator (`accel:`): `auto` uses KVM when a probe shows it works, else TCG.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// Full-VM firmware (`firmware:`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firmware {
+    /// SeaBIOS: fastest to boot.
+    #[default]
+    Bios,
+    /// OVMF.
+    Uefi,
+}
+
+/// Full-VM display (`display:`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Display {
+    /// Headless (serial console only).
+    #[default]
+    None,
+    /// SPICE on a Unix socket (`moat console --gui`).
+    Spice,
+}
+
+/// A USB device passed through to a VM, by vendor and product id (hex, e.g. `046d`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsbDevice {
+    pub vendor: String,
+    pub product: String,
 }
 
 /// How a machine is attached to networks.
@@ -305,6 +362,23 @@ pub struct Machine {
     pub restart: RestartPolicy,
     /// Command to run instead of the image's init/entrypoint.
     pub command: Option<Vec<String>>,
+    /// Trust level of the machine's domain (copied here so drivers can apply
+    /// the trust rules without the domain at hand).
+    pub trust: TrustLevel,
+    /// VM kernel: a path, or `auto` (configured, host /boot, fetched). `None` = auto.
+    pub kernel: Option<String>,
+    /// VM accelerator.
+    pub accel: Accel,
+    /// Full-VM firmware.
+    pub firmware: Firmware,
+    /// Full-VM display.
+    pub display: Display,
+    /// USB devices passed through to a VM.
+    pub usb: Vec<UsbDevice>,
+    /// Incus cluster member to place the machine on (machine's, else its domain's `target:`).
+    pub target: Option<String>,
+    /// A template is never started; it serves as the base of clones.
+    pub template: bool,
     pub loc: Option<Loc>,
     /// Where `ip:` was written (for address errors); `None` when no `ip:` was given.
     pub ip_loc: Option<Loc>,
@@ -343,6 +417,14 @@ impl Machine {
             weight: 1,
             restart: RestartPolicy::No,
             command: None,
+            trust: TrustLevel::SemiTrusted,
+            kernel: None,
+            accel: Accel::Auto,
+            firmware: Firmware::Bios,
+            display: Display::None,
+            usb: Vec::new(),
+            target: None,
+            template: false,
             loc: None,
         }
     }
@@ -391,10 +473,18 @@ pub enum Protocol {
 pub enum ImageSource {
     /// The host's busybox-static.
     Busybox,
-    /// `debian/<suite>`, built with mmdebstrap.
-    Debian { suite: String },
-    /// `ubuntu/<suite>`, built with mmdebstrap.
-    Ubuntu { suite: String },
+    /// `debian/<suite>`, built with mmdebstrap; `packages:` are added to it.
+    Debian {
+        suite: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        packages: Vec<String>,
+    },
+    /// `ubuntu/<suite>`, built with mmdebstrap; `packages:` are added to it.
+    Ubuntu {
+        suite: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        packages: Vec<String>,
+    },
     /// A rootfs tarball (path).
     Tarball { path: String },
     /// A rootfs folder (path).

@@ -23,7 +23,8 @@ fn every_field_of_moat_format() {
     assert_eq!(
         p.images["base"],
         ImageSource::Debian {
-            suite: "bookworm".into()
+            suite: "bookworm".into(),
+            packages: vec![]
         }
     );
     assert_eq!(p.images["tiny"], ImageSource::Busybox);
@@ -191,13 +192,15 @@ fn images_resolve() {
     assert_eq!(
         r("base"),
         Some(ImageSource::Debian {
-            suite: "bookworm".into()
+            suite: "bookworm".into(),
+            packages: vec![]
         })
     );
     assert_eq!(
         r("ubuntu/24.04"),
         Some(ImageSource::Ubuntu {
-            suite: "24.04".into()
+            suite: "24.04".into(),
+            packages: vec![]
         })
     );
     assert_eq!(r("nope"), None);

@@ -88,6 +88,7 @@ pub fn resolved(root: &str, octet: u8, domains: &[DomainSpec], policies: Vec<Pol
         domains: BTreeMap::new(),
         policies,
         reconcile: Reconcile::default(),
+        incus: None,
     };
     let mut networks = BTreeMap::new();
     let mut nics = BTreeMap::new();
@@ -138,6 +139,7 @@ pub fn resolved(root: &str, octet: u8, domains: &[DomainSpec], policies: Vec<Pol
                 egress: d.egress,
                 dhcp: d.dhcp,
                 profiles: BTreeMap::new(),
+                target: None,
                 machines,
                 loc: None,
             },
@@ -157,32 +159,10 @@ fn machine(domain: &str, name: &str, ip: Ipv4Addr) -> Machine {
         name: name.into(),
         full_name: format!("{domain}-{name}"),
         domain: domain.into(),
-        description: String::new(),
-        kind: MachineType::Container,
-        image: "busybox".into(),
-        driver: "native".into(),
-        cpus: None,
-        memory: None,
-        disk: None,
-        pids: None,
         network: NetworkMode::Domain,
         ip: Some(ip),
         ephemeral: false,
-        disposable: false,
-        privileged: false,
-        gpu: false,
-        profiles: Vec::new(),
-        config: BTreeMap::new(),
-        persistent: BTreeMap::new(),
-        mounts: Vec::new(),
-        cloud_init: None,
-        roles: Vec::new(),
-        vars: serde_json::Value::Null,
-        weight: 1,
-        restart: RestartPolicy::No,
-        command: None,
-        loc: None,
-        ip_loc: None,
+        ..Machine::adhoc(name, "busybox")
     }
 }
 

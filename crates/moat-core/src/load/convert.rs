@@ -7,9 +7,9 @@ use super::keys::{self, Key, NOT_ACTED_ON};
 use super::{decode, Loaded, ANKLUME_FILE, DOMAINS_DIR, POLICIES_FILE};
 use crate::diag::{Diagnostic, Diagnostics, Loc};
 use crate::model::{
-    Addressing, Defaults, Domain, Egress, Endpoint, Format, ImageSource, Machine, MachineType,
-    Mount, NetworkMode, Policy, Ports, Profile, Project, Protocol, Reconcile, RestartPolicy,
-    TrustLevel,
+    Accel, Addressing, Defaults, Display, Domain, Egress, Endpoint, Firmware, Format,
+    ImageSource, IncusConfig, Machine, MachineType, Mount, NetworkMode, Policy, Ports, Profile,
+    Project, Protocol, Reconcile, RestartPolicy, TrustLevel, UsbDevice,
 };
 use crate::naming::{check_dns_label, MAX_DOMAIN_LEN, MAX_FULL_NAME_LEN};
 use crate::suggest;
@@ -459,10 +459,12 @@ pub fn builtin_image(r: &str) -> Option<ImageSource> {
     } else if let Some(s) = r.strip_prefix("debian/").filter(|s| suite_ok(s)) {
         Some(ImageSource::Debian {
             suite: s.to_string(),
+            packages: Vec::new(),
         })
     } else if let Some(s) = r.strip_prefix("ubuntu/").filter(|s| suite_ok(s)) {
         Some(ImageSource::Ubuntu {
             suite: s.to_string(),
+            packages: Vec::new(),
         })
     } else {
         r.strip_prefix("oci:")
@@ -640,6 +642,7 @@ pub(super) fn convert(
     if let Some(n) = tf.get("images") {
         images(&mut cx, n);
     }
+    let incus = tf.get("incus").map(|n| incus(&mut cx, n, dir));
     let addressing = tf
         .get("addressing")
         .map(|n| addressing(&mut cx, n))
@@ -755,6 +758,7 @@ pub(super) fn convert(
             domains,
             policies,
             reconcile,
+            incus,
         },
         warnings: diags,
     })
@@ -870,6 +874,19 @@ fn images(cx: &mut Cx, node: &Node) {
             _ => &["path"],
         };
         let mut ok = true;
+        if let (false, Some(e)) = (matches!(source, "debian" | "ubuntu"), f.entry("packages")) {
+            cx.err_hint(
+                &e.key_loc,
+                &join(&field, "packages"),
+                format!("'packages' does not apply to source '{source}'"),
+                "only debian and ubuntu images are built by moat; install packages in the image you import",
+            );
+            ok = false;
+        }
+        let packages = f
+            .get("packages")
+            .and_then(|n| cx.str_list(n, &join(&field, "packages")))
+            .unwrap_or_default();
         for k in ["suite", "path", "reference"] {
             let present = f.entry(k);
             match (needs.contains(&k), present) {
@@ -891,8 +908,14 @@ fn images(cx: &mut Cx, node: &Node) {
         let get = |cx: &mut Cx, k: &str| f.get(k).and_then(|n| cx.name_string(n, &join(&field, k)));
         let src = match source {
             "busybox" => Some(ImageSource::Busybox),
-            "debian" => get(cx, "suite").map(|suite| ImageSource::Debian { suite }),
-            "ubuntu" => get(cx, "suite").map(|suite| ImageSource::Ubuntu { suite }),
+            "debian" => get(cx, "suite").map(|suite| ImageSource::Debian {
+                suite,
+                packages: packages.clone(),
+            }),
+            "ubuntu" => get(cx, "suite").map(|suite| ImageSource::Ubuntu {
+                suite,
+                packages: packages.clone(),
+            }),
             "oci" => get(cx, "reference").map(|reference| ImageSource::Oci { reference }),
             "tarball" => get(cx, "path").map(|path| ImageSource::Tarball { path }),
             "folder" => get(cx, "path").map(|path| ImageSource::Folder { path }),
@@ -1049,6 +1072,7 @@ fn domain(cx: &mut Cx, src: &DomainSrc) -> Option<Domain> {
         egress: Egress::Nat,
         dhcp: true,
         profiles: BTreeMap::new(),
+        target: None,
         machines: BTreeMap::new(),
         loc: Some(src.loc.clone()),
     };
@@ -1070,6 +1094,9 @@ fn domain(cx: &mut Cx, src: &DomainSrc) -> Option<Domain> {
     }
     if let Some(n) = f.get("dhcp") {
         d.dhcp = cx.boolean(n, &fj("dhcp")).unwrap_or(true);
+    }
+    if let Some(n) = f.get("target") {
+        d.target = cx.name_string(n, &fj("target"));
     }
     if let Some(n) = f.get("egress") {
         if cx.choice(n, &fj("egress"), &["nat", "none"]) == Some("none") {
@@ -1289,6 +1316,14 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
         weight: 1,
         restart: RestartPolicy::No,
         command: None,
+        trust: d.trust_level,
+        kernel: None,
+        accel: Accel::Auto,
+        firmware: Firmware::Bios,
+        display: Display::None,
+        usb: Vec::new(),
+        target: d.target.clone(),
+        template: false,
         loc: Some(e.key_loc.clone()),
         ip_loc: None,
     };
@@ -1487,10 +1522,148 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
     if let Some(n) = f.get("mounts") {
         m.mounts = mounts(cx, n, &fj("mounts"));
     }
+    vm_settings(cx, &mut m, &f, &field);
+    if let Some(n) = f.get("target") {
+        m.target = cx.name_string(n, &fj("target"));
+    }
+    if let Some(n) = f.get("template") {
+        m.template = cx.boolean(n, &fj("template")).unwrap_or(false);
+    }
     if !name_ok {
         return None;
     }
     Some(m)
+}
+
+/// `kernel`, `accel`, `firmware`, `display`, `usb`: VM settings, refused on
+/// machine types they do not apply to.
+fn vm_settings(cx: &mut Cx, m: &mut Machine, f: &Fields, field: &str) {
+    let fj = |k: &str| join(field, k);
+    let applies = |k: &str| match k {
+        "firmware" | "display" => m.kind == MachineType::Vm,
+        _ => m.kind != MachineType::Container,
+    };
+    for k in ["kernel", "accel", "firmware", "display", "usb"] {
+        if let Some(e) = f.entry(k) {
+            if !applies(k) {
+                let kinds = if matches!(k, "firmware" | "display") {
+                    "type: vm"
+                } else {
+                    "type: vm and type: microvm"
+                };
+                cx.err_hint(
+                    &e.key_loc,
+                    &fj(k),
+                    format!("'{k}' applies only to {kinds}, not to a {}", m.kind.as_str()),
+                    format!("remove '{k}', or set the machine's type"),
+                );
+            }
+        }
+    }
+    if let Some(n) = f.get("kernel") {
+        m.kernel = cx.string(n, &fj("kernel")).filter(|k| k != "auto");
+    }
+    if let Some(n) = f.get("accel") {
+        m.accel = match cx.choice(n, &fj("accel"), &["auto", "kvm", "tcg"]) {
+            Some("kvm") => Accel::Kvm,
+            Some("tcg") => Accel::Tcg,
+            _ => Accel::Auto,
+        };
+    }
+    if let Some(n) = f.get("firmware") {
+        m.firmware = match cx.choice(n, &fj("firmware"), &["bios", "uefi"]) {
+            Some("uefi") => Firmware::Uefi,
+            _ => Firmware::Bios,
+        };
+    }
+    if let Some(n) = f.get("display") {
+        m.display = match cx.choice(n, &fj("display"), &["none", "spice"]) {
+            Some("spice") => Display::Spice,
+            _ => Display::None,
+        };
+    }
+    if let Some(n) = f.get("usb") {
+        let Some(seq) = n.as_seq() else {
+            cx.err_hint(
+                &n.loc,
+                &fj("usb"),
+                format!("expected a list of devices, found {}", n.describe()),
+                "write usb: [{vendor: \"046d\", product: \"c52b\"}] (ids from lsusb)",
+            );
+            return;
+        };
+        for (i, dev) in seq.iter().enumerate() {
+            let df = format!("{}[{i}]", fj("usb"));
+            let g = cx.fields(dev, &df, "in a usb device", keys::USB);
+            let id = |cx: &mut Cx, k: &str| -> Option<String> {
+                let Some(v) = g.get(k) else {
+                    cx.err_hint(
+                        &dev.loc,
+                        &df,
+                        format!("missing '{k}'"),
+                        "give both vendor and product, 4 hex digits each (see lsusb)",
+                    );
+                    return None;
+                };
+                let s = cx.string(v, &join(&df, k))?;
+                let t = s.trim().trim_start_matches("0x").to_ascii_lowercase();
+                if t.len() == 4 && t.chars().all(|c| c.is_ascii_hexdigit()) {
+                    Some(t)
+                } else {
+                    cx.err_hint(
+                        &v.loc,
+                        &join(&df, k),
+                        format!("invalid USB id '{}'", shorten(&s)),
+                        "write 4 hex digits, e.g. 046d (see lsusb)",
+                    );
+                    None
+                }
+            };
+            let vendor = id(cx, "vendor");
+            let product = id(cx, "product");
+            if let (Some(vendor), Some(product)) = (vendor, product) {
+                m.usb.push(UsbDevice { vendor, product });
+            }
+        }
+    }
+}
+
+/// `incus:` connection settings; relative paths resolve against the project folder.
+fn incus(cx: &mut Cx, node: &Node, dir: &Path) -> IncusConfig {
+    let f = cx.fields(node, "incus", "in incus", keys::INCUS);
+    let mut c = IncusConfig::default();
+    let path = |cx: &mut Cx, k: &str| {
+        f.get(k)
+            .and_then(|n| cx.string(n, &join("incus", k)))
+            .map(|p| dir.join(p))
+    };
+    c.socket = path(cx, "socket");
+    c.client_cert = path(cx, "client_cert");
+    c.client_key = path(cx, "client_key");
+    c.server_cert = path(cx, "server_cert");
+    if let Some(n) = f.get("url") {
+        if let Some(u) = cx.string(n, "incus.url") {
+            if u.starts_with("https://") {
+                c.url = Some(u);
+            } else {
+                cx.err_hint(
+                    &n.loc,
+                    "incus.url",
+                    format!("invalid Incus URL '{}': only https:// is supported", shorten(&u)),
+                    "write https://HOST:8443, or remove url to use the local Unix socket",
+                );
+            }
+        }
+    }
+    if c.url.is_some() && (c.client_cert.is_none() || c.client_key.is_none()) {
+        cx.err_hint(
+            &node.loc,
+            "incus",
+            "a remote Incus server needs client_cert and client_key",
+            "generate a pair (incus remote generate-certificate) and add the certificate to the server's trust store",
+        );
+    }
+    c
 }
 
 /// Incus `limits.cpu` / `limits.memory` also set `cpus` / `memory`.
@@ -1961,7 +2134,10 @@ mod tests {
     fn builtins() {
         assert_eq!(
             builtin_image("debian/13"),
-            Some(ImageSource::Debian { suite: "13".into() })
+            Some(ImageSource::Debian {
+                suite: "13".into(),
+                packages: vec![]
+            })
         );
         assert_eq!(
             builtin_image("oci:alpine:3"),

@@ -33,6 +33,7 @@ pub(crate) const TOP: &[Key] = &[
     m("description"),
     m("images"),
     m("reconcile"),
+    m("incus"),
     m("domains"),
     m("policies"),
 ];
@@ -62,6 +63,7 @@ pub(crate) const DOMAIN: &[Key] = &[
     m("subnet"),
     m("egress"),
     m("dhcp"),
+    m("target"),
 ];
 
 pub(crate) const PROFILE: &[Key] = &[b("description"), b("config"), b("devices")];
@@ -94,6 +96,13 @@ pub(crate) const MACHINE: &[Key] = &[
     m("command"),
     m("cloud_init"),
     m("mounts"),
+    m("kernel"),
+    m("accel"),
+    m("firmware"),
+    m("display"),
+    m("usb"),
+    m("target"),
+    m("template"),
 ];
 
 pub(crate) const POLICY: &[Key] = &[
@@ -107,7 +116,23 @@ pub(crate) const POLICY: &[Key] = &[
 
 pub(crate) const POLICIES_TOP: &[Key] = &[b("policies")];
 
-pub(crate) const IMAGE: &[Key] = &[m("source"), m("suite"), m("path"), m("reference")];
+pub(crate) const IMAGE: &[Key] = &[
+    m("source"),
+    m("suite"),
+    m("path"),
+    m("reference"),
+    m("packages"),
+];
+
+pub(crate) const INCUS: &[Key] = &[
+    m("url"),
+    m("socket"),
+    m("client_cert"),
+    m("client_key"),
+    m("server_cert"),
+];
+
+pub(crate) const USB: &[Key] = &[m("vendor"), m("product")];
 
 pub(crate) const MOUNT: &[Key] = &[m("source"), m("target"), m("readonly")];
 

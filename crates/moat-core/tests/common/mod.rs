@@ -17,6 +17,7 @@ pub fn project(format: Format) -> Project {
         domains: BTreeMap::new(),
         policies: Vec::new(),
         reconcile: Reconcile::default(),
+        incus: None,
     }
 }
 
@@ -31,6 +32,7 @@ pub fn domain(name: &str, trust: TrustLevel) -> Domain {
         egress: Egress::default(),
         dhcp: false,
         profiles: BTreeMap::new(),
+        target: None,
         machines: BTreeMap::new(),
         loc: Some(Loc::new("moat.yml", 1, 1)),
     }
@@ -41,32 +43,10 @@ pub fn machine(domain: &str, name: &str) -> Machine {
         name: name.into(),
         full_name: format!("{domain}-{name}"),
         domain: domain.into(),
-        description: String::new(),
-        kind: MachineType::Container,
-        image: "busybox".into(),
-        driver: "native".into(),
-        cpus: None,
-        memory: None,
-        disk: None,
-        pids: None,
         network: NetworkMode::Domain,
-        ip: None,
         ephemeral: false,
-        disposable: false,
-        privileged: false,
-        gpu: false,
-        profiles: Vec::new(),
-        config: BTreeMap::new(),
-        persistent: BTreeMap::new(),
-        mounts: Vec::new(),
-        cloud_init: None,
-        roles: Vec::new(),
-        vars: serde_json::Value::Null,
-        weight: 1,
-        restart: RestartPolicy::default(),
-        command: None,
         loc: Some(Loc::new("moat.yml", 2, 3)),
-        ip_loc: None,
+        ..Machine::adhoc(name, "busybox")
     }
 }
 
