@@ -28,8 +28,8 @@ pub(crate) fn produce(store: &ImageStore, src: &ImageSource, p: &dyn Progress) -
     let desc = describe_source(src);
     match src {
         ImageSource::Busybox => busybox(store, Path::new("/bin/busybox"), p),
-        ImageSource::Debian { suite } => mmdebstrap(store, "debian", suite, p),
-        ImageSource::Ubuntu { suite } => mmdebstrap(store, "ubuntu", suite, p),
+        ImageSource::Debian { suite, packages } => mmdebstrap(store, "debian", suite, packages, p),
+        ImageSource::Ubuntu { suite, packages } => mmdebstrap(store, "ubuntu", suite, packages, p),
         ImageSource::Tarball { path } => {
             p.step(&format!("importing {desc}"));
             let f = fs::File::open(path).ctx("open tarball", path)?;
@@ -312,7 +312,13 @@ pub const SYSTEM_PACKAGES: &[&str] = &[
     "ca-certificates",
 ];
 
-fn mmdebstrap(store: &ImageStore, distro: &str, suite: &str, p: &dyn Progress) -> Result<Built> {
+fn mmdebstrap(
+    store: &ImageStore,
+    distro: &str,
+    suite: &str,
+    packages: &[String],
+    p: &dyn Progress,
+) -> Result<Built> {
     let desc = format!("{distro}/{suite}");
     if suite.is_empty()
         || !suite
@@ -335,9 +341,21 @@ fn mmdebstrap(store: &ImageStore, distro: &str, suite: &str, p: &dyn Progress) -
     ));
     let st = store.staging()?;
     let target = st.path().to_path_buf();
+    if let Some(bad) = packages.iter().find(|n| {
+        n.is_empty()
+            || !n
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-.:".contains(&b))
+    }) {
+        return Err(ImageError::BadSource {
+            source_desc: desc,
+            reason: format!("'{bad}' is not a Debian package name"),
+        });
+    }
     let mut include = SYSTEM_PACKAGES.join(",");
-    if std::env::var_os("MOAT_IMAGE_CLOUD_INIT").is_some() {
-        include.push_str(",cloud-init");
+    for pkg in packages {
+        include.push(',');
+        include.push_str(pkg);
     }
     let mut cmd = Command::new("mmdebstrap");
     cmd.args(["--variant=minbase", "--mode=root", "--format=directory"])

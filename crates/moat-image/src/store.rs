@@ -210,8 +210,18 @@ pub(crate) fn layer_dir_name(id: &str) -> String {
 pub fn describe_source(src: &ImageSource) -> String {
     match src {
         ImageSource::Busybox => "busybox (host busybox-static)".into(),
-        ImageSource::Debian { suite } => format!("debian/{suite} (mmdebstrap)"),
-        ImageSource::Ubuntu { suite } => format!("ubuntu/{suite} (mmdebstrap)"),
+        ImageSource::Debian { suite, packages } if packages.is_empty() => {
+            format!("debian/{suite} (mmdebstrap)")
+        }
+        ImageSource::Debian { suite, packages } => {
+            format!("debian/{suite} + {} (mmdebstrap)", packages.join(","))
+        }
+        ImageSource::Ubuntu { suite, packages } if packages.is_empty() => {
+            format!("ubuntu/{suite} (mmdebstrap)")
+        }
+        ImageSource::Ubuntu { suite, packages } => {
+            format!("ubuntu/{suite} + {} (mmdebstrap)", packages.join(","))
+        }
         ImageSource::Tarball { path } => format!("tarball {path}"),
         ImageSource::Folder { path } => format!("folder {path}"),
         ImageSource::OciLayout { path } => format!("oci layout {path}"),

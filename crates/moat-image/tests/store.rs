@@ -756,6 +756,7 @@ fn debian_bookworm_with_mmdebstrap() {
             "debian/bookworm",
             &ImageSource::Debian {
                 suite: "bookworm".into(),
+                packages: vec![],
             },
             &StderrProgress,
         )
@@ -794,6 +795,7 @@ fn ubuntu_without_a_configured_source_fails_clearly() {
             "ubuntu/noble",
             &ImageSource::Ubuntu {
                 suite: "noble".into(),
+                packages: vec![],
             },
             &NoProgress,
         )
