@@ -311,10 +311,14 @@ impl Driver for NativeDriver {
                 pids: c.container.limits.pids,
             })
             .unwrap_or_default();
+        settle_first_launch(&dir);
         let state = match dir.state() {
-            MachineState::Running { .. }
-            | MachineState::Created { .. }
-            | MachineState::Restarting { .. } => ObsState::Running,
+            MachineState::Running { .. } | MachineState::Restarting { .. } => ObsState::Running,
+            // Waiting for a `start` that never came: whoever launched it
+            // (an apply, the daemon) died between launch and start.
+            MachineState::Created { .. } => ObsState::Crashed {
+                reason: "created but never started (the apply starting it was interrupted)".into(),
+            },
             MachineState::Absent => ObsState::Stopped,
             MachineState::Stopped { .. } => ObsState::Stopped,
             MachineState::Crashed { reason } => ObsState::Crashed { reason },
@@ -392,6 +396,12 @@ impl Driver for NativeDriver {
             MachineState::Crashed { .. } => {
                 machine::cleanup_dead(&dir).map_err(Self::rt(full_name))?
             }
+            MachineState::Created { .. } => {
+                // Launched by a process that died before attaching its NIC
+                // and starting it: stop that supervisor and launch afresh.
+                machine::stop(&dir, Duration::from_millis(100)).map_err(Self::rt(full_name))?;
+                machine::cleanup_dead(&dir).map_err(Self::rt(full_name))?
+            }
             _ => {}
         }
         self.rootfs
@@ -452,5 +462,23 @@ impl Driver for NativeDriver {
             stdout: r.stdout,
             stderr: r.stderr,
         })
+    }
+}
+
+/// A supervisor busy with its first launch may belong to a process that died
+/// (an apply killed between launch and start): wait until it has created the
+/// container, so that the caller sees `Created` (never started) rather than a
+/// launch in progress it would take for running.
+fn settle_first_launch(dir: &MachineDir) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Some(s) = dir.read_status() {
+        let launching = s.phase == machine::Phase::Starting && s.restarts == 0;
+        if !launching
+            || !matches!(dir.state(), MachineState::Restarting { .. })
+            || std::time::Instant::now() > deadline
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

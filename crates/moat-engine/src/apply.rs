@@ -152,8 +152,11 @@ impl Engine {
         }
 
         let host = self.host()?;
-        let desired = self.desired(&checked, Some(&state))?;
         let observed = self.observe_managed(&host, &checked)?;
+        if !opts.dry_run {
+            self.reconcile_records(&state, &host, &observed, progress)?;
+        }
+        let desired = self.desired(&checked, Some(&state))?;
         let plan = moat_core::plan::plan(
             &desired,
             &observed,
@@ -281,6 +284,52 @@ impl Engine {
             recovered,
             millis: t0.elapsed().as_millis() as u64,
         })
+    }
+
+    /// Bring the ownership records in line with the host, for when an apply
+    /// or destroy was killed between recording and acting: a pending intent
+    /// whose resource exists is confirmed; a record whose resource is gone is
+    /// dropped (the plan re-creates what is still declared and records it
+    /// again), after removing what a cut-short creation left (a machine folder
+    /// no driver lists, a dnsmasq for a bridge that is gone).
+    fn reconcile_records(
+        &self,
+        state: &moat_state::StateStore,
+        host: &Host,
+        observed: &moat_core::observed::Observed,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let bridges: BTreeSet<&str> = observed
+            .networks
+            .values()
+            .map(|n| n.bridge.as_str())
+            .collect();
+        for r in state.resources().map_err(state_err)? {
+            let present = match r.kind.as_str() {
+                "machine" => observed.machines.contains_key(&r.name),
+                "network" => bridges.contains(r.name.as_str()),
+                "nft-table" => observed.firewall_hash.is_some(),
+                _ => continue,
+            };
+            if present {
+                if r.pending {
+                    state.mark_done(&r.kind, &r.name).map_err(state_err)?;
+                }
+                continue;
+            }
+            if r.kind == "machine" && host.ctx.root.join("machines").join(&r.name).exists() {
+                // Only the native driver keeps a folder there before it lists a machine.
+                progress.event(&format!("    removing the remains of machine {}", r.name));
+                host.driver("native")?
+                    .destroy(&host.ctx, &r.name)
+                    .map_err(EngineError::from)?;
+            }
+            if r.kind == "network" {
+                let _ = host.net.stop_dhcp(&r.name, &host.ctx.run_dir);
+            }
+            state.forget(&r.kind, &r.name).map_err(state_err)?;
+        }
+        Ok(())
     }
 
     /// Record what an action is about to create, before it exists.

@@ -343,6 +343,25 @@ impl Engine {
                 destroyed.push(format!("machine {m}"));
             }
         }
+        // Folders of machines whose creation was cut short (killed before
+        // the driver wrote its record, so no driver lists them).
+        if !matches!(target, DestroyTarget::Machine(_)) {
+            let rd = std::fs::read_dir(self.cfg.root.join("machines"));
+            for e in rd.into_iter().flatten().flatten() {
+                let m = e.file_name().to_string_lossy().into_owned();
+                let ours = match target {
+                    DestroyTarget::Domain(d) => domain_of(&m).as_deref() == Some(d.as_str()),
+                    _ => true,
+                };
+                if observed.machines.contains_key(&m) || !ours {
+                    continue;
+                }
+                host.driver("native")?.destroy(&host.ctx, &m)?;
+                state.forget("machine", &m).map_err(state_err)?;
+                state.forget(crate::run::ADHOC, &m).map_err(state_err)?;
+                destroyed.push(format!("remains of machine {m}"));
+            }
+        }
         let nets: Vec<_> = match target {
             DestroyTarget::Machine(_) => vec![],
             DestroyTarget::Domain(d) => observed
@@ -367,6 +386,19 @@ impl Engine {
                 .map_err(|e| EngineError::Failed(e.to_string()))?;
             let t = moat_core::naming::nft_table(&self.tag);
             state.forget("nft-table", &t).map_err(state_err)?;
+            // Records of what an interrupted apply meant to create but never
+            // did, and its unfinished journal entries: nothing is left to finish.
+            for r in state.resources().map_err(state_err)? {
+                if matches!(r.kind.as_str(), "machine" | "network" | "nft-table") {
+                    if r.kind == "network" {
+                        let _ = host.net.stop_dhcp(&r.name, &host.ctx.run_dir);
+                    }
+                    state.forget(&r.kind, &r.name).map_err(state_err)?;
+                }
+            }
+            state
+                .close_incomplete("superseded by destroy --all")
+                .map_err(state_err)?;
             let _ = std::fs::remove_file(self.applied_rules_path());
             // The per-root cgroup parents (`/moat-<tag>` in each hierarchy), now empty.
             if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {

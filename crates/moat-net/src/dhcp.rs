@@ -111,18 +111,28 @@ impl<E: Executor> NetHost<E> {
             if out.success() {
                 // dnsmasq exits on SIGTERM at once; wait briefly so a restart can bind.
                 for _ in 0..50 {
-                    if !Path::new(&format!("/proc/{pid}")).exists() {
+                    if !alive(pid) {
                         break;
                     }
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
             }
         }
-        for ext in ["pid", "args", "leases"] {
+        for ext in ["pid", "args", "leases", "log"] {
             let _ = std::fs::remove_file(file(run_dir, bridge, ext));
         }
         Ok(())
     }
+}
+
+/// Whether `pid` exists and is not a zombie (where PID 1 does not reap
+/// orphans, a killed daemonized dnsmasq stays a zombie for good).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 /// Pid from the pid file, if that process is a dnsmasq serving `bridge`.

@@ -1,6 +1,8 @@
 //! Shared by the root CLI tests: a private moat root that cleans up after itself.
 #![allow(dead_code)]
 
+pub mod scan;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
