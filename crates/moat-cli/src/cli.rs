@@ -38,6 +38,10 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = ColorChoice::Auto)]
     pub color: ColorChoice,
 
+    /// Run in-process even when the root's daemon is running
+    #[arg(long, global = true)]
+    pub no_daemon: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -89,6 +93,10 @@ pub enum Command {
     /// Inspect domain networks and the firewall
     #[command(subcommand)]
     Network(NetworkCmd),
+    /// Serve the HTTP/JSON API on the root's socket (foreground), reconcile continuously
+    Daemon(crate::daemon::DaemonArgs),
+    /// Print the daemon's events as JSON lines
+    Events(crate::daemon::EventsArgs),
     /// Print shell completions to stdout
     Completions {
         #[arg(value_enum)]

@@ -3,6 +3,8 @@
 //! everything is readable without colour.
 
 mod cli;
+mod client;
+mod daemon;
 mod image;
 mod init;
 mod output;

@@ -30,6 +30,9 @@ pub enum CliError {
     NotFound(String),
     #[error("{0}")]
     Other(String),
+    /// An error the daemon reported (printed as the in-process one would be).
+    #[error(transparent)]
+    Remote(crate::client::RemoteError),
 }
 
 impl CliError {
@@ -43,6 +46,7 @@ impl CliError {
                 moat_engine::ErrorKind::Failed => exit::FAILED,
             },
             CliError::NotFound(_) => exit::NOT_FOUND,
+            CliError::Remote(r) => r.code,
             _ => exit::FAILED,
         }
     }
@@ -55,6 +59,7 @@ impl CliError {
             ),
             CliError::Exists(_) => Some("pass --force to overwrite it".into()),
             CliError::Engine(e) => e.hint(),
+            CliError::Remote(r) => r.hint.clone(),
             _ => None,
         }
     }
@@ -98,7 +103,12 @@ fn engine(cli: &Cli) -> Result<moat_engine::Engine, CliError> {
 }
 
 pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
+    if let Some(code) = crate::client::route(cli, out)? {
+        return Ok(code);
+    }
     match &cli.command {
+        Command::Daemon(a) => crate::daemon::run(cli, out, a),
+        Command::Events(a) => crate::daemon::events(cli, out, a),
         Command::Validate(a) => {
             let path = project_path(cli)?;
             let eng = moat_engine::Engine::open_readonly(moat_engine::Config::for_root(&cli.root))?;
