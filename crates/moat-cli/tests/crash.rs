@@ -259,10 +259,11 @@ domains:
             .expect("spawn moat")
     }
 
-    /// Destroy everything; then nothing of the root may be left.
-    fn destroy_all(&self) -> Result<(), String> {
+    /// Destroy everything; then nothing of the root may be left (but the
+    /// processes in `ignore`: a running daemon).
+    fn destroy_all(&self, ignore: &[u32]) -> Result<(), String> {
         let o = self.run(&["destroy", "--all", "--force"]);
-        let left = scan::leftovers(&self.root);
+        let left = scan::leftovers(&self.root, ignore);
         if o.status.success() && left.is_empty() {
             return Ok(());
         }
@@ -444,11 +445,11 @@ impl Tally {
 }
 
 /// Prepare the host (and the project file) for run `run` (see [`Start`]).
-fn prepare(lab: &Lab, run: u32, tally: &mut Tally) {
+fn prepare(lab: &Lab, run: u32, ignore: &[u32], tally: &mut Tally) {
     match Start::of(run) {
         Start::Scratch => {
             tally.destroys += 1;
-            match lab.destroy_all() {
+            match lab.destroy_all(ignore) {
                 Ok(()) => tally.clean_destroys += 1,
                 Err(e) => {
                     tally.failures.push(format!("run {run}: before it: {e}"));
@@ -503,7 +504,7 @@ fn apply_killed_at_random_moments_converges() {
     let mut tally = Tally::default();
     let n = runs();
     for run in 0..n {
-        prepare(&lab, run, &mut tally);
+        prepare(&lab, run, &[], &mut tally);
         let delay = rng.below(window.max(1));
         let t = Instant::now();
         let mut child = lab.spawn(&["apply", "--prune"]);
@@ -540,7 +541,7 @@ fn apply_killed_at_random_moments_converges() {
         }
     }
     tally.destroys += 1;
-    match lab.destroy_all() {
+    match lab.destroy_all(&[]) {
         Ok(()) => tally.clean_destroys += 1,
         Err(e) => tally.failures.push(format!("final destroy: {e}")),
     }
@@ -548,6 +549,175 @@ fn apply_killed_at_random_moments_converges() {
     assert!(
         tally.failures.is_empty(),
         "kill test failures:\n{}",
+        tally.failures.join("\n")
+    );
+}
+
+/// A `moat daemon` serving a lab's root; killed (SIGKILL) on drop.
+struct Daemon {
+    child: Child,
+}
+
+impl Daemon {
+    /// Start the daemon and wait until it prints `listening on ...`.
+    fn start(lab: &Lab) -> Result<Daemon, String> {
+        use std::io::BufRead;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(lab.base.join("daemon.log"))
+            .map_err(|e| format!("daemon log: {e}"))?;
+        let mut child = Command::new(moat_bin())
+            .arg("--root")
+            .arg(&lab.root)
+            .arg("-f")
+            .arg(&lab.proj)
+            .args(["--color", "never", "daemon", "--interval", "3600"])
+            .env("MOAT_SUPERVISOR", &lab.sup)
+            .env_remove("MOAT_ROOT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start moat daemon: {e}"))?;
+        let stdout = child.stdout.take();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            if let Some(s) = stdout {
+                let _ = std::io::BufReader::new(s).read_line(&mut line);
+            }
+            let _ = tx.send(line);
+        });
+        let d = Daemon { child };
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(l) if l.starts_with("listening on") => Ok(d),
+            other => Err(format!(
+                "moat daemon did not start ({other:?}); its log: {}",
+                std::fs::read_to_string(lab.base.join("daemon.log")).unwrap_or_default()
+            )),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether this build has `moat daemon`.
+fn has_daemon() -> bool {
+    Command::new(moat_bin())
+        .args(["daemon", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn daemon_killed_at_random_moments_converges() {
+    if let Some(why) = skip_reason() {
+        eprintln!("SKIP: daemon_killed_at_random_moments_converges: {why}");
+        return;
+    }
+    if !has_daemon() {
+        eprintln!(
+            "SKIP: daemon_killed_at_random_moments_converges: no `moat daemon` in this build"
+        );
+        return;
+    }
+    let t0 = Instant::now();
+    let lab = Lab::new("daemon");
+    lab.write(false);
+    let d = Daemon::start(&lab).unwrap_or_else(|e| panic!("{e}"));
+    let first_pid = d.pid();
+    let mut daemon = Some(d);
+    // `moat apply` goes through the running daemon: time it from scratch.
+    let t = Instant::now();
+    let o = lab.run(&["apply"]);
+    let full = t.elapsed();
+    assert!(
+        o.status.success(),
+        "apply through the daemon failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let first = lab.converges(&[first_pid]);
+    assert!(
+        first.is_empty(),
+        "un-killed apply is inconsistent: {first:?}"
+    );
+    eprintln!(
+        "un-killed apply through the daemon: {} ms",
+        full.as_millis()
+    );
+    let window = (full.as_millis() as u64) * 6 / 5;
+
+    let mut rng = Rng::new(2);
+    let mut tally = Tally::default();
+    let n = runs();
+    for run in 0..n {
+        let pids: Vec<u32> = daemon.iter().map(Daemon::pid).collect();
+        prepare(&lab, run, &pids, &mut tally);
+        let delay = rng.below(window.max(1));
+        let t = Instant::now();
+        // The client asks the daemon for the apply and prints its progress.
+        let mut client = lab.spawn(&["apply", "--prune"]);
+        std::thread::sleep(Duration::from_millis(delay).saturating_sub(t.elapsed()));
+        let mid = client.try_wait().ok().flatten().is_none();
+        daemon = None; // SIGKILL
+        let _ = client.wait();
+        tally.runs += 1;
+        if mid {
+            tally.mid += 1;
+        } else {
+            tally.after += 1;
+        }
+        let d = match Daemon::start(&lab) {
+            Ok(d) => d,
+            Err(e) => {
+                tally.failures.push(format!("run {run}: restart: {e}"));
+                break;
+            }
+        };
+        let bad = lab.converges(&[d.pid()]);
+        daemon = Some(d);
+        eprintln!(
+            "daemon run {run} ({:?}): SIGKILL at {delay} ms ({}); {}",
+            Start::of(run),
+            if mid { "mid-apply" } else { "after it ended" },
+            if bad.is_empty() {
+                "converged, consistent".to_string()
+            } else {
+                format!("PROBLEMS: {}", bad.join("; "))
+            }
+        );
+        if bad.is_empty() {
+            tally.converged += 1;
+        } else {
+            tally
+                .failures
+                .push(format!("run {run} ({delay} ms): {}", bad.join("\n    ")));
+            let _ = lab.run(&["destroy", "--all", "--force"]);
+            lab.sweep();
+        }
+    }
+    drop(daemon);
+    tally.destroys += 1;
+    match lab.destroy_all(&[]) {
+        Ok(()) => tally.clean_destroys += 1,
+        Err(e) => tally.failures.push(format!("final destroy: {e}")),
+    }
+    tally.report("kill daemon", t0.elapsed());
+    assert!(
+        tally.failures.is_empty(),
+        "daemon kill test failures:\n{}",
         tally.failures.join("\n")
     );
 }

@@ -408,6 +408,7 @@ impl Engine {
             }
             let _ =
                 std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(format!("moat-{}", self.tag)));
+            remove_stale_sockets(&self.cfg.run_dir);
             destroyed.push(format!("nftables tables {t}"));
         }
         Ok(DestroyReport { destroyed })
@@ -571,5 +572,20 @@ impl Engine {
             bridges,
             counters,
         })
+    }
+}
+
+/// Sockets in the run folder nobody listens on any more (a daemon killed
+/// with SIGKILL cannot remove its own); a live daemon's socket stays.
+fn remove_stale_sockets(run_dir: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(rd) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let socket = e.file_type().is_ok_and(|t| t.is_socket());
+        if socket && std::os::unix::net::UnixStream::connect(e.path()).is_err() {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }

@@ -210,8 +210,10 @@ pub fn scan(root: &Path) -> HostScan {
 }
 
 /// Everything of the root still on the host, plus state records of host
-/// resources: empty after `moat destroy --all --force`.
-pub fn leftovers(root: &Path) -> Vec<String> {
+/// resources: empty after `moat destroy --all --force`. `ignore_pids` are
+/// processes of the caller's (a running daemon); a socket someone listens on
+/// (that daemon's) is not a leftover either.
+pub fn leftovers(root: &Path, ignore_pids: &[u32]) -> Vec<String> {
     let s = scan(root);
     let mut left: Vec<String> = Vec::new();
     left.extend(s.links.keys().map(|l| format!("link {l}")));
@@ -236,9 +238,15 @@ pub fn leftovers(root: &Path) -> Vec<String> {
     left.extend(
         s.other_procs
             .iter()
+            .filter(|(p, _)| !ignore_pids.contains(p))
             .map(|(p, c)| format!("process {p}: {c}")),
     );
-    left.extend(s.run_files.iter().map(|f| format!("run file {f}")));
+    left.extend(
+        s.run_files
+            .iter()
+            .filter(|f| std::os::unix::net::UnixStream::connect(run_dir(root).join(f)).is_err())
+            .map(|f| format!("run file {f}")),
+    );
     left.extend(s.machine_dirs.iter().map(|m| format!("machine folder {m}")));
     match store(root) {
         Ok(v) => {
