@@ -129,6 +129,13 @@ impl Host {
         }));
         let mut drivers: BTreeMap<&'static str, Arc<dyn Driver>> = BTreeMap::new();
         drivers.insert("native", Arc::new(native));
+        drivers.insert(
+            "qemu",
+            Arc::new(moat_qemu::QemuDriver::new(
+                images.clone(),
+                moat_core::naming::if_alias(root_str),
+            )),
+        );
         Ok(Host {
             ctx,
             net,

@@ -1,0 +1,1 @@
+//! QMP client (owned by the full-VM work; placeholder).
