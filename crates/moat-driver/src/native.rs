@@ -46,6 +46,16 @@ pub struct PreparedRootfs {
 pub trait RootfsProvider: Send + Sync {
     /// Prepares (or finds, if already prepared) the machine's root file system.
     fn prepare(&self, ctx: &Ctx, machine: &Machine) -> std::result::Result<PreparedRootfs, String>;
+    /// Like [`RootfsProvider::prepare`], with the whole spec (NIC, bridge) at
+    /// hand: providers that write per-machine files into the root before the
+    /// first boot (the cloud-init seed) override this one. Drivers call this.
+    fn prepare_spec(
+        &self,
+        ctx: &Ctx,
+        spec: &MachineSpec,
+    ) -> std::result::Result<PreparedRootfs, String> {
+        self.prepare(ctx, &spec.machine)
+    }
     /// Releases it (unmount, remove the writable layer). Missing is not an error.
     fn release(&self, ctx: &Ctx, full_name: &str) -> std::result::Result<(), String>;
     /// Makes sure a prepared root file system is mounted again (after a host
@@ -353,7 +363,7 @@ impl Driver for NativeDriver {
             .unwrap_or_else(|| Self::allocate_id_number(ctx, name));
         let rootfs = self
             .rootfs
-            .prepare(ctx, &spec.machine)
+            .prepare_spec(ctx, spec)
             .map_err(|e| Self::failed(name, format!("preparing the root file system: {e}")))?;
         let cs = self.container_spec(ctx, spec, &rootfs, id_number)?;
         let mut cfg = SupervisorConfig::new(cs);

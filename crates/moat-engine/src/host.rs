@@ -64,6 +64,17 @@ impl RootfsProvider for StoreRootfs {
         })
     }
 
+    /// The root, plus the cloud-init seed when the machine has `cloud_init:`.
+    fn prepare_spec(
+        &self,
+        ctx: &Ctx,
+        spec: &MachineSpec,
+    ) -> std::result::Result<PreparedRootfs, String> {
+        let prepared = self.prepare(ctx, &spec.machine)?;
+        crate::cloudinit::write_seed(&prepared.path, spec).map_err(|e| e.to_string())?;
+        Ok(prepared)
+    }
+
     fn remount(&self, _ctx: &Ctx, full_name: &str) -> std::result::Result<(), String> {
         if !MachineFs::exists(&self.store, full_name) {
             return Ok(());

@@ -11,6 +11,7 @@
 //! only what cannot be observed (allocations, ownership, the journal).
 
 mod apply;
+pub mod cloudinit;
 mod host;
 mod run;
 mod status;
