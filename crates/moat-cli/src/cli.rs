@@ -195,6 +195,9 @@ pub struct ExecArgs {
     /// Allocate a terminal
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// Keep stdin open and stream the output (implied by -t)
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
     /// Command and arguments
     #[arg(last = true, required = true)]
     pub command: Vec<String>,

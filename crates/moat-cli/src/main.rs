@@ -9,6 +9,7 @@ mod image;
 mod init;
 mod output;
 mod run;
+mod tty;
 
 use clap::{CommandFactory, Parser};
 use cli::{Cli, Command};

@@ -249,8 +249,9 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Exec(a) => {
-            if a.tty {
-                return Err(CliError::NotYet("exec -t (interactive)"));
+            if a.tty || a.interactive {
+                let eng = engine(cli)?;
+                return crate::tty::exec(&eng, &a.machine, &a.command, a.tty);
             }
             let r = engine(cli)?.exec(&a.machine, &a.command)?;
             use std::io::Write;
@@ -319,7 +320,7 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             }
             Ok(exit::OK)
         }
-        Command::Shell(_) => Err(CliError::NotYet("shell")),
+        Command::Shell(a) => crate::tty::exec(&engine(cli)?, &a.machine, &[], true),
         Command::Run(a) => {
             if a.domain.is_some() {
                 return Err(CliError::NotYet("run --domain"));

@@ -76,6 +76,54 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// How to run an interactive process ([`Driver::exec_session`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionOpts {
+    /// Allocate a terminal of this size (rows, cols); `None` = plain streams.
+    pub tty: Option<(u16, u16)>,
+    /// Extra environment (`K=V`), e.g. the client's `TERM`.
+    pub env: Vec<String>,
+    /// Run the user's login shell (argv is then ignored).
+    pub login: bool,
+}
+
+/// The driver's side of a running interactive process.
+pub trait SessionProcess: Send + std::fmt::Debug {
+    /// New terminal size (the process gets SIGWINCH); a no-op without a tty.
+    fn resize(&self, rows: u16, cols: u16) -> std::io::Result<()>;
+    /// End of input (EOF on the stream, ^D on a terminal).
+    fn close_stdin(&self) -> std::io::Result<()>;
+    /// Sends a signal to the process.
+    fn signal(&self, sig: i32) -> std::io::Result<()>;
+    /// Waits for the end; the exit code, or 128+N for signal N.
+    fn wait(&mut self) -> std::io::Result<i32>;
+}
+
+/// A process running in a machine whose I/O is one bidirectional fd:
+/// the pty master when `tty`, else a socket (write = stdin, read = stdout
+/// and stderr merged). Reading returns 0 or EIO once the process is gone.
+#[derive(Debug)]
+pub struct ExecSession {
+    pub io: std::os::fd::OwnedFd,
+    pub tty: bool,
+    pub process: Box<dyn SessionProcess>,
+}
+
+impl ExecSession {
+    pub fn resize(&self, rows: u16, cols: u16) -> std::io::Result<()> {
+        self.process.resize(rows, cols)
+    }
+    pub fn close_stdin(&self) -> std::io::Result<()> {
+        self.process.close_stdin()
+    }
+    pub fn signal(&self, sig: i32) -> std::io::Result<()> {
+        self.process.signal(sig)
+    }
+    pub fn wait(&mut self) -> std::io::Result<i32> {
+        self.process.wait()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// driver '{driver}' is not usable on this host: {reason}
@@ -129,4 +177,21 @@ pub trait Driver: Send + Sync {
             what: format!("exec ({full_name})"),
         })
     }
+
+    /// Starts an interactive process (a pty or plain streams on one fd).
+    fn exec_session(
+        &self,
+        _ctx: &Ctx,
+        full_name: &str,
+        _argv: &[String],
+        _opts: &SessionOpts,
+    ) -> Result<ExecSession> {
+        Err(DriverError::Unsupported {
+            driver: self.name().into(),
+            what: format!("interactive exec ({full_name})"),
+        })
+    }
+
+    /// Reads driver settings from the project (e.g. the `incus:` connection).
+    /// Called by the engine before it observes or acts.
 }

@@ -8,7 +8,10 @@
 //! [`NetworkAttacher`] between create and start, when the container's network
 //! namespace exists but its init has not run yet.
 
-use crate::{Capabilities, Ctx, Driver, DriverError, ExecOutput, MachineSpec, Probe, Result};
+use crate::{
+    Capabilities, Ctx, Driver, DriverError, ExecOutput, ExecSession, MachineSpec, Probe, Result,
+    SessionOpts, SessionProcess,
+};
 use moat_core::model::{Machine, MachineType, NetworkMode};
 use moat_core::observed::{Limits, MachineState as ObsState, ObservedMachine};
 use moat_runtime::machine::{self, MachineDir, MachineState};
@@ -95,6 +98,25 @@ impl RootfsProvider for FolderRootfs {
     }
     fn release(&self, _ctx: &Ctx, _full_name: &str) -> std::result::Result<(), String> {
         Ok(())
+    }
+}
+
+/// The runtime's session behind the driver's [`SessionProcess`].
+#[derive(Debug)]
+struct NativeSession(moat_runtime::ExecSession);
+
+impl SessionProcess for NativeSession {
+    fn resize(&self, rows: u16, cols: u16) -> std::io::Result<()> {
+        self.0.resize(rows, cols)
+    }
+    fn close_stdin(&self) -> std::io::Result<()> {
+        self.0.close_stdin()
+    }
+    fn signal(&self, sig: i32) -> std::io::Result<()> {
+        self.0.signal(sig)
+    }
+    fn wait(&mut self) -> std::io::Result<i32> {
+        self.0.wait()
     }
 }
 
@@ -289,6 +311,7 @@ impl Driver for NativeDriver {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             exec: true,
+            console: true,
             ..Capabilities::default()
         }
     }
@@ -490,5 +513,35 @@ fn settle_first_launch(dir: &MachineDir) {
             return;
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+
+    fn exec_session(
+        &self,
+        ctx: &Ctx,
+        full_name: &str,
+        argv: &[String],
+        opts: &SessionOpts,
+    ) -> Result<ExecSession> {
+        let dir = Self::machine_dir(ctx, full_name);
+        if Self::read_record(&dir).is_none() {
+            return Err(DriverError::NoSuchMachine {
+                machine: full_name.into(),
+            });
+        }
+        let ropts = moat_runtime::SessionOpts {
+            tty: opts.tty,
+            env: opts.env.clone(),
+            login: opts.login,
+        };
+        let s = moat_runtime::session::open(&dir, argv, &ropts).map_err(Self::rt(full_name))?;
+        let io = s.try_clone_fd().map_err(|e| DriverError::Io {
+            machine: full_name.into(),
+            source: e,
+        })?;
+        Ok(ExecSession {
+            io,
+            tty: s.is_tty(),
+            process: Box::new(NativeSession(s)),
+        })
     }
 }

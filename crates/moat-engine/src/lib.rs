@@ -19,6 +19,7 @@ mod storage;
 
 pub use apply::ApplyReport;
 pub use run::{RunOpts, RunOutcome};
+pub use moat_driver::{ExecSession, SessionOpts};
 pub use status::{DestroyReport, NetworkStatus, Status};
 
 use moat_core::address::Allocated;

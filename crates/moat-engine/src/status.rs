@@ -455,6 +455,39 @@ impl Engine {
         Ok(host.driver(&d)?.exec(&host.ctx, name, argv)?)
     }
 
+    /// An interactive process in a running machine: a pty of `size` (rows,
+    /// cols; default 24x80) when `tty`, plain streams otherwise; an empty
+    /// `argv` runs the login shell. With a tty, `TERM` is `xterm-256color`
+    /// unless set through [`Engine::exec_session_opts`].
+    pub fn exec_session(
+        &self,
+        name: &str,
+        argv: &[String],
+        tty: bool,
+        size: Option<(u16, u16)>,
+    ) -> Result<moat_driver::ExecSession> {
+        let opts = moat_driver::SessionOpts {
+            tty: tty.then(|| size.unwrap_or((24, 80))),
+            env: if tty {
+                vec!["TERM=xterm-256color".into()]
+            } else {
+                vec![]
+            },
+            login: argv.is_empty(),
+        };
+        self.exec_session_opts(name, argv, &opts)
+    }
+
+    pub fn exec_session_opts(
+        &self,
+        name: &str,
+        argv: &[String],
+        opts: &moat_driver::SessionOpts,
+    ) -> Result<moat_driver::ExecSession> {
+        let (host, d) = self.observed_driver(name)?;
+        Ok(host.driver(&d)?.exec_session(&host.ctx, name, argv, opts)?)
+    }
+
     /// Path of a machine's stdout log (native driver layout).
     pub fn log_path(&self, name: &str) -> Result<std::path::PathBuf> {
         let dir = moat_driver::native::NativeDriver::machine_dir(&self.ctx(), name);

@@ -16,10 +16,12 @@ pub mod logs;
 pub mod machine;
 pub mod profile;
 mod rootfs;
+pub mod session;
 pub mod spec;
 pub mod supervisor;
 pub mod sys;
 
+pub use session::{ExecSession, SessionOpts};
 pub use machine::{MachineDir, MachineState, RestartPolicy, Status, SupervisorConfig};
 pub use spec::{BindMount, ContainerKind, ContainerSpec, IdRange, NetworkSpec, ResourceLimits};
 

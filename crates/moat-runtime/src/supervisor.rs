@@ -42,15 +42,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
 pub fn main_entry() -> i32 {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).map(|a| a == "--exec").unwrap_or(false) {
-        let (Some(dir), Some("--")) = (args.get(2), args.get(3).and_then(|a| a.to_str())) else {
-            eprintln!("usage: moat-supervisor --exec <machine folder> -- ARGV...");
-            return 2;
+        return match crate::exec::ExecRequest::parse(&args[2..]) {
+            Ok(req) => crate::exec::exec_main(&req),
+            Err(usage) => {
+                eprintln!("{usage}");
+                2
+            }
         };
-        let argv: Vec<String> = args[4..]
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        return crate::exec::exec_main(&MachineDir::new(dir), &argv);
     }
     let Some(dir) = args.get(1).cloned() else {
         eprintln!("usage: moat-supervisor <machine folder>");

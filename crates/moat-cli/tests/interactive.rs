@@ -1,0 +1,210 @@
+//! Interactive exec through a real pty, as root: `moat shell` and
+//! `moat exec -t` driven from a pty pair this test opens (the test plays the
+//! user's terminal): typed input, output, `tty` naming the container's own
+//! /dev/pts/N, `stty size` following a resize (SIGWINCH relayed), the
+//! command's exit code, and the caller's terminal settings restored after.
+//! Also `exec -i` (streams, no tty) with stdin from a pipe.
+
+mod common;
+
+use common::{is_root, supervisor, Root};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The test's side of a terminal: a pty pair; `moat` gets the slave as its
+/// controlling terminal, the test reads and writes the master.
+struct Term {
+    master: std::fs::File,
+    slave: OwnedFd,
+    out: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Term {
+    fn new(rows: u16, cols: u16) -> Term {
+        let (mut m, mut s) = (0, 0);
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty fills two fds; null name and termios, a winsize we own.
+        let r =
+            unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty succeeded; both fds are ours.
+        let (master, slave) = unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().expect("dup master");
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Term { master, slave, out }
+    }
+
+    /// `moat ARGS` with the slave as stdin/stdout/stderr and controlling terminal.
+    fn spawn(&self, root: &Root, args: &[&str]) -> std::process::Child {
+        let fd = self.slave.as_raw_fd();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_moat"));
+        cmd.arg("--root")
+            .arg(root.path())
+            .args(args)
+            .env("MOAT_SUPERVISOR", &root.sup)
+            .env("TERM", "xterm")
+            .stdin(Stdio::from(self.slave.try_clone().unwrap()))
+            .stdout(Stdio::from(self.slave.try_clone().unwrap()))
+            .stderr(Stdio::from(self.slave.try_clone().unwrap()));
+        // SAFETY: setsid and ioctl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setsid();
+                libc::ioctl(0, libc::TIOCSCTTY, 0);
+                let _ = fd;
+                Ok(())
+            });
+        }
+        cmd.spawn().expect("spawn moat")
+    }
+
+    fn type_line(&mut self, line: &str) {
+        self.master.write_all(line.as_bytes()).unwrap();
+        self.master.write_all(b"\r").unwrap();
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until the output holds `needle` (after position `from`).
+    fn expect(&self, from: usize, needle: &str) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let t = self.text();
+            if let Some(i) = t.get(from..).and_then(|s| s.find(needle)) {
+                return from + i + needle.len();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the terminal output: {:?}",
+                &t[from.min(t.len())..]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn resize(&self, rows: u16, cols: u16) {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ on our master with a winsize we own.
+        unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
+    }
+
+    fn lflag(&self) -> libc::tcflag_t {
+        // SAFETY: tcgetattr into a termios we own.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            libc::tcgetattr(self.slave.as_raw_fd(), &mut t);
+            t.c_lflag
+        }
+    }
+}
+
+fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("moat did not exit");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn shell_and_exec_through_a_pty() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
+        return;
+    }
+    let Some(sup) = supervisor() else {
+        eprintln!("SKIP: moat-supervisor could not be built");
+        return;
+    };
+    let r = Root::new(sup);
+    r.ok(&[
+        "run", "-d", "--name", "tt", "busybox", "--", "sleep", "100000",
+    ]);
+
+    // `moat shell`: a login shell on a pty of the container's own devpts.
+    let mut term = Term::new(30, 100);
+    let before = term.lflag();
+    let mut shell = term.spawn(&r, &["shell", "tt"]);
+    term.type_line("tty; stty size; echo TERM=$TERM");
+    let p = term.expect(0, "/dev/pts/");
+    let p = term.expect(p, "30 100");
+    let p = term.expect(p, "TERM=xterm");
+    // While moat runs, our terminal is raw (no echo, no line editing).
+    assert_eq!(term.lflag() & (libc::ECHO | libc::ICANON), 0);
+    // A resize of the caller's terminal reaches the process (SIGWINCH relayed).
+    term.resize(40, 120);
+    std::thread::sleep(Duration::from_millis(200));
+    term.type_line("stty size");
+    let p = term.expect(p, "40 120");
+    term.type_line("echo h''i; exit 7");
+    term.expect(p, "hi\r\n");
+    assert_eq!(wait_exit(&mut shell), Some(7));
+    assert_eq!(
+        term.lflag(),
+        before,
+        "the caller's terminal settings are restored"
+    );
+
+    // `moat exec -t`: the command's exit code, output through the pty.
+    let term = Term::new(24, 80);
+    let mut ex = term.spawn(&r, &["exec", "-t", "tt", "--", "sh", "-c", "tty; exit 3"]);
+    term.expect(0, "/dev/pts/");
+    assert_eq!(wait_exit(&mut ex), Some(3));
+
+    // `moat exec -i`: stdin from a pipe, no tty.
+    let mut ex = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("--root")
+        .arg(r.path())
+        .args([
+            "exec",
+            "-i",
+            "tt",
+            "--",
+            "sh",
+            "-c",
+            "tr a-z A-Z; tty; exit 4",
+        ])
+        .env("MOAT_SUPERVISOR", &r.sup)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    ex.stdin.take().unwrap().write_all(b"abc\n").unwrap();
+    let o = ex.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.starts_with("ABC\n"), "{text}");
+    assert!(text.contains("not a tty"), "{text}");
+}
