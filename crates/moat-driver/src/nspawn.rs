@@ -32,6 +32,7 @@
 pub mod args;
 pub mod cgroup;
 mod mask;
+mod session;
 mod shift;
 
 use crate::native::{PreparedRootfs, RootfsProvider};
@@ -83,6 +84,9 @@ pub struct NspawnRecord {
     pub id_number: u32,
     /// Host id that root inside maps to (`None`: no user namespace).
     pub id_base: Option<u32>,
+    /// The root is on overlayfs: moat shifts its ownership before start.
+    #[serde(default)]
+    pub moat_shifts: bool,
     pub domain: String,
     /// `domain`, `host` or `none`.
     pub network: String,
@@ -794,6 +798,7 @@ impl Driver for NspawnDriver {
         }
         let supervision = self.supervision();
         let id_base = (!args::wants_no_userns(m)).then(|| args::id_base_for(id_number));
+        let moat_shifts = id_base.is_some() && shift::is_overlay(&rootfs.path);
         let argv = args::nspawn_argv(
             &self.nspawn,
             &Plan {
@@ -804,6 +809,7 @@ impl Driver for NspawnDriver {
                 env: rootfs.config.env.clone(),
                 workdir: rootfs.config.workdir.clone(),
                 id_base,
+                moat_shifts,
                 supervision,
             },
         );
@@ -834,6 +840,7 @@ impl Driver for NspawnDriver {
             spec_hash: spec.spec_hash.clone(),
             id_number,
             id_base,
+            moat_shifts,
             domain: m.domain.clone(),
             network: match m.network {
                 NetworkMode::Domain => "domain",
@@ -882,7 +889,7 @@ impl Driver for NspawnDriver {
         self.rootfs
             .remount(ctx, full_name)
             .map_err(|e| failed(full_name, format!("mounting the root file system: {e}")))?;
-        if let Some(base) = rec.id_base {
+        if let (Some(base), true) = (rec.id_base, rec.moat_shifts) {
             if !shift::is_shifted(&rec.rootfs, base) {
                 shift::shift_tree(&rec.rootfs, base, args::IDS_PER_MACHINE).map_err(|e| {
                     failed(full_name, format!("shifting the root's ownership: {e}"))
@@ -958,6 +965,33 @@ impl Driver for NspawnDriver {
             .map_err(|e| failed(full_name, format!("releasing the root file system: {e}")))?;
         Self::remove_netns(&dir);
         fs::remove_dir_all(&dir.dir).map_err(io_err(full_name))
+    }
+
+    fn exec_session(
+        &self,
+        ctx: &Ctx,
+        full_name: &str,
+        argv: &[String],
+        opts: &crate::SessionOpts,
+    ) -> Result<crate::ExecSession> {
+        let login = ["/bin/sh".to_string(), "-l".to_string()];
+        let argv = if opts.login || argv.is_empty() {
+            &login[..]
+        } else {
+            argv
+        };
+        let mut cmd = self.exec_command(ctx, full_name, argv)?;
+        for kv in &opts.env {
+            if let Some((k, v)) = kv.split_once('=') {
+                cmd.env(k, v);
+            }
+        }
+        let (io, process) = session::spawn(cmd, opts.tty).map_err(io_err(full_name))?;
+        Ok(crate::ExecSession {
+            io,
+            tty: opts.tty.is_some(),
+            process,
+        })
     }
 
     fn exec(&self, ctx: &Ctx, full_name: &str, argv: &[String]) -> Result<ExecOutput> {

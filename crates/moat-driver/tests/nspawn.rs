@@ -319,6 +319,26 @@ fn busybox_container_limits_network_masking_lifecycle() {
     );
     eprintln!("1 GiB string under memory 64 MiB: status {st}, {out}");
     assert_ne!(st, 0, "a 1 GiB string must not fit in 64 MiB: {out}");
+    // Interactive exec: stdin in, output out, exit code back.
+    let mut sess = f
+        .driver
+        .exec_session(
+            &f.ctx,
+            &full,
+            &["/bin/sh".into()],
+            &moat_driver::SessionOpts::default(),
+        )
+        .expect("exec_session");
+    {
+        use std::io::{Read, Write};
+        let mut io = std::fs::File::from(sess.io.try_clone().expect("dup"));
+        io.write_all(b"echo from-session; exit 7\n").expect("write");
+        sess.close_stdin().expect("close stdin");
+        let mut out = String::new();
+        let _ = io.read_to_string(&mut out);
+        assert!(out.contains("from-session"), "{out}");
+    }
+    assert_eq!(sess.wait().expect("wait"), 7);
     // Logs: the command's stdout went to the machine's log file.
     let log = std::fs::read_to_string(NspawnDriver::machine_dir(&f.ctx, &full).stdout_log())
         .unwrap_or_default();
@@ -437,15 +457,19 @@ fn build_rootfs(dest: &Path) -> Result<(), String> {
         return Err("mmdebstrap is not installed (apt-get install mmdebstrap)".into());
     }
     let t = Instant::now();
+    // Built beside the cache and renamed: an interrupted build leaves no
+    // half-filled cache behind.
+    let tmp = dest.with_extension(format!("part{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
     let out = Command::new("mmdebstrap")
         .args(["--variant=minbase", "--mode=root", "--format=directory"])
         .arg(format!("--include={PACKAGES}"))
         .arg("bookworm")
-        .arg(dest)
+        .arg(&tmp)
         .output()
         .map_err(|e| format!("mmdebstrap: {e}"))?;
     if !out.status.success() {
-        let _ = std::fs::remove_dir_all(dest);
+        let _ = std::fs::remove_dir_all(&tmp);
         return Err(format!(
             "mmdebstrap failed (apt sources unreachable?): {}",
             String::from_utf8_lossy(&out.stderr)
@@ -454,7 +478,9 @@ fn build_rootfs(dest: &Path) -> Result<(), String> {
                 .unwrap_or("")
         ));
     }
-    let _ = std::fs::write(dest.join("etc/machine-id"), "");
+    let _ = std::fs::write(tmp.join("etc/machine-id"), "");
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::rename(&tmp, dest).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
     eprintln!(
         "built the bookworm rootfs in {:.1} s",
         t.elapsed().as_secs_f64()

@@ -53,6 +53,9 @@ pub struct Plan<'a> {
     pub workdir: Option<String>,
     /// Host id root maps to (`None`: no user namespace, privileged only).
     pub id_base: Option<u32>,
+    /// moat shifts the root's ownership itself (overlayfs roots, which
+    /// nspawn 252 cannot idmap): nspawn must then neither idmap nor chown.
+    pub moat_shifts: bool,
     pub supervision: Supervision,
 }
 
@@ -90,9 +93,13 @@ pub fn nspawn_argv(nspawn: &Path, p: &Plan) -> Vec<String> {
     match p.id_base {
         Some(base) => {
             a.push(format!("--private-users={base}:{IDS_PER_MACHINE}"));
-            // An idmapped mount when the file system allows it, else a chown
-            // of the tree (once: nspawn sees the shifted owner next time).
-            a.push("--private-users-ownership=auto".into());
+            if p.moat_shifts {
+                a.push("--private-users-ownership=off".into());
+            } else {
+                // An idmapped mount when the file system allows it, else a
+                // chown of the tree (once: nspawn sees the shifted owner).
+                a.push("--private-users-ownership=auto".into());
+            }
         }
         None => a.push("--private-users=no".into()),
     }
@@ -202,6 +209,7 @@ mod tests {
                 env: vec!["A=b".into()],
                 workdir: Some("/w".into()),
                 id_base: Some(id_base_for(2)),
+                moat_shifts: false,
                 supervision: Supervision::Moat,
             },
         )
@@ -262,6 +270,7 @@ mod tests {
                 env: vec![],
                 workdir: None,
                 id_base: None,
+                moat_shifts: false,
                 supervision: Supervision::Systemd,
             },
         );
