@@ -12,6 +12,7 @@
 pub mod cgroups;
 pub mod container;
 pub mod exec;
+pub mod hostproc;
 pub mod logs;
 pub mod machine;
 pub mod profile;
@@ -21,8 +22,8 @@ pub mod spec;
 pub mod supervisor;
 pub mod sys;
 
+pub use machine::{HostProcess, MachineDir, MachineState, RestartPolicy, Status, SupervisorConfig};
 pub use session::{ExecSession, SessionOpts};
-pub use machine::{MachineDir, MachineState, RestartPolicy, Status, SupervisorConfig};
 pub use spec::{BindMount, ContainerKind, ContainerSpec, IdRange, NetworkSpec, ResourceLimits};
 
 use std::path::{Path, PathBuf};

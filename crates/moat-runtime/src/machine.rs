@@ -41,6 +41,24 @@ pub struct SupervisorConfig {
     pub stop_timeout_ms: u64,
     pub log_max_bytes: u64,
     pub log_keep: u32,
+    /// Supervise this host command instead of a libcontainer container
+    /// (the nspawn driver runs systemd-nspawn this way). `container` then
+    /// only names the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<HostProcess>,
+}
+
+/// A host command run and watched by the supervisor, in place of a container.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostProcess {
+    pub argv: Vec<String>,
+    /// `cgroup.procs` files the process writes itself into before exec, so
+    /// that the machine's limits hold for it and everything it starts.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// Network namespace file the process enters before exec.
+    pub netns: Option<PathBuf>,
+    /// Sent on a stop request; SIGKILL follows after the stop timeout.
+    pub stop_signal: i32,
 }
 
 impl SupervisorConfig {
@@ -53,6 +71,7 @@ impl SupervisorConfig {
             stop_timeout_ms: 10_000,
             log_max_bytes: crate::logs::DEFAULT_MAX_BYTES,
             log_keep: crate::logs::DEFAULT_KEEP,
+            process: None,
         }
     }
 }
@@ -467,6 +486,27 @@ pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
     let Ok(cfg) = dir.read_config() else {
         return Ok(());
     };
+    if cfg.process.is_some() {
+        // A host process outlives a killed supervisor: end it (it is in its
+        // own session, started by the supervisor, identified by start time).
+        if let Some(s) = dir.read_status() {
+            let ours = |pid: i32| {
+                let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let argv0 = cmd.split(|b| *b == 0).next().unwrap_or_default();
+                cfg.process
+                    .as_ref()
+                    .and_then(|p| p.argv.first())
+                    .is_some_and(|a| a.as_bytes() == argv0)
+            };
+            if let Some(pid) = s.pid.filter(|p| *p > 0) {
+                if !sys::alive(s.supervisor_pid, s.supervisor_start) && ours(pid) {
+                    let _ = sys::kill(-pid, libc::SIGKILL);
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        return Ok(());
+    }
     let name = &cfg.container.name;
     let root = dir.state_root();
     if let Some((_, pid)) = container::status(name, &root)? {

@@ -252,7 +252,11 @@ impl Supervisor {
             }
             first = false;
             if !self.stop_requested {
-                if let Err(e) = container::start(&name, &root) {
+                let started = match self.cfg.process {
+                    Some(_) => Ok(()),
+                    None => container::start(&name, &root),
+                };
+                if let Err(e) = started {
                     eprintln!("moat-supervisor: {e}");
                     self.status.message = Some(e.to_string());
                     let _ = self.kill_init(libc::SIGKILL);
@@ -271,8 +275,10 @@ impl Supervisor {
             let run_start = Instant::now();
             let exit = self.wait_init_exit();
             self.drain_logs();
-            if let Err(e) = container::delete(&name, &root, true) {
-                eprintln!("moat-supervisor: {e}");
+            if self.cfg.process.is_none() {
+                if let Err(e) = container::delete(&name, &root, true) {
+                    eprintln!("moat-supervisor: {e}");
+                }
             }
             self.init = None;
             self.status.pid = None;
@@ -325,6 +331,18 @@ impl Supervisor {
     }
 
     fn create(&mut self) -> Result<(), crate::RuntimeError> {
+        if let Some(p) = self.cfg.process.clone() {
+            let pid = crate::hostproc::spawn(
+                &p,
+                &self.cfg.container.name,
+                self.out_w.try_clone().ok(),
+                self.err_w.try_clone().ok(),
+            )?;
+            self.init = Some(pid);
+            self.init_exit = None;
+            self.status.pid = Some(pid);
+            return Ok(());
+        }
         let stdio = Stdio {
             stdin: None,
             stdout: self.out_w.try_clone().ok(),
@@ -442,7 +460,11 @@ impl Supervisor {
             }
             self.status.phase = Phase::Stopping;
             self.save();
-            let _ = self.kill_init(stop_signal(&self.cfg.container));
+            let sig = match &self.cfg.process {
+                Some(p) => p.stop_signal,
+                None => stop_signal(&self.cfg.container),
+            };
+            let _ = self.kill_init(sig);
             self.kill_at = Some(Instant::now() + timeout);
         }
     }
