@@ -7,7 +7,7 @@
 //! machine-type module prepare disks; `start`/`stop`/`destroy`/`exec` read the
 //! record back and dispatch on its kind. Run-time files (pid file, sockets,
 //! serial log) live in `<run_dir>/qemu/<machine>/`. QEMU runs detached
-//! (`-daemonize -pidfile`), as the unprivileged `moat-qemu` user, so it
+//! (its own session, `-pidfile`), as the unprivileged `moat-qemu` user, so it
 //! outlives the CLI; liveness is the pid file plus `/proc/<pid>`.
 
 pub mod accel;
