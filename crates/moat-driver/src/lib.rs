@@ -8,6 +8,7 @@
 //! re-reads the host every time.
 
 pub mod native;
+pub mod nspawn;
 
 use moat_core::model::{Machine, MachineType, ResolvedNic};
 use moat_core::observed::{Limits, ObservedMachine};

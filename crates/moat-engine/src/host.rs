@@ -119,6 +119,32 @@ impl NetworkAttacher for NetAttacher {
     }
 }
 
+/// The nspawn driver's NICs: the same veth wiring, into the network
+/// namespace file moat prepared for the machine.
+impl moat_driver::nspawn::NetnsAttacher for NetAttacher {
+    fn attach_netns(
+        &self,
+        _ctx: &Ctx,
+        domain: &str,
+        nic: &moat_core::model::ResolvedNic,
+        br: &moat_driver::BridgeInfo,
+        netns: &std::path::Path,
+    ) -> std::result::Result<(), String> {
+        let subnet = Ipv4Net::new(br.gateway, br.prefix_len)
+            .map_err(|e| e.to_string())?
+            .trunc();
+        let net = ResolvedNetwork {
+            domain: domain.into(),
+            subnet,
+            gateway: br.gateway,
+            bridge: br.name.clone(),
+        };
+        self.net
+            .attach(nic, &net, &self.alias, &NetnsTarget::Path(netns.into()))
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// Everything the engine acts on.
 pub struct Host {
     pub ctx: Ctx,
@@ -140,6 +166,14 @@ impl Host {
         }));
         let mut drivers: BTreeMap<&'static str, Arc<dyn Driver>> = BTreeMap::new();
         drivers.insert("native", Arc::new(native));
+        let nspawn = moat_driver::nspawn::NspawnDriver::new(Arc::new(StoreRootfs {
+            store: images.clone(),
+        }))
+        .with_network(Arc::new(NetAttacher {
+            net: NetHost::new(HostExecutor),
+            alias: moat_core::naming::if_alias(root_str),
+        }));
+        drivers.insert("nspawn", Arc::new(nspawn));
         drivers.insert(
             "qemu",
             Arc::new(moat_qemu::QemuDriver::new(

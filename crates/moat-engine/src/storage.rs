@@ -70,7 +70,13 @@ impl Engine {
             bridge: None,
             hosts: vec![],
         };
-        host.driver("native")?.create(&host.ctx, &spec)?;
+        // The clone runs under the source's driver (nspawn or native).
+        let driver = if moat_driver::nspawn::NspawnDriver::record(&host.ctx, src).is_some() {
+            "nspawn"
+        } else {
+            "native"
+        };
+        host.driver(driver)?.create(&host.ctx, &spec)?;
         state.mark_done(ADHOC, new).map_err(state_err)?;
         Ok(())
     }
