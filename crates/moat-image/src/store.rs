@@ -115,6 +115,15 @@ pub(crate) fn random_hex() -> String {
     hex::encode(&h.finalize()[..16])
 }
 
+/// Whether process `pid` exists and is not a zombie.
+fn process_alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
 /// Write `value` as JSON to `path` atomically (temp file + rename).
 pub(crate) fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     write_json_with(path, value, true)
@@ -349,11 +358,33 @@ impl ImageStore {
         Ok(v)
     }
 
-    /// A fresh, empty staging folder for a layer.
+    /// A fresh, empty staging folder for a layer, named `<pid>-<random>` so
+    /// that folders of builds whose process died (killed mid-build) can be
+    /// told apart and removed, here and by `gc`.
     pub fn staging(&self) -> Result<Staging> {
-        let p = self.dir.join("tmp").join(random_hex());
+        self.remove_dead_staging();
+        let p = self
+            .dir
+            .join("tmp")
+            .join(format!("{}-{}", std::process::id(), random_hex()));
         fs::create_dir_all(&p).ctx("create staging folder", &p)?;
         Ok(Staging { path: p })
+    }
+
+    /// Remove the staging folders of builders that are no longer running.
+    fn remove_dead_staging(&self) {
+        let Ok(rd) = fs::read_dir(self.dir.join("tmp")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .split_once('-')
+                .and_then(|(p, _)| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !process_alive(p)) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     /// Move a filled staging folder into the store as layer `id` (a no-op when that layer exists).
@@ -546,7 +577,8 @@ impl ImageStore {
             live.extend(crate::machine::machine_image_ids(self)?);
             crate::btrfs::gc_bases(self, &live)?;
         }
-        // Staging folders older than a day belong to builds that died.
+        // Staging folders of builders that died, and any older than a day.
+        self.remove_dead_staging();
         let tmp = self.dir.join("tmp");
         for e in fs::read_dir(&tmp).ctx("read directory", &tmp)?.flatten() {
             let old = e
@@ -601,5 +633,22 @@ mod tests {
             vec!["sha256:aa".to_string()]
         );
         assert!(s.layers().unwrap().is_empty());
+    }
+
+    #[test]
+    fn staging_of_a_dead_builder_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let s = ImageStore::open(d.path()).unwrap();
+        let tmp = d.path().join("images").join("tmp");
+        // A build killed mid-way (no such pid) and one of this process.
+        fs::create_dir_all(tmp.join("999999999-dead")).unwrap();
+        let live = s.staging().unwrap();
+        assert!(!tmp.join("999999999-dead").exists());
+        let again = s.staging().unwrap();
+        assert!(live.path().exists() && again.path().exists());
+        fs::create_dir_all(tmp.join("999999999-dead")).unwrap();
+        s.gc().unwrap();
+        assert!(!tmp.join("999999999-dead").exists());
+        assert!(live.path().exists());
     }
 }

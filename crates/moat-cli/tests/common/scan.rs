@@ -43,6 +43,8 @@ pub struct HostScan {
     pub run_files: Vec<String>,
     /// Folders in `<root>/machines`.
     pub machine_dirs: Vec<String>,
+    /// Staging folders of image builds (`<root>/images/tmp`).
+    pub image_tmp: Vec<String>,
 }
 
 /// What the state store of the root records.
@@ -206,6 +208,7 @@ pub fn scan(root: &Path) -> HostScan {
 
     s.run_files = names_in(&run_dir(root));
     s.machine_dirs = names_in(&root.join("machines"));
+    s.image_tmp = names_in(&root.join("images").join("tmp"));
     s
 }
 
@@ -248,6 +251,11 @@ pub fn leftovers(root: &Path, ignore_pids: &[u32]) -> Vec<String> {
             .map(|f| format!("run file {f}")),
     );
     left.extend(s.machine_dirs.iter().map(|m| format!("machine folder {m}")));
+    left.extend(
+        s.image_tmp
+            .iter()
+            .map(|t| format!("image staging folder {t}")),
+    );
     match store(root) {
         Ok(v) => {
             left.extend(
@@ -472,6 +480,11 @@ pub fn consistency(root: &Path, ignore_pids: &[u32]) -> Vec<String> {
             bad.push(format!("machine folder {m} is not recorded"));
         }
     }
+    bad.extend(
+        s.image_tmp
+            .iter()
+            .map(|t| format!("image staging folder {t} left by a build")),
+    );
     bad
 }
 
