@@ -231,7 +231,10 @@ pub fn parse_cloud_config(text: &str) -> Option<Result<Value, String>> {
     let file: Arc<str> = Arc::from("user-data");
     let (node, diags) = yaml::parse(&file, "", text);
     if let Some(d) = diags.iter().find(|d| d.is_error()) {
-        let at = d.loc.as_ref().map(|l| format!("line {}: ", l.line));
+        let at = d
+            .loc
+            .as_ref()
+            .map(|l| format!("line {} of the text: ", l.line));
         return Some(Err(format!("{}{}", at.unwrap_or_default(), d.message)));
     }
     match node.map(|n| node_to_json(&n)) {
@@ -621,6 +624,47 @@ mod tests {
             Some(Err(_))
         ));
         assert_eq!(parse_cloud_config("#cloud-config\n"), Some(Ok(json!({}))));
+    }
+
+    #[test]
+    fn the_loader_merges_templates_domain_and_machine() {
+        let text = "schema_version: 1
+cloud_init_templates:
+  base:
+    user-data: |
+      #cloud-config
+      users: [{name: ops}]
+      timezone: UTC
+    meta-data: {owner: t}
+domains:
+  lab:
+    cloud_init:
+      template: base
+      meta-data: {owner: d}
+    machines:
+      a:
+        cloud_init:
+          user-data: {timezone: Europe/Paris}
+      b: {}
+  other:
+    machines:
+      c: {}
+";
+        let l = crate::load::load_str("moat.yml", text).unwrap();
+        let p = &l.project;
+        let a = p.machine("lab-a").unwrap().cloud_init.clone().unwrap();
+        assert_eq!(
+            a,
+            json!({"user-data": {"users": [{"name": "ops"}], "timezone": "Europe/Paris"}, "meta-data": {"owner": "d"}})
+        );
+        let b = p.machine("lab-b").unwrap().cloud_init.clone().unwrap();
+        assert_eq!(b["user-data"]["timezone"], "UTC");
+        assert_eq!(p.machine("other-c").unwrap().cloud_init, None);
+        assert!(
+            !l.warnings.to_string().contains("cloud_init"),
+            "{}",
+            l.warnings
+        );
     }
 
     #[test]

@@ -7,9 +7,9 @@ use super::keys::{self, Key, NOT_ACTED_ON};
 use super::{decode, Loaded, ANKLUME_FILE, DOMAINS_DIR, POLICIES_FILE};
 use crate::diag::{Diagnostic, Diagnostics, Loc};
 use crate::model::{
-    Accel, Addressing, Defaults, Display, Domain, Egress, Endpoint, Firmware, Format,
-    ImageSource, IncusConfig, Machine, MachineType, Mount, NetworkMode, Policy, Ports, Profile,
-    Project, Protocol, Reconcile, RestartPolicy, TrustLevel, UsbDevice,
+    Accel, Addressing, Defaults, Display, Domain, Egress, Endpoint, Firmware, Format, ImageSource,
+    IncusConfig, Machine, MachineType, Mount, NetworkMode, Policy, Ports, Profile, Project,
+    Protocol, Reconcile, RestartPolicy, TrustLevel, UsbDevice,
 };
 use crate::naming::{check_dns_label, MAX_DOMAIN_LEN, MAX_FULL_NAME_LEN};
 use crate::suggest;
@@ -48,6 +48,10 @@ struct Cx {
     unacted: BTreeMap<&'static str, (Loc, String, usize)>,
     defaults: Defaults,
     images: BTreeMap<String, ImageSource>,
+    /// `cloud_init_templates:` by name.
+    ci_templates: BTreeMap<String, serde_json::Value>,
+    /// The `cloud_init:` of the domain being converted (its machines' base).
+    domain_ci: Option<serde_json::Value>,
 }
 
 /// The accepted entries of one map (unknown keys already reported).
@@ -507,6 +511,8 @@ pub(super) fn convert(
         unacted: BTreeMap::new(),
         defaults: Defaults::default(),
         images: BTreeMap::new(),
+        ci_templates: BTreeMap::new(),
+        domain_ci: None,
     };
 
     // Parse every file first.
@@ -641,6 +647,9 @@ pub(super) fn convert(
     };
     if let Some(n) = tf.get("images") {
         images(&mut cx, n);
+    }
+    if let Some(n) = tf.get("cloud_init_templates") {
+        cloud_init_templates(&mut cx, n);
     }
     let incus = tf.get("incus").map(|n| incus(&mut cx, n, dir));
     let addressing = tf
@@ -930,6 +939,136 @@ fn images(cx: &mut Cx, node: &Node) {
     }
 }
 
+/// `cloud_init_templates:`: name → a `cloud_init:` map (without `template:`).
+fn cloud_init_templates(cx: &mut Cx, node: &Node) {
+    let Some(map) = node.as_map() else {
+        cx.err(
+            &node.loc,
+            "cloud_init_templates",
+            format!(
+                "expected a map of template names to cloud_init maps, found {}",
+                node.describe()
+            ),
+        );
+        return;
+    };
+    for e in map {
+        let field = join("cloud_init_templates", &e.key);
+        if let Some(why) = check_dns_label(&e.key, 63) {
+            cx.err(
+                &e.key_loc,
+                &field,
+                format!("invalid template name '{}': {why}", shorten(&e.key)),
+            );
+            continue;
+        }
+        // Kept even when invalid, so that its users do not get "unknown template" too.
+        let v = cloud_init_level(cx, &e.value, &field, false).unwrap_or_else(|| to_json(&e.value));
+        cx.ci_templates.insert(e.key.clone(), v);
+    }
+}
+
+/// One `cloud_init:` map (a template's, a domain's or a machine's), checked:
+/// known keys, `template:` names that exist (only where `templates` is
+/// allowed), `user-data`/`meta-data`/`network-config` as a map or text, and
+/// `#cloud-config` text that parses. `None` after an error.
+fn cloud_init_level(
+    cx: &mut Cx,
+    node: &Node,
+    field: &str,
+    templates: bool,
+) -> Option<serde_json::Value> {
+    let before = cx.diags.iter().filter(|d| d.is_error()).count();
+    if node.as_map().is_none() {
+        cx.err(
+            &node.loc,
+            field,
+            format!(
+                "expected a map (user-data, meta-data, network-config, template), found {}",
+                node.describe()
+            ),
+        );
+        return None;
+    }
+    let f = cx.fields(node, field, "in cloud_init", keys::CLOUD_INIT);
+    if let Some(n) = f.get("template") {
+        let tf = join(field, "template");
+        if !templates {
+            cx.err_hint(
+                &n.loc,
+                &tf,
+                "a template cannot name other templates",
+                "list every template on the domain or machine that uses them",
+            );
+        } else {
+            let names = if n.as_scalar().is_some() {
+                cx.string(n, &tf).map(|s| vec![(s, n.loc.clone())])
+            } else {
+                n.as_seq().map(|seq| {
+                    seq.iter()
+                        .filter_map(|i| cx.string(i, &tf).map(|s| (s, i.loc.clone())))
+                        .collect()
+                })
+            };
+            match names {
+                None if n.as_scalar().is_none() => cx.err(
+                    &n.loc,
+                    &tf,
+                    format!(
+                        "expected a template name or a list of names, found {}",
+                        n.describe()
+                    ),
+                ),
+                None => {}
+                Some(names) => {
+                    for (name, loc) in names {
+                        if !cx.ci_templates.contains_key(&name) {
+                            let sugg =
+                                suggest::suffix(&name, cx.ci_templates.keys().map(String::as_str));
+                            cx.err_hint(
+                                &loc,
+                                &tf,
+                                format!("unknown cloud-init template '{}'{sugg}", shorten(&name)),
+                                "define it under cloud_init_templates: at the top of moat.yml",
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for k in ["user-data", "meta-data", "network-config"] {
+        let Some(n) = f.get(k) else { continue };
+        let kf = join(field, k);
+        if let Some(s) = n.as_scalar() {
+            if let (Typed::Str(t), "user-data") = (s.typed(), k) {
+                if let Some(Err(why)) = crate::cloudinit::parse_cloud_config(t) {
+                    cx.err_hint(
+                        &n.loc,
+                        &kf,
+                        format!("the #cloud-config text does not parse: {why}"),
+                        "fix the YAML after the #cloud-config line, or write user-data as a map",
+                    );
+                }
+            } else if !matches!(s.typed(), Typed::Str(_)) {
+                cx.err(
+                    &n.loc,
+                    &kf,
+                    format!("expected a map or a text, found {}", n.describe()),
+                );
+            }
+        } else if n.as_seq().is_some() {
+            cx.err(
+                &n.loc,
+                &kf,
+                format!("expected a map or a text, found {}", n.describe()),
+            );
+        }
+    }
+    let after = cx.diags.iter().filter(|d| d.is_error()).count();
+    (after == before).then(|| to_json(node))
+}
+
 fn addressing(cx: &mut Cx, node: &Node) -> Addressing {
     let mut a = Addressing::default();
     let f = cx.fields(node, "addressing", "in addressing", keys::ADDRESSING);
@@ -1187,6 +1326,9 @@ fn domain(cx: &mut Cx, src: &DomainSrc) -> Option<Domain> {
             ),
         }
     }
+    cx.domain_ci = f
+        .get("cloud_init")
+        .and_then(|n| cloud_init_level(cx, n, &fj("cloud_init"), true));
     if let Some(n) = f.get("machines") {
         match n.as_map() {
             Some(m) => {
@@ -1513,11 +1655,16 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
             }
         }
     }
-    if let Some(e) = f.entry("cloud_init") {
-        let field = fj("cloud_init");
-        cx.fields(&e.value, &field, "in cloud_init", keys::CLOUD_INIT);
-        m.cloud_init = Some(to_json(&e.value));
-        cx.used("cloud_init", &e.key_loc, &field);
+    // Templates, then the domain's cloud_init, then the machine's (deep merge).
+    let own = f
+        .entry("cloud_init")
+        .and_then(|e| cloud_init_level(cx, &e.value, &fj("cloud_init"), true));
+    if own.is_some() || cx.domain_ci.is_some() {
+        let levels = [cx.domain_ci.as_ref(), own.as_ref()];
+        match crate::cloudinit::effective(&cx.ci_templates, &levels) {
+            Ok(v) => m.cloud_init = v,
+            Err(err) => cx.err(&e.key_loc, &fj("cloud_init"), err.to_string()),
+        }
     }
     if let Some(n) = f.get("mounts") {
         m.mounts = mounts(cx, n, &fj("mounts"));
@@ -1554,7 +1701,10 @@ fn vm_settings(cx: &mut Cx, m: &mut Machine, f: &Fields, field: &str) {
                 cx.err_hint(
                     &e.key_loc,
                     &fj(k),
-                    format!("'{k}' applies only to {kinds}, not to a {}", m.kind.as_str()),
+                    format!(
+                        "'{k}' applies only to {kinds}, not to a {}",
+                        m.kind.as_str()
+                    ),
                     format!("remove '{k}', or set the machine's type"),
                 );
             }
@@ -1649,7 +1799,10 @@ fn incus(cx: &mut Cx, node: &Node, dir: &Path) -> IncusConfig {
                 cx.err_hint(
                     &n.loc,
                     "incus.url",
-                    format!("invalid Incus URL '{}': only https:// is supported", shorten(&u)),
+                    format!(
+                        "invalid Incus URL '{}': only https:// is supported",
+                        shorten(&u)
+                    ),
                     "write https://HOST:8443, or remove url to use the local Unix socket",
                 );
             }

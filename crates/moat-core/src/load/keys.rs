@@ -32,6 +32,7 @@ pub(crate) const TOP: &[Key] = &[
     m("project"),
     m("description"),
     m("images"),
+    m("cloud_init_templates"),
     m("reconcile"),
     m("incus"),
     m("domains"),
@@ -64,6 +65,7 @@ pub(crate) const DOMAIN: &[Key] = &[
     m("egress"),
     m("dhcp"),
     m("target"),
+    m("cloud_init"),
 ];
 
 pub(crate) const PROFILE: &[Key] = &[b("description"), b("config"), b("devices")];
@@ -136,7 +138,12 @@ pub(crate) const USB: &[Key] = &[m("vendor"), m("product")];
 
 pub(crate) const MOUNT: &[Key] = &[m("source"), m("target"), m("readonly")];
 
-pub(crate) const CLOUD_INIT: &[Key] = &[m("user-data"), m("meta-data"), m("network-config")];
+pub(crate) const CLOUD_INIT: &[Key] = &[
+    m("user-data"),
+    m("meta-data"),
+    m("network-config"),
+    m("template"),
+];
 
 /// Fields moat accepts but no driver acts on yet: key → what happens instead.
 ///
@@ -162,10 +169,6 @@ pub const NOT_ACTED_ON: &[(&str, &str)] = &[
     (
         "persistent",
         "no persistent volumes are created; use `mounts:` for host folders",
-    ),
-    (
-        "cloud_init",
-        "no driver hands cloud-init data to its guests",
     ),
     ("disk", "disk sizes are not enforced"),
     (
