@@ -154,7 +154,7 @@ impl Engine {
         let host = self.host()?;
         let observed = self.observe_managed(&host, &checked)?;
         if !opts.dry_run {
-            self.reconcile_records(&state, &host, &observed, progress)?;
+            self.reconcile_records(&state, &host, &checked.resolved, &observed, progress)?;
         }
         let desired = self.desired(&checked, Some(&state))?;
         let plan = moat_core::plan::plan(
@@ -296,6 +296,7 @@ impl Engine {
         &self,
         state: &moat_state::StateStore,
         host: &Host,
+        resolved: &Resolved,
         observed: &moat_core::observed::Observed,
         progress: &dyn Progress,
     ) -> Result<()> {
@@ -318,11 +319,25 @@ impl Engine {
                 continue;
             }
             if r.kind == "machine" && host.ctx.root.join("machines").join(&r.name).exists() {
-                // Only the native driver keeps a folder there before it lists a machine.
+                // A folder no driver lists: created, but killed before the
+                // driver wrote its record. Its declared driver removes it
+                // (native, whose folders these are, when no longer declared).
+                let driver = resolved
+                    .project
+                    .machine(&r.name)
+                    .map_or("native", |m| m.driver.as_str());
                 progress.event(&format!("    removing the remains of machine {}", r.name));
-                host.driver("native")?
-                    .destroy(&host.ctx, &r.name)
-                    .map_err(EngineError::from)?;
+                let removed = host
+                    .driver(driver)
+                    .and_then(|d| d.destroy(&host.ctx, &r.name).map_err(EngineError::from));
+                if let Err(e) = removed {
+                    // Keep the record so that `moat destroy` can still find it.
+                    progress.event(&format!(
+                        "    could not remove the remains of machine {}: {e}",
+                        r.name
+                    ));
+                    continue;
+                }
             }
             if r.kind == "network" {
                 let _ = host.net.stop_dhcp(&r.name, &host.ctx.run_dir);

@@ -356,7 +356,11 @@ impl Engine {
                 if observed.machines.contains_key(&m) || !ours {
                     continue;
                 }
-                host.driver("native")?.destroy(&host.ctx, &m)?;
+                let driver = checked
+                    .as_ref()
+                    .and_then(|c| c.resolved.project.machine(&m))
+                    .map_or("native", |mm| mm.driver.as_str());
+                host.driver(driver)?.destroy(&host.ctx, &m)?;
                 state.forget("machine", &m).map_err(state_err)?;
                 state.forget(crate::run::ADHOC, &m).map_err(state_err)?;
                 destroyed.push(format!("remains of machine {m}"));

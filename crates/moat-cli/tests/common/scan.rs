@@ -39,7 +39,8 @@ pub struct HostScan {
     pub machine_procs: Vec<(u32, String)>,
     /// Other live processes mentioning the root (command line or root dir).
     pub other_procs: Vec<(u32, String)>,
-    /// Files in `<root>/run`.
+    /// Files in `<root>/run`, and `netns/<name>` for each machine's
+    /// persistent network namespace file there.
     pub run_files: Vec<String>,
     /// Folders in `<root>/machines`.
     pub machine_dirs: Vec<String>,
@@ -206,7 +207,15 @@ pub fn scan(root: &Path) -> HostScan {
         .map(|(p, _, m)| (p, m))
         .collect();
 
-    s.run_files = names_in(&run_dir(root));
+    for f in names_in(&run_dir(root)) {
+        if f == "netns" && run_dir(root).join(&f).is_dir() {
+            let inner = names_in(&run_dir(root).join(&f));
+            s.run_files
+                .extend(inner.into_iter().map(|n| format!("netns/{n}")));
+        } else {
+            s.run_files.push(f);
+        }
+    }
     s.machine_dirs = names_in(&root.join("machines"));
     s.image_tmp = names_in(&root.join("images").join("tmp"));
     s
@@ -397,9 +406,12 @@ pub fn consistency(root: &Path, ignore_pids: &[u32]) -> Vec<String> {
             bad.push(format!("nft table {t} is not recorded"));
         }
     }
+    // `<root>/machines/<m>/...` and `<root>/run/netns/<m>[.user]`.
     let machine_of_path = |p: &str| -> Option<String> {
+        let netns = format!("{}/netns/", run_dir(root).display());
         p.strip_prefix(&format!("{}/machines/", root.display()))
             .and_then(|r| r.split('/').next())
+            .or_else(|| p.strip_prefix(&netns).map(|n| n.trim_end_matches(".user")))
             .map(str::to_string)
     };
     for mnt in &s.mounts {
@@ -469,6 +481,12 @@ pub fn consistency(root: &Path, ignore_pids: &[u32]) -> Vec<String> {
         }
     }
     for f in &s.run_files {
+        if let Some(n) = f.strip_prefix("netns/") {
+            if !machines.contains_key(n.trim_end_matches(".user")) {
+                bad.push(format!("network namespace file {f} of no recorded machine"));
+            }
+            continue;
+        }
         let stem = f.rsplit_once('.').map(|(a, _)| a).unwrap_or(f);
         let dnsmasq_file = networks.contains_key(stem);
         if !dnsmasq_file && !ignore_run_file(f) {
