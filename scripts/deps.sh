@@ -29,6 +29,11 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Incus (the `incus` driver's tests): incus-base from bookworm-backports.
+if [[ "${1:-}" == "--test" ]]; then
+  "$(dirname "$0")/incus-env.sh" install || echo "warning: Incus not installed; its tests will skip" >&2
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "error: cargo not found; install a Rust toolchain (rustup) first" >&2
   exit 1

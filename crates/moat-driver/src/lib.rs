@@ -195,4 +195,55 @@ pub trait Driver: Send + Sync {
 
     /// Reads driver settings from the project (e.g. the `incus:` connection).
     /// Called by the engine before it observes or acts.
+
+    /// Reads driver settings from the project (e.g. the `incus:` connection).
+    /// Called by the engine before it observes or acts.
+    fn configure(&self, _ctx: &Ctx, _project: &moat_core::model::Project) -> Result<()> {
+        Ok(())
+    }
+
+    /// Whether this driver creates the bridges of its machines' domains itself
+    /// (Incus does); the engine then skips its own bridge and DHCP server and
+    /// calls [`Driver::ensure_network`] / [`Driver::delete_network`] instead.
+    fn manages_networks(&self) -> bool {
+        false
+    }
+
+    /// The domain networks of this root that the driver created.
+    fn list_networks(&self, _ctx: &Ctx) -> Result<Vec<moat_core::observed::ObservedNetwork>> {
+        Ok(vec![])
+    }
+
+    /// Creates or updates a domain's network (bridge named `net.bridge`).
+    fn ensure_network(&self, _ctx: &Ctx, net: &DomainNetwork) -> Result<()> {
+        Err(DriverError::Unsupported {
+            driver: self.name().into(),
+            what: format!("domain networks ({})", net.domain),
+        })
+    }
+
+    /// Deletes a domain network it created; `Ok(false)` when it is not one of its own.
+    fn delete_network(&self, _ctx: &Ctx, _bridge: &str) -> Result<bool> {
+        Ok(false)
+    }
+
+    /// Things the driver sees in this root's space but did not create
+    /// (reported, never touched), e.g. `incus instance pro/web (unmanaged)`.
+    fn unmanaged(&self, _ctx: &Ctx) -> Result<Vec<String>> {
+        Ok(vec![])
+    }
+}
+
+/// A domain network for a driver that creates its own bridges.
+#[derive(Clone, Debug)]
+pub struct DomainNetwork {
+    pub domain: String,
+    pub bridge: String,
+    pub subnet: ipnet::Ipv4Net,
+    pub gateway: std::net::Ipv4Addr,
+    pub dhcp: bool,
+    /// Addresses allocated to the domain's machines.
+    pub addresses: Vec<std::net::Ipv4Addr>,
+    /// The domain's profiles.
+    pub profiles: std::collections::BTreeMap<String, moat_core::model::Profile>,
 }

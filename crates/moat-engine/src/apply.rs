@@ -120,6 +120,28 @@ pub(crate) fn machine_spec(resolved: &Resolved, full_name: &str) -> Option<Machi
     })
 }
 
+/// A domain's network as a driver that creates bridges needs it.
+fn domain_network(
+    resolved: &Resolved,
+    n: &moat_core::model::ResolvedNetwork,
+) -> moat_driver::DomainNetwork {
+    let d = resolved.project.domains.get(&n.domain);
+    moat_driver::DomainNetwork {
+        domain: n.domain.clone(),
+        bridge: n.bridge.clone(),
+        subnet: n.subnet,
+        gateway: n.gateway,
+        dhcp: d.is_some_and(|d| d.dhcp),
+        addresses: resolved
+            .nics
+            .values()
+            .filter(|nic| n.subnet.contains(&nic.ip))
+            .map(|nic| nic.ip)
+            .collect(),
+        profiles: d.map(|d| d.profiles.clone()).unwrap_or_default(),
+    }
+}
+
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Engine {
@@ -439,6 +461,11 @@ fn run_action(
                 .networks
                 .get(domain)
                 .ok_or_else(|| format!("domain {domain} has no network"))?;
+            if let Some(d) = host.network_driver(resolved, domain) {
+                return d
+                    .ensure_network(&host.ctx, &domain_network(resolved, n))
+                    .map_err(|e| err(&e));
+            }
             host.net.ensure_bridge(n, &alias).map_err(|e| err(&e))?;
             let d = resolved.project.domains.get(domain);
             if d.is_some_and(|d| d.dhcp) {
@@ -460,6 +487,11 @@ fn run_action(
             Ok(())
         }
         Op::DeleteNetwork { bridge, .. } => {
+            for d in host.drivers.values().filter(|d| d.manages_networks()) {
+                if d.delete_network(&host.ctx, bridge).map_err(|e| err(&e))? {
+                    return Ok(());
+                }
+            }
             let _ = host.net.stop_dhcp(bridge, &host.ctx.run_dir);
             host.net.delete_bridge(bridge).map_err(|e| err(&e))
         }

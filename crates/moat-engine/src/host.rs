@@ -174,6 +174,7 @@ impl Host {
             alias: moat_core::naming::if_alias(root_str),
         }));
         drivers.insert("nspawn", Arc::new(nspawn));
+        drivers.insert("incus", Arc::new(moat_incus::IncusDriver::new()));
         drivers.insert(
             "qemu",
             Arc::new(moat_qemu::QemuDriver::new(
@@ -187,6 +188,20 @@ impl Host {
             images,
             drivers,
         })
+    }
+
+    /// The driver that creates `domain`'s bridge itself (the first of its
+    /// machines' drivers that manages networks), if any.
+    pub fn network_driver(
+        &self,
+        resolved: &moat_core::model::Resolved,
+        domain: &str,
+    ) -> Option<&Arc<dyn Driver>> {
+        let d = resolved.project.domains.get(domain)?;
+        d.machines
+            .values()
+            .filter_map(|m| self.drivers.get(m.driver.as_str()))
+            .find(|d| d.manages_networks())
     }
 
     pub fn driver(&self, name: &str) -> Result<&Arc<dyn Driver>> {

@@ -18,8 +18,8 @@ mod status;
 mod storage;
 
 pub use apply::ApplyReport;
-pub use run::{RunOpts, RunOutcome};
 pub use moat_driver::{ExecSession, SessionOpts};
+pub use run::{RunOpts, RunOutcome};
 pub use status::{DestroyReport, NetworkStatus, Status};
 
 use moat_core::address::Allocated;
@@ -148,6 +148,10 @@ pub struct PlanReport {
     /// Firewall lines added (`+ ...`) and removed (`- ...`) since the last
     /// applied ruleset; empty when the firewall does not change.
     pub firewall_diff: Vec<String>,
+    /// Things drivers see in this root's space that moat did not create
+    /// (e.g. an instance made by hand in a moat Incus project): never touched.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unmanaged: Vec<String>,
 }
 
 impl fmt::Display for PlanReport {
@@ -170,6 +174,9 @@ impl fmt::Display for PlanReport {
             for l in &self.firewall_diff {
                 writeln!(f, "    {l}")?;
             }
+        }
+        for u in &self.unmanaged {
+            writeln!(f, "  unmanaged: {u}")?;
         }
         Ok(())
     }
@@ -275,10 +282,19 @@ impl Engine {
 
     /// Everything of this root the host shows now.
     fn observe(&self, host: &host::Host) -> Result<moat_core::observed::Observed> {
-        let (networks, firewall_hash) = host
+        let (mut networks, firewall_hash) = host
             .net
             .observe(&self.tag)
             .map_err(|e| EngineError::Failed(e.to_string()))?;
+        // Bridges created by a driver (Incus) are observed through it.
+        for d in host.drivers.values().filter(|d| d.manages_networks()) {
+            for n in d
+                .list_networks(&host.ctx)
+                .map_err(|e| EngineError::Failed(e.to_string()))?
+            {
+                networks.insert(n.domain.clone(), n);
+            }
+        }
         let mut machines = BTreeMap::new();
         for d in host.drivers.values() {
             for m in d
@@ -310,6 +326,9 @@ impl Engine {
         host: &host::Host,
         checked: &Checked,
     ) -> Result<moat_core::observed::Observed> {
+        for d in host.drivers.values() {
+            d.configure(&host.ctx, &checked.resolved.project)?;
+        }
         let mut o = self.observe(host)?;
         for name in self.adhoc_machines()? {
             o.machines.remove(&name);
@@ -321,6 +340,10 @@ impl Engine {
             .enabled_domains()
             .filter(|d| d.dhcp)
         {
+            // A driver-made bridge has the driver's DHCP server.
+            if host.network_driver(&checked.resolved, &d.name).is_some() {
+                continue;
+            }
             if let Some(n) = o.networks.get_mut(&d.name) {
                 if moat_net::dhcp::running_pid(&self.cfg.run_dir, &n.bridge).is_none() {
                     n.up = false;
@@ -396,11 +419,17 @@ impl Engine {
         } else {
             vec![]
         };
+        let unmanaged = host
+            .drivers
+            .values()
+            .flat_map(|d| d.unmanaged(&host.ctx).unwrap_or_default())
+            .collect();
         Ok(PlanReport {
             plan,
             firewall: rules.summary(),
             interrupted,
             firewall_diff,
+            unmanaged,
         })
     }
 
