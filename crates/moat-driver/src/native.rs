@@ -68,9 +68,27 @@ pub trait RootfsProvider: Send + Sync {
     }
 }
 
-/// Attaches a machine's NIC inside the network namespace of `pid`.
+/// Attaches a machine's NIC inside the network namespace of `pid`, or of a
+/// namespace file (the machine's persistent netns).
 pub trait NetworkAttacher: Send + Sync {
     fn attach(&self, ctx: &Ctx, spec: &MachineSpec, pid: i32) -> std::result::Result<(), String>;
+    /// Attaches into the namespace bind-mounted at `netns`. Attachers that
+    /// implement it say so in [`NetworkAttacher::attaches_by_path`].
+    fn attach_netns(
+        &self,
+        _ctx: &Ctx,
+        spec: &MachineSpec,
+        netns: &Path,
+    ) -> std::result::Result<(), String> {
+        Err(format!(
+            "{}: this network attacher cannot attach into {}",
+            spec.machine.full_name,
+            netns.display()
+        ))
+    }
+    fn attaches_by_path(&self) -> bool {
+        false
+    }
 }
 
 /// A provider for tests and simple setups: each machine's rootfs is a
@@ -202,6 +220,66 @@ impl NativeDriver {
         (1..).find(|n| !used.contains(n)).unwrap_or(1)
     }
 
+    /// Where a machine's persistent network namespace is bind-mounted.
+    pub fn netns_path(ctx: &Ctx, full_name: &str) -> PathBuf {
+        ctx.run_dir.join("netns").join(full_name)
+    }
+
+    /// The user namespace owning it (for machines with a user namespace).
+    pub fn userns_path(ctx: &Ctx, full_name: &str) -> PathBuf {
+        ctx.run_dir.join("netns").join(format!("{full_name}.user"))
+    }
+
+    /// A machine with a NIC gets a network namespace of its own that outlives
+    /// its processes (restart policy, stop/start): the NIC is attached once.
+    fn persistent_netns(&self, spec: &MachineSpec) -> bool {
+        spec.nic.is_some()
+            && spec.machine.network == NetworkMode::Domain
+            && self.network.as_ref().is_some_and(|n| n.attaches_by_path())
+    }
+
+    /// Makes sure the persistent netns of a machine exists, creating it and
+    /// attaching the NIC when it does not (first start, host reboot).
+    fn ensure_netns(&self, ctx: &Ctx, full_name: &str, cfg: &SupervisorConfig) -> Result<()> {
+        let NetworkSpec::Join(path) = &cfg.container.network else {
+            return Ok(());
+        };
+        if moat_runtime::sys::is_ns_mount(path) {
+            return Ok(());
+        }
+        let spec = self
+            .specs
+            .lock()
+            .map_err(|_| Self::failed(full_name, "driver state poisoned"))?
+            .get(full_name)
+            .cloned();
+        let (Some(net), Some(spec)) = (&self.network, spec) else {
+            return Err(Self::failed(
+                full_name,
+                format!(
+                    "its network namespace {} is gone and this command cannot attach its NIC; \
+                     `moat apply` (or `moat start` with the project) re-creates it",
+                    path.display()
+                ),
+            ));
+        };
+        let user = cfg
+            .container
+            .userns_path
+            .as_deref()
+            .zip(cfg.container.idmap);
+        moat_runtime::sys::create_persistent_netns(path, user).map_err(|e| DriverError::Io {
+            machine: full_name.into(),
+            source: e,
+        })?;
+        if let Err(e) = net.attach_netns(ctx, &spec, path) {
+            let _ = moat_runtime::sys::remove_ns_mount(path);
+            let _ = moat_runtime::sys::remove_ns_mount(&Self::userns_path(ctx, full_name));
+            return Err(Self::failed(full_name, format!("attaching the NIC: {e}")));
+        }
+        Ok(())
+    }
+
     fn container_spec(
         &self,
         ctx: &Ctx,
@@ -245,7 +323,13 @@ impl NativeDriver {
         };
         cs.idmap = Some(IdRange::for_machine(id_number));
         cs.privileged = m.privileged;
+        if self.persistent_netns(spec) && !m.privileged {
+            cs.userns_path = Some(Self::userns_path(ctx, &m.full_name));
+        }
         cs.network = match m.network {
+            NetworkMode::Domain if self.persistent_netns(spec) => {
+                NetworkSpec::Join(Self::netns_path(ctx, &m.full_name))
+            }
             NetworkMode::Domain => NetworkSpec::Own,
             NetworkMode::Host => NetworkSpec::Host,
             NetworkMode::None => NetworkSpec::None,
@@ -392,7 +476,8 @@ impl Driver for NativeDriver {
         let mut cfg = SupervisorConfig::new(cs);
         cfg.restart = spec.machine.restart;
         cfg.stop_timeout_ms = self.stop_timeout.as_millis() as u64;
-        cfg.wait_for_start = spec.nic.is_some() && self.network.is_some();
+        cfg.wait_for_start =
+            spec.nic.is_some() && self.network.is_some() && !self.persistent_netns(spec);
         let text =
             serde_json::to_vec_pretty(&cfg).map_err(|e| Self::failed(name, e.to_string()))?;
         fs::write(dir.config_path(), text).map_err(|e| DriverError::Io {
@@ -441,6 +526,7 @@ impl Driver for NativeDriver {
             .remount(ctx, full_name)
             .map_err(|e| Self::failed(full_name, format!("mounting the root file system: {e}")))?;
         let cfg = dir.read_config().map_err(Self::rt(full_name))?;
+        self.ensure_netns(ctx, full_name, &cfg)?;
         let sup = self.supervisor_path(full_name)?;
         let st = machine::launch(&dir, &cfg, &sup).map_err(Self::rt(full_name))?;
         if let MachineState::Created { pid } = st {
@@ -481,6 +567,17 @@ impl Driver for NativeDriver {
             .release(ctx, full_name)
             .map_err(|e| Self::failed(full_name, format!("releasing the root file system: {e}")))?;
         machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
+        for ns in [
+            Self::netns_path(ctx, full_name),
+            Self::userns_path(ctx, full_name),
+        ] {
+            moat_runtime::sys::remove_ns_mount(&ns).map_err(|e| {
+                Self::failed(
+                    full_name,
+                    format!("removing its namespace file {}: {e}", ns.display()),
+                )
+            })?;
+        }
         if let Ok(mut s) = self.specs.lock() {
             s.remove(full_name);
         }
@@ -495,24 +592,6 @@ impl Driver for NativeDriver {
             stdout: r.stdout,
             stderr: r.stderr,
         })
-    }
-}
-
-/// A supervisor busy with its first launch may belong to a process that died
-/// (an apply killed between launch and start): wait until it has created the
-/// container, so that the caller sees `Created` (never started) rather than a
-/// launch in progress it would take for running.
-fn settle_first_launch(dir: &MachineDir) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while let Some(s) = dir.read_status() {
-        let launching = s.phase == machine::Phase::Starting && s.restarts == 0;
-        if !launching
-            || !matches!(dir.state(), MachineState::Restarting { .. })
-            || std::time::Instant::now() > deadline
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(2));
     }
 
     fn exec_session(
@@ -543,5 +622,23 @@ fn settle_first_launch(dir: &MachineDir) {
             tty: s.is_tty(),
             process: Box::new(NativeSession(s)),
         })
+    }
+}
+
+/// A supervisor busy with its first launch may belong to a process that died
+/// (an apply killed between launch and start): wait until it has created the
+/// container, so that the caller sees `Created` (never started) rather than a
+/// launch in progress it would take for running.
+fn settle_first_launch(dir: &MachineDir) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while let Some(s) = dir.read_status() {
+        let launching = s.phase == machine::Phase::Starting && s.restarts == 0;
+        if !launching
+            || !matches!(dir.state(), MachineState::Restarting { .. })
+            || std::time::Instant::now() > deadline
+        {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

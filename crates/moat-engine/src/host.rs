@@ -101,6 +101,29 @@ pub struct NetAttacher {
 
 impl NetworkAttacher for NetAttacher {
     fn attach(&self, _ctx: &Ctx, spec: &MachineSpec, pid: i32) -> std::result::Result<(), String> {
+        self.attach_to(spec, &NetnsTarget::Pid(pid as u32))
+    }
+
+    fn attach_netns(
+        &self,
+        _ctx: &Ctx,
+        spec: &MachineSpec,
+        netns: &std::path::Path,
+    ) -> std::result::Result<(), String> {
+        self.attach_to(spec, &NetnsTarget::Path(netns.to_path_buf()))
+    }
+
+    fn attaches_by_path(&self) -> bool {
+        true
+    }
+}
+
+impl NetAttacher {
+    fn attach_to(
+        &self,
+        spec: &MachineSpec,
+        target: &NetnsTarget,
+    ) -> std::result::Result<(), String> {
         let (Some(nic), Some(br)) = (&spec.nic, &spec.bridge) else {
             return Ok(());
         };
@@ -114,7 +137,7 @@ impl NetworkAttacher for NetAttacher {
             bridge: br.name.clone(),
         };
         self.net
-            .attach(nic, &net, &self.alias, &NetnsTarget::Pid(pid as u32))
+            .attach(nic, &net, &self.alias, target)
             .map_err(|e| e.to_string())
     }
 }

@@ -101,6 +101,11 @@ pub struct ContainerSpec {
     /// moat passes `/moat-<root tag>/<name>` so two roots never share a cgroup.
     #[serde(default)]
     pub cgroup: Option<String>,
+    /// Join this (bind-mounted) user namespace instead of creating one: the
+    /// owner of a persistent network namespace joined with [`NetworkSpec::Join`].
+    /// Its id map must be `idmap`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns_path: Option<PathBuf>,
 }
 
 impl ContainerSpec {
@@ -132,6 +137,7 @@ impl ContainerSpec {
             resolv_conf: None,
             stop_signal: None,
             cgroup: None,
+            userns_path: None,
         }
     }
 
@@ -251,7 +257,10 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
         NetworkSpec::Join(p) => namespaces.push(json!({"type": "network", "path": p})),
     }
     if userns {
-        namespaces.push(json!({"type": "user"}));
+        match &spec.userns_path {
+            Some(p) => namespaces.push(json!({"type": "user", "path": p})),
+            None => namespaces.push(json!({"type": "user"})),
+        }
     }
 
     let own_netns = !matches!(spec.network, NetworkSpec::Host);

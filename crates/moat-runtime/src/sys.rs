@@ -334,67 +334,142 @@ pub fn is_ns_mount(path: &std::path::Path) -> bool {
 }
 
 /// Creates a new network namespace with `lo` up and bind-mounts it on
-/// `path` (an empty file is created), so that it outlives every process in
+/// `net` (an empty file is created), so that it outlives every process in
 /// it: containers join it by path and keep the NIC attached to it once.
-/// Done in a forked child so the caller never changes namespace.
-pub fn create_persistent_netns(path: &std::path::Path) -> io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)?;
+///
+/// With `user = Some((file, range))` the network namespace is owned by a new
+/// user namespace mapping root to `range` (bind-mounted on `file` too): a
+/// container with a user namespace can only join a network namespace its
+/// user namespace owns, so it joins both. Done in a forked child (the
+/// caller never changes namespace) that the caller maps and mounts from
+/// outside; pipes order the steps.
+pub fn create_persistent_netns(
+    net: &std::path::Path,
+    user: Option<(&std::path::Path, crate::spec::IdRange)>,
+) -> io::Result<()> {
+    let touch = |p: &std::path::Path| -> io::Result<()> {
+        if let Some(dir) = p.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(p)
+            .map(|_| ())
+    };
+    touch(net)?;
+    if let Some((u, _)) = user {
+        touch(u)?;
     }
-    fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    let target = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let (to_parent_r, to_parent_w) = pipe()?;
+    let (to_child_r, to_child_w) = pipe()?;
+    let with_user = user.is_some();
     // SAFETY: fork in a process that may have threads: the child only calls
-    // async-signal-safe syscalls (unshare, socket, ioctl, mount, _exit).
+    // async-signal-safe syscalls (unshare, read, write, socket, ioctl, _exit).
     let child = unsafe { libc::fork() };
     if child < 0 {
         return Err(io::Error::last_os_error());
     }
     if child == 0 {
-        // SAFETY: raw syscalls on a zeroed ifreq and NUL-terminated paths built before fork.
+        use std::os::fd::AsRawFd;
+        let (w, r) = (to_parent_w.as_raw_fd(), to_child_r.as_raw_fd());
+        // SAFETY: raw syscalls on our pipe fds and a zeroed ifreq.
         unsafe {
+            let mut b = [0u8; 1];
+            if with_user {
+                if libc::unshare(libc::CLONE_NEWUSER) != 0 {
+                    libc::_exit(1);
+                }
+                // The parent writes our id maps.
+                libc::write(w, b.as_ptr().cast(), 1);
+                if libc::read(r, b.as_mut_ptr().cast(), 1) != 1 {
+                    libc::_exit(2);
+                }
+            }
             if libc::unshare(libc::CLONE_NEWNET) != 0 {
-                libc::_exit(1);
+                libc::_exit(3);
             }
             let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
             if s < 0 {
-                libc::_exit(2);
+                libc::_exit(4);
             }
             let mut req: libc::ifreq = std::mem::zeroed();
             req.ifr_name[0] = b'l' as libc::c_char;
             req.ifr_name[1] = b'o' as libc::c_char;
             if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) != 0 {
-                libc::_exit(3);
+                libc::_exit(5);
             }
             req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
             if libc::ioctl(s, libc::SIOCSIFFLAGS, &req) != 0 {
-                libc::_exit(4);
+                libc::_exit(6);
             }
-            if libc::mount(
-                c"/proc/self/ns/net".as_ptr(),
-                target.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                libc::_exit(5);
-            }
+            // The parent bind-mounts our namespaces, then lets us go.
+            libc::write(w, b.as_ptr().cast(), 1);
+            libc::read(r, b.as_mut_ptr().cast(), 1);
             libc::_exit(0);
         }
     }
-    match wait_pid(child)? {
-        ExitStatus::Code(0) => Ok(()),
-        other => Err(io::Error::other(format!(
-            "creating a network namespace on {} failed (step {other:?})",
-            path.display()
-        ))),
+    drop(to_parent_w);
+    drop(to_child_r);
+    let mut from_child = fs::File::from(to_parent_r);
+    let mut to_child = fs::File::from(to_child_w);
+    let result = (|| -> io::Result<()> {
+        use std::io::{Read, Write};
+        let mut b = [0u8; 1];
+        if let Some((_, range)) = user {
+            from_child.read_exact(&mut b)?;
+            let map = format!("0 {} {}\n", range.host_id, range.size);
+            fs::write(format!("/proc/{child}/uid_map"), &map)?;
+            fs::write(format!("/proc/{child}/gid_map"), &map)?;
+            to_child.write_all(&b)?;
+        }
+        from_child.read_exact(&mut b)?;
+        bind(&format!("/proc/{child}/ns/net"), net)?;
+        if let Some((u, _)) = user {
+            bind(&format!("/proc/{child}/ns/user"), u)?;
+        }
+        to_child.write_all(&b)?;
+        Ok(())
+    })();
+    drop(to_child);
+    let st = wait_pid(child)?;
+    if let Err(e) = result {
+        let _ = remove_ns_mount(net);
+        if let Some((u, _)) = user {
+            let _ = remove_ns_mount(u);
+        }
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "creating a network namespace on {} failed: {e} (helper {st:?})",
+                net.display()
+            ),
+        ));
     }
+    Ok(())
+}
+
+fn bind(src: &str, target: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let s =
+        std::ffi::CString::new(src).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let t = std::ffi::CString::new(target.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: mount with NUL-terminated paths and null fs type/data.
+    let r = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Unmounts and removes a persistent namespace file; missing is not an error.
