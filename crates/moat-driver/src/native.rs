@@ -323,6 +323,12 @@ impl NativeDriver {
         };
         cs.idmap = Some(IdRange::for_machine(id_number));
         cs.privileged = m.privileged;
+        // Defense in depth behind the core's validation: the runtime refuses
+        // `privileged` in untrusted and disposable domains too.
+        cs.untrusted_domain = matches!(
+            m.trust,
+            moat_core::model::TrustLevel::Untrusted | moat_core::model::TrustLevel::Disposable
+        );
         if self.persistent_netns(spec) && !m.privileged {
             cs.userns_path = Some(Self::userns_path(ctx, &m.full_name));
         }
@@ -640,5 +646,48 @@ fn settle_first_launch(dir: &MachineDir) {
             return;
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moat_core::model::TrustLevel;
+
+    #[test]
+    fn untrusted_and_disposable_domains_mark_the_container_spec() {
+        let d = NativeDriver::new(Arc::new(FolderRootfs {
+            base: "/nonexistent".into(),
+            system: false,
+        }));
+        let ctx = Ctx {
+            root: "/nonexistent".into(),
+            run_dir: "/nonexistent/run".into(),
+            root_tag: "t".into(),
+        };
+        let mut m = Machine::adhoc("d-m", "busybox");
+        m.command = Some(vec!["true".into()]);
+        let rootfs = PreparedRootfs {
+            path: "/r".into(),
+            config: ImageConfig::default(),
+            system: false,
+        };
+        for (trust, untrusted) in [
+            (TrustLevel::Untrusted, true),
+            (TrustLevel::Disposable, true),
+            (TrustLevel::SemiTrusted, false),
+            (TrustLevel::Admin, false),
+        ] {
+            m.trust = trust;
+            let spec = MachineSpec {
+                machine: m.clone(),
+                nic: None,
+                bridge: None,
+                spec_hash: String::new(),
+                hosts: vec![],
+            };
+            let cs = d.container_spec(&ctx, &spec, &rootfs, 1).unwrap();
+            assert_eq!(cs.untrusted_domain, untrusted, "{trust:?}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! create → start (with a fake NIC attacher seeing the netns) → observe →
 //! exec → stop → destroy, with the rootfs from a folder provider.
 
-use moat_core::model::{Machine, MachineType, NetworkMode, RestartPolicy};
+use moat_core::model::{Machine, NetworkMode};
 use moat_core::observed::MachineState;
 use moat_driver::native::{FolderRootfs, NativeDriver, NetworkAttacher};
 use moat_driver::{Ctx, Driver, MachineSpec, Probe};
@@ -37,6 +37,7 @@ fn machine(full_name: &str, command: Option<Vec<String>>) -> Machine {
         network: NetworkMode::Domain,
         ephemeral: false,
         weight: 0,
+        command,
         ..Machine::adhoc(full_name, "busybox")
     }
 }
