@@ -232,6 +232,9 @@ pub struct RunArgs {
     /// Allocate a terminal
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// Driver: `native` (container, default) or `qemu` (the image as a microVM)
+    #[arg(long)]
+    pub driver: Option<String>,
     /// Image name or source (busybox, debian/bookworm, oci:REF, ...)
     pub image: String,
     /// Command and arguments (default: the image's)

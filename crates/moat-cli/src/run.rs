@@ -335,6 +335,7 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
                 command: a.command.clone(),
                 rm: a.rm,
                 detach: a.detach,
+                driver: a.driver.clone(),
                 ..Default::default()
             };
             let r = eng.run(&opts, &Progress { out, quiet: false })?;

@@ -19,6 +19,8 @@ pub struct RunOpts {
     pub detach: bool,
     pub cpus: Option<u32>,
     pub memory: Option<u64>,
+    /// `native` (default) or `qemu` (a microVM).
+    pub driver: Option<String>,
 }
 
 #[derive(Debug)]
@@ -88,7 +90,8 @@ impl Engine {
         {
             return Err(EngineError::Failed(format!("machine name '{name}' {why}")));
         }
-        let d = host.driver("native")?;
+        let dname = opts.driver.as_deref().unwrap_or("native");
+        let d = host.driver(dname)?;
         if d.observe(&host.ctx, &name)?.is_some() {
             return Err(EngineError::Failed(format!(
                 "a machine named '{name}' exists; pick another --name or `moat destroy {name}`"
@@ -115,6 +118,15 @@ impl Engine {
             command: Some(command),
             ..Machine::adhoc(&name, &image.name)
         };
+        let machine = if dname == "qemu" {
+            Machine {
+                kind: moat_core::model::MachineType::Microvm,
+                driver: "qemu".into(),
+                ..machine
+            }
+        } else {
+            machine
+        };
         let spec = MachineSpec {
             spec_hash: moat_core::spec::spec_hash(&machine, None),
             machine,
@@ -131,6 +143,23 @@ impl Engine {
         d.start(&host.ctx, &name)?;
         if opts.detach {
             return Ok(RunOutcome { name, status: None });
+        }
+        if dname == "qemu" {
+            let r = moat_qemu::microvm::follow(
+                &host.ctx,
+                &name,
+                &mut std::io::stdout(),
+                Duration::from_secs(120),
+            );
+            if opts.rm {
+                d.destroy(&host.ctx, &name)?;
+                state.forget(ADHOC, &name).map_err(state_err)?;
+            }
+            let status = r.map_err(|e| EngineError::Failed(e.to_string()))?;
+            return Ok(RunOutcome {
+                name,
+                status: Some(status),
+            });
         }
         let dir = MachineDir::new(host.ctx.root.join("machines").join(&name));
         let (mut out_pos, mut err_pos) = (0u64, 0u64);

@@ -696,3 +696,50 @@ mod tests {
         assert_eq!(workload_output(c), "hello\nworld\n");
     }
 }
+
+/// Follow a started microVM in the foreground (`moat run --driver qemu`):
+/// copy the workload's output to `out` as it appears, and return its exit
+/// code when the VM has powered off. Boot is bounded by `boot_timeout`.
+pub fn follow(
+    ctx: &Ctx,
+    full_name: &str,
+    out: &mut dyn std::io::Write,
+    boot_timeout: Duration,
+) -> std::result::Result<i32, QemuError> {
+    let log = console_log(ctx, full_name);
+    let pidf = pid_file(ctx, full_name);
+    let t0 = Instant::now();
+    let mut shown = 0usize;
+    loop {
+        let alive = qemu_pid(&pidf).is_some();
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let cur = workload_output(&text);
+        if cur.len() > shown {
+            let _ = out.write_all(&cur.as_bytes()[shown..]);
+            let _ = out.flush();
+            shown = cur.len();
+        }
+        if !alive {
+            if let Some(code) = exit_code(ctx, full_name) {
+                return Ok(code);
+            }
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            return Err(QemuError::Failed(format!(
+                "{full_name}: the microVM stopped without reporting an exit code; last console lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )));
+        }
+        if !text.contains("@moat-start") && t0.elapsed() > boot_timeout {
+            if let Some(pid) = qemu_pid(&pidf) {
+                // SAFETY: signalling the QEMU process named by our pid file.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            return Err(QemuError::Failed(format!(
+                "{full_name}: no boot within {}s; console log: {}",
+                boot_timeout.as_secs(),
+                log.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
