@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 runtime=(
   nftables iproute2 busybox-static dnsmasq-base mmdebstrap
   libseccomp-dev pkg-config gcc make ca-certificates
-  qemu-system-x86 qemu-utils xz-utils
+  xz-utils
 )
 testing=(
   iputils-ping netcat-openbsd socat python3 procps psmisc
