@@ -202,7 +202,7 @@ fn routable(cli: &Cli) -> bool {
             | Command::Restart(_)
             | Command::Logs(_)
             | Command::Snapshot(_)
-    )
+    ) || matches!(&cli.command, Command::Exec(a) if !a.tty && !a.interactive)
 }
 
 /// The root's daemon, if one answers.

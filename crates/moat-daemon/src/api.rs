@@ -235,9 +235,11 @@ pub enum Action {
         machine: String,
         command: Vec<String>,
     },
+    /// Empty `command`: the login shell. `tty`: a terminal of (rows, cols).
     ExecStream {
         machine: String,
         command: Vec<String>,
+        tty: Option<(u16, u16)>,
     },
     Logs {
         machine: String,
@@ -464,11 +466,6 @@ pub fn parse(req: &Request) -> Result<(&'static Route, Action), ApiError> {
         }
         ("GET", "/v1/machines/{name}/exec") => {
             let command = req.query_all("cmd");
-            if command.is_empty() {
-                return Err(ApiError::BadRequest(
-                    "give the command as cmd=WORD&cmd=WORD...".into(),
-                ));
-            }
             if !req
                 .header("upgrade")
                 .is_some_and(|u| u.eq_ignore_ascii_case("moat-exec"))
@@ -477,9 +474,23 @@ pub fn parse(req: &Request) -> Result<(&'static Route, Action), ApiError> {
                     "this endpoint needs `Connection: Upgrade` and `Upgrade: moat-exec`; POST runs a command to completion".into(),
                 ));
             }
+            let num = |k: &str, d: u16| -> Result<u16, ApiError> {
+                match req.query(k) {
+                    None => Ok(d),
+                    Some(v) => v
+                        .parse()
+                        .map_err(|_| ApiError::BadRequest(format!("{k}={v}: give a number"))),
+                }
+            };
+            let tty = if flag(req, "tty")? {
+                Some((num("rows", 24)?, num("cols", 80)?))
+            } else {
+                None
+            };
             Action::ExecStream {
                 machine: var(0, "machine")?,
                 command,
+                tty,
             }
         }
         ("GET", "/v1/machines/{name}/logs") => Action::Logs {

@@ -373,9 +373,11 @@ impl Daemon {
                 let r = self.engine_rw()?.exec(&machine, &command)?;
                 send_json(conn, &exec_json(&r), None)
             }
-            Action::ExecStream { machine, command } => {
-                crate::exec::stream(self, &machine, &command, conn, reader)
-            }
+            Action::ExecStream {
+                machine,
+                command,
+                tty,
+            } => crate::exec::stream(self, &machine, &command, tty, conn, reader),
             Action::Logs {
                 machine,
                 tail,
