@@ -438,6 +438,8 @@ pub fn start(d: &QemuDriver, ctx: &Ctx, rec: &Record) -> Result<()> {
         &run,
         tap.as_ref().map(|_| 3),
     );
+    // For `bench/vm` (replays the same command line) and for debugging.
+    let _ = std::fs::write(run.join("qemu.args"), args.join("\n") + "\n");
     let procs = cgroup(ctx, rec);
     let procs_fd = procs
         .as_ref()
