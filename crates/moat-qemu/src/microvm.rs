@@ -688,17 +688,6 @@ pub fn exec(_d: &QemuDriver, ctx: &Ctx, rec: &Record, argv: &[String]) -> Result
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn workload_output_between_markers() {
-        let c = "kernel junk\n@moat-start\r\nhello\r\nworld\n@moat-exit 3\n";
-        assert_eq!(workload_output(c), "hello\nworld\n");
-    }
-}
-
 /// Follow a started microVM in the foreground (`moat run --driver qemu`):
 /// copy the workload's output to `out` as it appears, and return its exit
 /// code when the VM has powered off. Boot is bounded by `boot_timeout`.
@@ -743,5 +732,16 @@ pub fn follow(
             )));
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_output_between_markers() {
+        let c = "kernel junk\n@moat-start\r\nhello\r\nworld\n@moat-exit 3\n";
+        assert_eq!(workload_output(c), "hello\nworld\n");
     }
 }
