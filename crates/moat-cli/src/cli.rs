@@ -90,6 +90,9 @@ pub enum Command {
     /// Manage images
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Convert another tool's configuration folder into a moat project
+    #[command(subcommand)]
+    Import(crate::import::ImportCmd),
     /// Inspect domain networks and the firewall
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -232,9 +235,6 @@ pub struct RunArgs {
     /// Allocate a terminal
     #[arg(short = 't', long)]
     pub tty: bool,
-    /// Driver: `native` (container, default) or `qemu` (the image as a microVM)
-    #[arg(long)]
-    pub driver: Option<String>,
     /// Image name or source (busybox, debian/bookworm, oci:REF, ...)
     pub image: String,
     /// Command and arguments (default: the image's)

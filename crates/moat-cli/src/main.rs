@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod daemon;
 mod image;
+mod import;
 mod init;
 mod output;
 mod run;
