@@ -377,10 +377,20 @@ impl Engine {
         };
         for n in nets {
             progress.event(&format!("==> destroy network {} ({})", n.domain, n.bridge));
-            let _ = host.net.stop_dhcp(&n.bridge, &host.ctx.run_dir);
-            host.net
-                .delete_bridge(&n.bridge)
-                .map_err(|e| EngineError::Failed(e.to_string()))?;
+            // A bridge a driver created (Incus) goes through that driver.
+            let mut by_driver = false;
+            for d in host.drivers.values().filter(|d| d.manages_networks()) {
+                if d.delete_network(&host.ctx, &n.bridge)? {
+                    by_driver = true;
+                    break;
+                }
+            }
+            if !by_driver {
+                let _ = host.net.stop_dhcp(&n.bridge, &host.ctx.run_dir);
+                host.net
+                    .delete_bridge(&n.bridge)
+                    .map_err(|e| EngineError::Failed(e.to_string()))?;
+            }
             state.forget("network", &n.bridge).map_err(state_err)?;
             destroyed.push(format!("network {}", n.bridge));
         }

@@ -284,7 +284,15 @@ impl Client {
         let secs = timeout.as_secs().max(1);
         let path = format!("{op}/wait?timeout={secs}");
         let raw = self.exchange("GET", &path, None, timeout + Duration::from_secs(10))?;
-        let m = match self.envelope("GET", &path, raw)? {
+        // A failed operation comes back as an error envelope: name the request.
+        let m = match self.envelope("GET", &path, raw).map_err(|e| match e {
+            IncusError::Api { code, message, .. } => IncusError::Api {
+                request: request.to_string(),
+                code,
+                message,
+            },
+            other => other,
+        })? {
             Envelope::Sync(m) => m,
             Envelope::Async { metadata, .. } => metadata,
         };

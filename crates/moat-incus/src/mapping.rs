@@ -169,13 +169,10 @@ pub fn apply_limits(c: &mut BTreeMap<String, String>, l: &Limits) {
         ("limits.memory", l.memory.map(|n| format!("{n}B"))),
         ("limits.processes", l.pids.map(|n| n.to_string())),
     ];
+    // An unset moat limit leaves a `config:` pass-through value alone.
     for (k, v) in wanted {
-        match v {
-            Some(v) => {
-                c.insert(k.into(), v);
-            }
-            // An unset moat limit leaves a `config:` pass-through value alone.
-            None => {}
+        if let Some(v) = v {
+            c.insert(k.into(), v);
         }
     }
 }
