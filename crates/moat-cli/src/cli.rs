@@ -93,6 +93,9 @@ pub enum Command {
     /// Convert another tool's configuration folder into a moat project
     #[command(subcommand)]
     Import(crate::import::ImportCmd),
+    /// Guest kernels for microVMs (fetch, ls)
+    #[command(subcommand)]
+    Kernel(KernelCmd),
     /// Inspect domain networks and the firewall
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -235,6 +238,9 @@ pub struct RunArgs {
     /// Allocate a terminal
     #[arg(short = 't', long)]
     pub tty: bool,
+    /// Driver: `native` (container, default) or `qemu` (the image as a microVM)
+    #[arg(long)]
+    pub driver: Option<String>,
     /// Image name or source (busybox, debian/bookworm, oci:REF, ...)
     pub image: String,
     /// Command and arguments (default: the image's)
@@ -265,6 +271,18 @@ pub enum SnapshotCmd {
     Restore { machine: String, name: String },
     /// Delete a snapshot
     Rm { machine: String, name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KernelCmd {
+    /// Download Debian's kernel package, unpack it and extract a PVH-bootable vmlinux
+    Fetch {
+        /// Package (its versioned dependency is fetched)
+        #[arg(long, default_value = "linux-image-amd64")]
+        package: String,
+    },
+    /// List fetched kernels
+    Ls,
 }
 
 #[derive(Subcommand, Debug)]

@@ -8,6 +8,7 @@ mod daemon;
 mod image;
 mod import;
 mod init;
+mod kernel;
 mod output;
 mod run;
 mod tty;

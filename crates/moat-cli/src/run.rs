@@ -335,6 +335,7 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
                 command: a.command.clone(),
                 rm: a.rm,
                 detach: a.detach,
+                driver: a.driver.clone(),
                 ..Default::default()
             };
             let r = eng.run(&opts, &Progress { out, quiet: false })?;
@@ -397,6 +398,7 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
         }
         Command::Image(cmd) => crate::image::run(cli, out, cmd),
         Command::Import(cmd) => crate::import::run(out, cmd),
+        Command::Kernel(cmd) => crate::kernel::run(cli, out, cmd),
         Command::Completions { .. } | Command::Man => Ok(exit::OK),
     }
 }
