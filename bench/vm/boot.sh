@@ -18,6 +18,7 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 now() { date +%s.%N; }
 
 # Warm up: image, base disk, initramfs.
+"$MOAT" --root "$MOAT_ROOT" kernel ls | grep -q . || "$MOAT" --root "$MOAT_ROOT" kernel fetch >/dev/null
 "$MOAT" --root "$MOAT_ROOT" run --rm --driver qemu busybox -- echo warm >/dev/null
 
 moat_t=(); bare_t=()
@@ -29,7 +30,8 @@ done
 
 # Bare: replay a kept machine's QEMU command line (no sandbox/user, same devices).
 "$MOAT" --root "$MOAT_ROOT" run -d --driver qemu --name bare busybox -- echo hi >/dev/null
-run=$(find "$MOAT_ROOT" /run/moat -path "*qemu/bare/qemu.args" 2>/dev/null | head -1)
+sleep 20
+run=$(find "$MOAT_ROOT" -path "*qemu/bare/qemu.args" 2>/dev/null | head -1)
 [[ -n "$run" ]] || { echo "no qemu.args found" >&2; exit 1; }
 sleep 5
 mapfile -t args < "$run"
@@ -51,6 +53,6 @@ echo "first output: moat run ${m}s, bare qemu ${b}s, ratio $(echo "scale=2; $m /
 # Idle memory: a 128 MiB microVM that sleeps.
 "$MOAT" --root "$MOAT_ROOT" run -d --driver qemu --name idle busybox -- sleep 1000 >/dev/null
 sleep 15
-pidf=$(find "$MOAT_ROOT" /run/moat -path "*qemu/idle/qemu.pid" 2>/dev/null | head -1)
+pidf=$(find "$MOAT_ROOT" -path "*qemu/idle/qemu.pid" 2>/dev/null | head -1)
 rss=$(awk '/VmRSS/ {print $2}' "/proc/$(cat "$pidf")/status")
 echo "idle 128 MiB microVM: QEMU RSS $((rss / 1024)) MiB"
