@@ -11,12 +11,15 @@
 //! outlives the CLI; liveness is the pid file plus `/proc/<pid>`.
 
 pub mod accel;
+pub mod disk;
 pub mod guest;
 pub mod initramfs;
 pub mod kernel;
 pub mod microvm;
 pub mod qmp;
+pub mod seed;
 pub mod vm;
+pub mod vmimage;
 
 use moat_core::model::{Accel, MachineType};
 use moat_core::observed::{Limits, MachineState, ObservedMachine};

@@ -1,0 +1,434 @@
+//! Full VMs (`type: vm`) under TCG: lifecycle, QMP, screendump, snapshots,
+//! clones, templates and disposables on a blank disk (no guest OS: fast
+//! enough for CI), and, with MOAT_TEST_SLOW=1, a Debian VM built by
+//! `moat image build --vm` booting with cloud-init and shutting down on the
+//! ACPI power button.
+//!
+//! Needs root, qemu-system-x86_64, qemu-img, qemu-io and genisoimage; skips
+//! with a reason otherwise. Every VM lives in a per-test temporary root and is
+//! killed and removed on drop.
+
+use moat_core::model::{Display, Firmware, Machine, MachineType};
+use moat_driver::{Ctx, Driver, MachineSpec};
+use moat_qemu::vm::{self, StopOutcome};
+use moat_qemu::{disk, QemuDriver};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn have(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root".into());
+    }
+    for t in ["qemu-system-x86_64", "qemu-img", "qemu-io", "genisoimage"] {
+        if !have(t) {
+            return Some(format!("{t} is not installed (scripts/deps.sh --test)"));
+        }
+    }
+    None
+}
+
+macro_rules! require_host {
+    () => {
+        if let Some(why) = skip_reason() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+/// A temporary moat root with a qemu driver; kills and removes its VMs on drop.
+struct Root {
+    dir: tempfile::TempDir,
+    ctx: Ctx,
+    driver: QemuDriver,
+}
+
+impl Root {
+    fn new() -> Root {
+        let dir = tempfile::Builder::new()
+            .prefix("moat-vmtest-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let root = dir.path().to_path_buf();
+        let root_str = root.to_string_lossy().into_owned();
+        let ctx = Ctx {
+            root: root.clone(),
+            run_dir: root.join("run"),
+            root_tag: moat_core::naming::root_tag(&root_str),
+        };
+        let images = moat_image::ImageStore::open(&root).unwrap();
+        let driver = QemuDriver::new(images, moat_core::naming::if_alias(&root_str));
+        Root { dir, ctx, driver }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A blank qcow2 base disk registered as VM image `name`.
+    fn blank_image(&self, name: &str, size: u64) -> PathBuf {
+        let p = disk::base_path(self.root(), name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        disk::create_blank(&p, size).unwrap();
+        p
+    }
+
+    fn spec(&self, name: &str, image: &str, f: impl FnOnce(&mut Machine)) -> MachineSpec {
+        let mut m = Machine::adhoc(name, image);
+        m.kind = MachineType::Vm;
+        m.driver = "qemu".into();
+        m.memory = Some(128 << 20);
+        m.accel = moat_core::model::Accel::Tcg;
+        f(&mut m);
+        MachineSpec {
+            spec_hash: format!("test-{name}"),
+            machine: m,
+            nic: None,
+            bridge: None,
+            hosts: vec![],
+        }
+    }
+}
+
+impl Drop for Root {
+    fn drop(&mut self) {
+        if let Ok(list) = self.driver.list(&self.ctx) {
+            for m in list {
+                let _ = self.driver.destroy(&self.ctx, &m.full_name);
+            }
+        }
+    }
+}
+
+fn qemu_io(disk: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", cmd])
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (
+        o.status.success() && !text.contains("Pattern verification failed"),
+        text,
+    )
+}
+
+/// qemu-io on a disk a running QEMU holds (`-U`: shared, read-only).
+fn qemu_io_shared(disk: &Path, cmd: &str) -> (bool, String) {
+    let o = Command::new("qemu-io")
+        .args(["-U", "-r", "-f", "qcow2", "-c", cmd])
+        .arg(disk)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (
+        o.status.success() && !text.contains("Pattern verification failed"),
+        text,
+    )
+}
+
+/// Runs a qemu-io command on the running VM's disk through the monitor
+/// (QEMU 10 prints its output on its own stdout, not in the HMP answer).
+fn hmp_io(ctx: &Ctx, name: &str, cmd: &str) {
+    let mut q =
+        moat_qemu::qmp::Qmp::connect(&vm::paths(ctx, name).qmp, Duration::from_secs(30)).unwrap();
+    let out = q.hmp(&format!("qemu-io disk0 \"{cmd}\"")).unwrap();
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}{}", std::process::id() % 100000)
+}
+
+#[test]
+fn vm_lifecycle_qmp_screendump_snapshots_clone() {
+    require_host!();
+    let r = Root::new();
+    r.blank_image("blank", 16 << 20);
+    let name = unique("vmt");
+    let spec = r.spec(&name, "blank", |m| {
+        m.cloud_init = Some(serde_json::json!({
+            "user-data": {"users": [{"name": "moat"}]}
+        }));
+    });
+    r.driver.create(&r.ctx, &spec).unwrap();
+    let p = vm::paths(&r.ctx, &name);
+    // The overlay sits on the base; the seed is an ISO labelled cidata.
+    let info = disk::info(&p.disk).unwrap();
+    assert_eq!(
+        info.backing.as_deref(),
+        Some(disk::base_path(r.root(), "blank").to_str().unwrap())
+    );
+    let iso = std::fs::read(&p.seed).unwrap();
+    assert_eq!(&iso[32808..32814], b"cidata", "ISO9660 volume id");
+
+    r.driver.start(&r.ctx, &name).unwrap();
+    assert!(vm::is_running(&r.ctx, &name));
+    let mut q = moat_qemu::qmp::Qmp::connect(&p.qmp, Duration::from_secs(30)).unwrap();
+    assert_eq!(q.query_status().unwrap(), "running");
+    drop(q);
+
+    // The display works: SeaBIOS's screen as a PNG.
+    let png = r.root().join("screen.png");
+    vm::screendump(&r.ctx, &name, &png).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    eprintln!("screendump: {} bytes", bytes.len());
+
+    // A write through the running VM's disk stays after stop (not disposable).
+    hmp_io(&r.ctx, &name, "write -P 0xab 0 64k");
+    // Snapshot of the running VM (disk + memory).
+    vm::snapshot_create(&r.ctx, &name, "live").unwrap();
+    // No guest OS answers the power button: quit after the timeout.
+    let t = Instant::now();
+    let outcome = vm::shut_down(&r.ctx, &name, Duration::from_secs(1)).unwrap();
+    assert_eq!(outcome, StopOutcome::Quit);
+    eprintln!("stop without a guest OS: {:?}", t.elapsed());
+    r.driver
+        .stop(&r.ctx, &name, Duration::from_secs(1))
+        .unwrap();
+    assert!(!vm::is_running(&r.ctx, &name));
+    assert!(qemu_io(&p.disk, "read -P 0xab 0 64k").0);
+
+    // Snapshots of the stopped VM: create, change, restore, list, remove.
+    vm::snapshot_create(&r.ctx, &name, "s1").unwrap();
+    assert!(qemu_io(&p.disk, "write -P 0xcd 0 64k").0);
+    vm::snapshot_restore(&r.ctx, &name, "s1").unwrap();
+    assert!(qemu_io(&p.disk, "read -P 0xab 0 64k").0);
+    let snaps = vm::snapshots(&r.ctx, &name).unwrap();
+    let names: Vec<_> = snaps
+        .iter()
+        .map(|s| (s.name.as_str(), s.with_memory))
+        .collect();
+    assert_eq!(names, vec![("live", true), ("s1", false)]);
+    vm::snapshot_remove(&r.ctx, &name, "s1").unwrap();
+    vm::snapshot_remove(&r.ctx, &name, "live").unwrap();
+    assert!(vm::snapshots(&r.ctx, &name).unwrap().is_empty());
+
+    // Clone: both get an overlay on the frozen former disk; data is shared.
+    let new = unique("vmc");
+    vm::clone_vm(&r.ctx, &name, &new).unwrap();
+    let np = vm::paths(&r.ctx, &new);
+    let chain = disk::chain(&np.disk).unwrap();
+    assert_eq!(chain.len(), 3, "clone → frozen layer → base");
+    assert_eq!(disk::chain(&p.disk).unwrap()[1].filename, chain[1].filename);
+    assert!(qemu_io(&np.disk, "read -P 0xab 0 64k").0);
+    // Writes to the clone do not reach the source.
+    assert!(qemu_io(&np.disk, "write -P 0x11 0 64k").0);
+    assert!(qemu_io(&p.disk, "read -P 0xab 0 64k").0);
+    assert!(r.driver.observe(&r.ctx, &new).unwrap().is_some());
+
+    // Destroying both leaves no frozen layer behind.
+    r.driver.destroy(&r.ctx, &new).unwrap();
+    r.driver.destroy(&r.ctx, &name).unwrap();
+    let layers = disk::store_dir(r.root()).join("layers");
+    let left = std::fs::read_dir(&layers).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0);
+}
+
+#[test]
+fn disposable_vm_forgets_its_changes_and_templates_do_not_start() {
+    require_host!();
+    let r = Root::new();
+    r.blank_image("blank", 16 << 20);
+    let name = unique("vmd");
+    let spec = r.spec(&name, "blank", |m| m.disposable = true);
+    r.driver.create(&r.ctx, &spec).unwrap();
+    let p = vm::paths(&r.ctx, &name);
+    r.driver.start(&r.ctx, &name).unwrap();
+    hmp_io(&r.ctx, &name, "write -P 0xab 0 64k");
+    // (That such a write reaches the overlay is shown by the lifecycle test.)
+    r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
+    assert!(!p.disk.exists(), "a stopped disposable VM has no overlay");
+    r.driver.start(&r.ctx, &name).unwrap();
+    let (same, out) = qemu_io_shared(&p.disk, "read -P 0xab 0 64k");
+    assert!(!same, "the write is gone after stop/start: {out}");
+    r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
+
+    // A template is created but never started; clones of it are ordinary VMs.
+    let t = unique("vmtpl");
+    let spec = r.spec(&t, "blank", |m| m.template = true);
+    r.driver.create(&r.ctx, &spec).unwrap();
+    let e = r.driver.start(&r.ctx, &t).unwrap_err().to_string();
+    assert!(e.contains("template"), "{e}");
+    let c = unique("vmfromtpl");
+    vm::clone_vm(&r.ctx, &t, &c).unwrap();
+    r.driver.start(&r.ctx, &c).unwrap();
+    assert!(vm::is_running(&r.ctx, &c));
+    r.driver.stop(&r.ctx, &c, Duration::ZERO).unwrap();
+}
+
+#[test]
+fn clone_is_an_overlay_whatever_the_disk_size() {
+    require_host!();
+    let r = Root::new();
+    for (image, size) in [("small", 10u64 << 20), ("big", 10u64 << 30)] {
+        r.blank_image(image, size);
+        let name = unique(&format!("vm{image}"));
+        r.driver
+            .create(&r.ctx, &r.spec(&name, image, |_| {}))
+            .unwrap();
+        let new = format!("{name}c");
+        vm::clone_vm(&r.ctx, &name, &new).unwrap();
+        let info = disk::info(&vm::paths(&r.ctx, &new).disk).unwrap();
+        assert_eq!(info.virtual_size, size);
+        // A new qcow2 header and tables, not a copy of the disk.
+        assert!(
+            info.actual_size < 1 << 20,
+            "{image}: clone takes {} bytes",
+            info.actual_size
+        );
+        assert!(info.backing.is_some());
+    }
+}
+
+#[test]
+fn disk_size_grows_the_overlay() {
+    require_host!();
+    let r = Root::new();
+    r.blank_image("blank", 16 << 20);
+    let name = unique("vmg");
+    r.driver
+        .create(&r.ctx, &r.spec(&name, "blank", |m| m.disk = Some(1 << 30)))
+        .unwrap();
+    let info = disk::info(&vm::paths(&r.ctx, &name).disk).unwrap();
+    assert_eq!(info.virtual_size, 1 << 30);
+}
+
+#[test]
+fn uefi_vm_starts_with_ovmf() {
+    require_host!();
+    if !Path::new(vm::OVMF_CODE).exists() {
+        eprintln!("SKIP: OVMF is not installed (apt-get install ovmf)");
+        return;
+    }
+    let r = Root::new();
+    r.blank_image("blank", 16 << 20);
+    let name = unique("vmu");
+    r.driver
+        .create(
+            &r.ctx,
+            &r.spec(&name, "blank", |m| {
+                m.firmware = Firmware::Uefi;
+                m.display = Display::Spice;
+            }),
+        )
+        .unwrap();
+    r.driver.start(&r.ctx, &name).unwrap();
+    let p = vm::paths(&r.ctx, &name);
+    assert!(p.vars.exists(), "per-machine UEFI variable store");
+    assert!(p.spice.exists(), "SPICE socket");
+    let cmdline = std::fs::read_to_string(format!(
+        "/proc/{}/cmdline",
+        std::fs::read_to_string(&p.pid).unwrap().trim()
+    ))
+    .unwrap()
+    .replace('\0', " ");
+    assert!(cmdline.contains("if=pflash"), "{cmdline}");
+    // OVMF under TCG is slow; its first console output only with MOAT_TEST_SLOW=1.
+    if std::env::var_os("MOAT_TEST_SLOW").is_some() {
+        let t = Instant::now();
+        let deadline = t + Duration::from_secs(300);
+        let mut seen = false;
+        while Instant::now() < deadline {
+            let log = std::fs::read_to_string(&p.console_log).unwrap_or_default();
+            if !log.trim().is_empty() {
+                seen = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        eprintln!("OVMF first serial output after {:?}: {seen}", t.elapsed());
+        assert!(seen);
+    }
+    r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
+}
+
+/// The demonstration: `moat image build --vm debian/bookworm`, cloud-init sets a
+/// user and a file, the guest shows both on its serial console, and
+/// `moat stop` shuts it down through ACPI. Minutes under TCG: MOAT_TEST_SLOW=1.
+#[test]
+fn debian_vm_boots_with_cloud_init_and_powers_off() {
+    require_host!();
+    if std::env::var_os("MOAT_TEST_SLOW").is_none() {
+        eprintln!("SKIP: the Debian VM boot under TCG takes minutes; set MOAT_TEST_SLOW=1");
+        return;
+    }
+    for t in ["mmdebstrap", "syslinux", "mkfs.vfat", "mcopy", "sfdisk"] {
+        if !have(t) {
+            eprintln!("SKIP: {t} is not installed (scripts/deps.sh --test)");
+            return;
+        }
+    }
+    let r = Root::new();
+    let t = Instant::now();
+    let disk = moat_qemu::vmimage::build_vm_image(
+        &r.driver.images,
+        "debian/bookworm",
+        "debian/bookworm",
+        &moat_image::StderrProgress,
+    )
+    .unwrap();
+    eprintln!(
+        "VM image built in {:?} ({} bytes)",
+        t.elapsed(),
+        std::fs::metadata(&disk).unwrap().len()
+    );
+    let name = unique("vmdeb");
+    let spec = r.spec(&name, "debian/bookworm", |m| {
+        m.memory = Some(1 << 30);
+        m.cpus = Some(2);
+        m.cloud_init = Some(serde_json::json!({
+            "user-data": {
+                "users": [{"name": "moatuser", "shell": "/bin/sh"}],
+                "write_files": [{"path": "/etc/moat-hello", "content": "hello-from-cloud-init\n"}],
+                "runcmd": ["sh -c 'id moatuser; cat /etc/moat-hello; echo MOAT-RUNCMD-DONE' > /dev/ttyS0 2>&1"]
+            }
+        }));
+    });
+    r.driver.create(&r.ctx, &spec).unwrap();
+    let t = Instant::now();
+    r.driver.start(&r.ctx, &name).unwrap();
+    let p = vm::paths(&r.ctx, &name);
+    let deadline = t + Duration::from_secs(900);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        log = std::fs::read_to_string(&p.console_log).unwrap_or_default();
+        if log.contains("MOAT-RUNCMD-DONE") {
+            break;
+        }
+        assert!(vm::is_running(&r.ctx, &name), "the VM died:\n{log}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    eprintln!("cloud-init runcmd done after {:?}", t.elapsed());
+    assert!(log.contains("hello-from-cloud-init"), "{log}");
+    assert!(log.contains("(moatuser)"), "{log}");
+    let png = r.root().join("debian.png");
+    vm::screendump(&r.ctx, &name, &png).unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    if let Ok(dir) = std::env::var("MOAT_TEST_ARTIFACTS") {
+        let _ = std::fs::copy(&png, Path::new(&dir).join("debian-vm.png"));
+        let _ = std::fs::write(Path::new(&dir).join("debian-vm-console.log"), &log);
+    }
+    let t = Instant::now();
+    let outcome = vm::shut_down(&r.ctx, &name, Duration::from_secs(300)).unwrap();
+    eprintln!("ACPI shutdown: {outcome:?} after {:?}", t.elapsed());
+    assert_eq!(outcome, StopOutcome::Graceful);
+    r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
+}
