@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Applying N busybox containers through moat's `incus` driver vs a loop of
 # `incus launch` doing the same (same image, one project, a bridge with static
-# addresses), ROUNDS times each; prints medians and the overhead ratio.
+# addresses), ROUNDS times each; prints medians and the overhead ratio. The
+# domain's network, project and firewall exist before each round on both sides.
 #   cargo build -p moat-cli            (or --release; MOAT_BIN picks the binary)
 #   scripts/incus-env.sh start
 #   sudo bench/incus/run.sh [N] [ROUNDS]
-# Uses its own moat root, subnet base 10.183 and Incus project/bridge names of its
+# Uses its own moat root, subnet base 10.188 (domain 10.189.0.0/24), 10.183.99.0/24 for the loop and Incus project/bridge names of its
 # own, and removes all of them on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -49,7 +50,7 @@ trap cleanup EXIT
 {
   echo "schema_version: 1"
   echo "project: bench-incus"
-  echo 'addressing: {base: "10.183"}'
+  echo 'addressing: {base: "10.188", zone_step: 1}'
   echo "defaults: {driver: {container: incus}}"
   echo "domains:"
   echo "  bench:"
@@ -59,9 +60,12 @@ trap cleanup EXIT
   for i in $(seq 1 "$N"); do echo "      m$i: {}"; done
 } >"$P/moat.yml"
 
-# The image moat would build: make sure it exists so both sides start equal.
+# Network, project, firewall and image first, so both sides only create containers.
 m apply >/dev/null
-m destroy --all --force >/dev/null
+destroy_machines() {
+  for i in $(seq 1 "$N"); do m destroy "bench-m$i" --force >/dev/null; done
+}
+destroy_machines
 
 incus network create "$BN" ipv4.address=10.183.99.254/24 ipv4.nat=false ipv6.address=none \
   ipv4.dhcp.ranges=10.183.99.100-10.183.99.253 ipv4.firewall=false raw.dnsmasq=no-resolv >/dev/null
@@ -75,7 +79,7 @@ loop_t=()
 for r in $(seq 1 "$ROUNDS"); do
   t0=$(now); m apply >/dev/null; t1=$(now)
   moat_t+=("$(echo "$t1 - $t0" | bc)")
-  m destroy --all --force >/dev/null
+  destroy_machines
   t0=$(now)
   for i in $(seq 1 "$N"); do
     incus launch busybox --project "$BP" "c$i" -d "eth0,ipv4.address=10.183.99.$i" >/dev/null

@@ -13,7 +13,7 @@ use serde_json::json;
 const PROJECT: &str = r#"
 schema_version: 1
 project: incustest
-addressing: { base: "10.181" }
+addressing: { base: "10.181", zone_step: 1 }
 defaults:
   driver: { container: incus }
 domains:

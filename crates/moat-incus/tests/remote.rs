@@ -127,7 +127,7 @@ fn remote_https_with_client_certificate() {
         r#"
 schema_version: 1
 project: incusremote
-addressing: {{ base: "10.182" }}
+addressing: {{ base: "10.186", zone_step: 1 }}
 incus:
   url: {url}
   client_cert: client.crt
