@@ -97,9 +97,15 @@ fn assert_same(r: &Root, args: &[&str]) -> String {
             .lines()
             .map(|l| {
                 if l.contains(" ms") || l.contains(" s.") {
-                    l.chars()
-                        .map(|c| if c.is_ascii_digit() { '0' } else { c })
-                        .collect()
+                    let mut o = String::new();
+                    for c in l.chars() {
+                        if !c.is_ascii_digit() {
+                            o.push(c);
+                        } else if !o.ends_with('#') {
+                            o.push('#');
+                        }
+                    }
+                    o
                 } else {
                     l.to_string()
                 }

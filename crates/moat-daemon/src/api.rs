@@ -91,7 +91,7 @@ pub const ROUTES: &[Route] = &[
         "GET",
         "/v1/machines/{name}/exec",
         Write,
-        "Run a command over an upgraded connection (Upgrade: moat-exec), output streamed",
+        "Interactive exec over an upgraded connection (Upgrade: moat-exec)",
     ),
     r(
         "GET",

@@ -94,11 +94,7 @@ pub(crate) fn stream(
                 (STDIN, d) if d.is_empty() => {
                     let _ = lock(&s2).close_stdin();
                 }
-                (STDIN, d) => {
-                    if input.write_all(&d).is_err() {
-                        return;
-                    }
-                }
+                (STDIN, d) if input.write_all(&d).is_err() => return,
                 (RESIZE, d) if d.len() == 4 => {
                     let rows = u16::from_be_bytes([d[0], d[1]]);
                     let cols = u16::from_be_bytes([d[2], d[3]]);

@@ -114,11 +114,7 @@ fn assert_error(status: u16, body: &[u8], want_status: &[u16]) -> Value {
 /// The last line of an NDJSON stream.
 fn last_line(body: &[u8]) -> Value {
     let text = String::from_utf8_lossy(body);
-    let line = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .last()
-        .unwrap_or("");
+    let line = text.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
     json(line.as_bytes())
 }
 
