@@ -62,7 +62,7 @@ PER=$(((MACHINES + DOMAINS - 1) / DOMAINS))
 
 echo "apply: $((DOMAINS * PER)) machines in $DOMAINS domains ..."
 t0=$(date +%s.%N)
-m --no-daemon apply -j 8 >/dev/null
+m --no-daemon apply -j 8 >/dev/null 2>&1
 echo "  applied in $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"
 
 "$MOAT" --root "$R" daemon --project "$P" --interval 3600 >"$W/daemon.out" 2>"$W/daemon.err" &
