@@ -7,7 +7,7 @@
 #   sudo bench/daemon/run.sh [MACHINES]        (default 100)
 # Env: MOAT_BIN (default $CARGO_TARGET_DIR/release/moat), BENCH_DIR (default /var/tmp),
 #      N (API requests, default 200), NCLI (CLI runs, default 30).
-# Uses its own root and subnets 10.186.x, and removes everything it made on exit.
+# Uses its own root and subnets 10.191.x, and removes everything it made on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
@@ -47,7 +47,7 @@ PER=$(((MACHINES + DOMAINS - 1) / DOMAINS))
 {
   echo "schema_version: 1"
   echo "project: bench-daemon"
-  echo 'addressing: {base: "10.186", zone_step: 1}'
+  echo 'addressing: {base: "10.191", zone_step: 1}'
   echo "domains:"
   for d in $(seq 0 $((DOMAINS - 1))); do
     echo "  bd$d:"
