@@ -100,7 +100,13 @@ fn nspawn_machines_on_domain_networks_host_network_and_isolation() {
     std::fs::write(proj.join("moat.yml"), project(debian.as_deref())).expect("write");
     let f = proj.to_str().expect("utf-8 path");
     let t = Instant::now();
-    r.ok(&["-f", f, "apply"]);
+    let o = r.moat(&["-f", f, "apply"]);
+    assert!(
+        o.status.success(),
+        "apply failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     eprintln!("apply: {:.1} s", t.elapsed().as_secs_f64());
 
     let st: serde_json::Value =
@@ -166,9 +172,19 @@ fn nspawn_machines_on_domain_networks_host_network_and_isolation() {
             std::thread::sleep(Duration::from_millis(200));
         }
         assert!(state == "running" || state == "degraded", "state: {state}");
-        let out = r.ok(&["exec", "lab-deb", "--", "cat", "/proc/1/comm", "/sys/fs/cgroup/pids/pids.max"]);
+        let out = r.ok(&[
+            "exec",
+            "lab-deb",
+            "--",
+            "cat",
+            "/proc/1/comm",
+            "/sys/fs/cgroup/pids/pids.max",
+        ]);
         assert!(out.starts_with("systemd") && out.contains("300"), "{out}");
-        assert!(!reaches(&r, "web-srv", &ip("lab-deb")), "web → lab-deb blocked");
+        assert!(
+            !reaches(&r, "web-srv", &ip("lab-deb")),
+            "web → lab-deb blocked"
+        );
         let t = Instant::now();
         r.ok(&["stop", "lab-deb"]);
         eprintln!("debian poweroff: {:.1} s", t.elapsed().as_secs_f64());
