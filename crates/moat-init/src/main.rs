@@ -296,9 +296,10 @@ fn serve(cfg: &Config) {
             line.clear();
             match r.read_line(&mut line) {
                 Ok(0) => {
-                    // Host side not connected: wait and reopen.
-                    std::thread::sleep(Duration::from_millis(100));
-                    break;
+                    // Host side not connected. Keep the port open: closing it
+                    // would make QEMU drop what the host sends meanwhile.
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
                 }
                 Ok(_) => {}
                 Err(_) => break,
