@@ -261,7 +261,13 @@ fn cgroup(ctx: &Ctx, rec: &Record) -> Option<PathBuf> {
 fn remove_cgroup(ctx: &Ctx, name: &str) {
     for base in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"] {
         let dir = Path::new(base).join(format!("moat-{}/qemu-{name}", ctx.root_tag));
-        let _ = std::fs::remove_dir(&dir);
+        // A just-killed QEMU may not be reaped yet: the cgroup is busy briefly.
+        for _ in 0..50 {
+            if !dir.exists() || std::fs::remove_dir(&dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
