@@ -730,27 +730,6 @@ fn second_apply_is_a_no_op() {
     g.assert_all_running(4);
 }
 
-/// Supervisor processes of `root` (pid, command line), without their children.
-fn supervisors(root: &Path) -> Vec<(u32, String)> {
-    let all: Vec<(u32, String)> = pids_mentioning(&format!("{}/machines/", root.display()))
-        .into_iter()
-        .filter(|(_, c)| c.contains("moat-supervisor"))
-        .collect();
-    let ppid = |pid: u32| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(')')
-                    .and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string))
-            })
-            .and_then(|p| p.parse::<u32>().ok())
-    };
-    all.iter()
-        .filter(|(pid, _)| !ppid(*pid).is_some_and(|pp| all.iter().any(|(p, _)| *p == pp)))
-        .cloned()
-        .collect()
-}
-
 fn supervisor_pid(root: &Path, machine: &str) -> Option<u32> {
     let want = format!("{}/machines/{machine}", root.display());
     pids_mentioning(&want)
@@ -926,110 +905,6 @@ fn concurrent_apply_is_refused_then_waits() {
     assert!(t.elapsed() >= Duration::from_millis(1500), "did not wait");
     let _ = holder.wait();
     g.assert_all_running(4);
-}
-
-/// Ten machines over two domains, on subnets no other root uses now.
-fn ten_machines(g: &Guard) -> String {
-    let base = free_base();
-    let mut y = format!(
-        "schema_version: 1\nproject: e2e\naddressing: {{base: \"10.{base}\", zone_step: 1}}\ndomains:\n"
-    );
-    for (d, trust) in [("a", "trusted"), ("b", "untrusted")] {
-        y += &format!(
-            "  {}:\n    trust_level: {trust}\n    egress: none\n    machines:\n",
-            g.d(d)
-        );
-        for i in 0..5 {
-            y += &format!("      m{i}: {{}}\n");
-        }
-    }
-    y
-}
-
-#[test]
-fn interrupted_apply_converges() {
-    let Some(_l) = start("interrupted_apply_converges") else {
-        return;
-    };
-    let mut g = Guard::new();
-    g.write(&ten_machines(&g));
-    let mut failures = Vec::new();
-    let mut killed_mid = 0;
-    let seed = std::process::id() as u64;
-    for round in 0..10u64 {
-        // Pseudo-random delays spread over 50..600 ms.
-        let delay = 50 + (seed.wrapping_mul(2654435761).wrapping_add(round * 7919) % 551);
-        // Give the apply work to do: on odd rounds domain b's machines
-        // crashed (apply restarts them), on even rounds part of the project
-        // destroyed (at the end of the previous round).
-        let crash = format!("/machines/{}-", g.d("b"));
-        for (pid, c) in supervisors(&g.root) {
-            if round % 2 == 1 && c.contains(&crash) {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-            }
-        }
-        let mut child = g
-            .cmd(&["apply"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("apply");
-        std::thread::sleep(Duration::from_millis(delay));
-        if child.try_wait().ok().flatten().is_none() {
-            killed_mid += 1;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        let o = g.run(&["apply"]);
-        let plan = g.plan();
-        let running = g
-            .machines()
-            .values()
-            .filter(|(s, _)| s == "running")
-            .count();
-        let empty = plan["actions"] == Value::Array(vec![]);
-        eprintln!(
-            "round {round}: SIGKILL after {delay} ms; re-apply exit {}; plan empty {empty}; {running}/10 running",
-            o.code
-        );
-        // One supervisor per machine, never two (a supervisor's own
-        // children share its command line: count only the top ones).
-        let sups = supervisors(&g.root);
-        let mut names: Vec<&String> = sups.iter().map(|(_, c)| c).collect();
-        names.sort();
-        let total = names.len();
-        names.dedup();
-        if total != names.len() {
-            failures.push(format!(
-                "round {round}: two supervisors for one machine: {sups:?}"
-            ));
-        }
-        if o.code != 0 || !empty || running != 10 {
-            failures.push(format!("round {round} ({delay} ms): {o}\nplan: {plan}"));
-        }
-        // Start the next round from a partly torn-down host.
-        if round % 2 == 0 {
-            let _ = g.run(&["destroy", &g.m("a", "m0"), "--force"]);
-            let _ = g.run(&["destroy", "--domain", &g.d("b"), "--force"]);
-        }
-    }
-    eprintln!(
-        "interrupted apply: {killed_mid}/10 applies killed mid-run, {} rounds failed",
-        failures.len()
-    );
-    let names: Vec<String> = g.machines().into_keys().collect();
-    let o = g.run(&["destroy", "--all", "--force"]);
-    let left = g.leftovers(&names);
-    assert!(
-        failures.is_empty(),
-        "rounds that did not converge:\n{}",
-        failures.join("\n")
-    );
-    assert!(
-        o.code == 0 && left.is_empty(),
-        "destroy after interrupted applies:\n{o}\nleft:\n{}",
-        left.join("\n")
-    );
 }
 
 const SHOWCASE: &str = concat!(
