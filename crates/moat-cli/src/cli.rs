@@ -90,12 +90,14 @@ pub enum Command {
     /// Manage images
     #[command(subcommand)]
     Image(ImageCmd),
-    /// Convert another tool's configuration folder into a moat project
-    #[command(subcommand)]
-    Import(crate::import::ImportCmd),
     /// Guest kernels for microVMs (fetch, ls)
     #[command(subcommand)]
     Kernel(KernelCmd),
+    /// Convert another tool's configuration folder into a moat project
+    #[command(subcommand)]
+    Import(crate::import::ImportCmd),
+    /// Attach to a full VM's serial console, or open its display (--gui)
+    Console(ConsoleArgs),
     /// Inspect domain networks and the firewall
     #[command(subcommand)]
     Network(NetworkCmd),
@@ -249,6 +251,18 @@ pub struct RunArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ConsoleArgs {
+    /// Machine full name (`<domain>-<machine>`) of a running `type: vm` machine
+    pub machine: String,
+    /// Open the SPICE display (`display: spice`) with remote-viewer, or print its URI
+    #[arg(long)]
+    pub gui: bool,
+    /// With --gui: only print the `spice+unix://` URI
+    #[arg(long, requires = "gui")]
+    pub print: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct CloneArgs {
     pub source: String,
     pub new: String,
@@ -299,6 +313,9 @@ pub enum ImageCmd {
         /// Name to store it under (default: the source)
         #[arg(long)]
         name: Option<String>,
+        /// Make a bootable VM disk (kernel, cloud-init, bootloader) for `type: vm` machines
+        #[arg(long)]
+        vm: bool,
     },
     /// Import an image (rootfs tarball or folder, OCI layout, oci-archive, docker-archive, oci:REF)
     Import {

@@ -90,7 +90,24 @@ pub fn run(cli: &Cli, out: &Output, cmd: &ImageCmd) -> Result<u8, CliError> {
             }
             Ok(exit::OK)
         }
-        ImageCmd::Build { source, name } => {
+        ImageCmd::Build {
+            source,
+            name,
+            vm: true,
+        } => {
+            let name = name.clone().unwrap_or_else(|| source.clone());
+            let disk =
+                moat_qemu::vmimage::build_vm_image(&store(cli)?, source, &name, &StderrProgress)
+                    .map_err(|e| CliError::Other(e.to_string()))?;
+            let len = std::fs::metadata(&disk).map(|m| m.len()).unwrap_or(0);
+            out.info(&format!(
+                "built VM disk {name} ({}, {}); machines with `type: vm` and `image: {name}` boot from it",
+                disk.display(),
+                size(len)
+            ));
+            Ok(exit::OK)
+        }
+        ImageCmd::Build { source, name, .. } => {
             let src = moat_core::load::builtin_image(source).ok_or_else(|| {
                 CliError::Other(format!(
                     "'{source}' is not a source moat can build; use busybox, debian/<suite> or ubuntu/<suite> (or `moat image import` for files)"

@@ -4,6 +4,7 @@
 
 mod cli;
 mod client;
+mod console;
 mod daemon;
 mod image;
 mod import;

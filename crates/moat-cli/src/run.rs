@@ -397,8 +397,9 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             Ok(exit::OK)
         }
         Command::Image(cmd) => crate::image::run(cli, out, cmd),
-        Command::Import(cmd) => crate::import::run(out, cmd),
         Command::Kernel(cmd) => crate::kernel::run(cli, out, cmd),
+        Command::Import(cmd) => crate::import::run(out, cmd),
+        Command::Console(a) => crate::console::run(cli, out, a),
         Command::Completions { .. } | Command::Man => Ok(exit::OK),
     }
 }

@@ -518,6 +518,8 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &PlanOptions) -> Plan 
                 }
                 match &seen.state {
                     MachineState::Running => {}
+                    // Templates are never started: they are bases for clones.
+                    MachineState::Stopped if m.template => {}
                     MachineState::Stopped => {
                         b.add(
                             Op::StartMachine {

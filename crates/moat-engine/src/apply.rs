@@ -507,6 +507,16 @@ fn run_action(
                 moat_core::load::resolve_image(&resolved.project, image).ok_or_else(|| {
                     format!("no source known for image '{image}'; declare it under `images:`")
                 })?;
+            // A cloud image is a full VM's base disk, kept by the qemu driver.
+            if let moat_core::model::ImageSource::CloudImage { path } = &source {
+                return moat_qemu::vmimage::import_cloud_image(
+                    &host.ctx.root,
+                    image,
+                    std::path::Path::new(path),
+                )
+                .map(|_| ())
+                .map_err(|e| err(&e));
+            }
             host.images
                 .ensure(image, &source, &ImageProgress(progress))
                 .map(|_| ())
@@ -516,6 +526,10 @@ fn run_action(
             let s = spec(machine)?;
             let d = host.driver(&s.machine.driver).map_err(|e| err(&e))?;
             d.create(&host.ctx, &s).map_err(|e| err(&e))?;
+            if s.machine.template {
+                // A template is a base for clones: created, never started.
+                return Ok(());
+            }
             d.start(&host.ctx, machine).map_err(|e| err(&e))
         }
         Op::StartMachine { machine } => {

@@ -504,6 +504,11 @@ impl Engine {
 
     /// Path of a machine's stdout log (native driver layout).
     pub fn log_path(&self, name: &str) -> Result<std::path::PathBuf> {
+        // A full VM's serial console log.
+        let vm_log = moat_qemu::vm::paths(&self.ctx(), name).console_log;
+        if vm_log.exists() {
+            return Ok(vm_log);
+        }
         let dir = moat_driver::native::NativeDriver::machine_dir(&self.ctx(), name);
         let p = dir.stdout_log();
         if !p.exists() {

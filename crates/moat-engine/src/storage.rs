@@ -10,6 +10,15 @@ use moat_driver::MachineSpec;
 use moat_image::{MachineFs, SnapshotInfo};
 use std::path::Path;
 
+/// A VM snapshot in the shape `moat snapshot ls` prints (no image layers).
+fn vm_snapshot(s: moat_qemu::vm::VmSnapshot) -> SnapshotInfo {
+    SnapshotInfo {
+        name: s.name,
+        created: s.created,
+        layers: vec![],
+    }
+}
+
 fn img(e: moat_image::ImageError) -> EngineError {
     EngineError::Failed(e.to_string())
 }
@@ -42,6 +51,16 @@ impl Engine {
             moat_core::naming::check_dns_label(new, moat_core::naming::MAX_FULL_NAME_LEN)
         {
             return Err(EngineError::Failed(format!("machine name '{new}' {why}")));
+        }
+        // Full VMs: qcow2 backing chains (moat-qemu), not the image store.
+        if moat_qemu::vm::is_vm(&self.ctx(), src) {
+            let state = self.state()?;
+            state
+                .intend(ADHOC, new, None, Some(new))
+                .map_err(state_err)?;
+            moat_qemu::vm::clone_vm(&self.ctx(), src, new)?;
+            state.mark_done(ADHOC, new).map_err(state_err)?;
+            return Ok(());
         }
         let host = self.host()?;
         self.require_stopped(&host, src, "clone it")?;
@@ -85,6 +104,11 @@ impl Engine {
     /// frozen into a shared read-only layer). Running machines are refused: a
     /// copy of a live overlay upper layer loses overlayfs metadata.
     pub fn snapshot_create(&self, machine: &str, name: &str) -> Result<SnapshotInfo> {
+        // Full VMs: qcow2 internal snapshots, of running VMs too (with memory).
+        if moat_qemu::vm::is_vm(&self.ctx(), machine) {
+            let s = moat_qemu::vm::snapshot_create(&self.ctx(), machine, name)?;
+            return Ok(vm_snapshot(s));
+        }
         let host = self.host()?;
         self.require_stopped(&host, machine, "snapshot it")?;
         let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
@@ -93,6 +117,10 @@ impl Engine {
     }
 
     pub fn snapshots(&self, machine: &str) -> Result<Vec<SnapshotInfo>> {
+        if moat_qemu::vm::is_vm(&self.ctx(), machine) {
+            let v = moat_qemu::vm::snapshots(&self.ctx(), machine)?;
+            return Ok(v.into_iter().map(vm_snapshot).collect());
+        }
         let host = self.host()?;
         MachineFs::open(&host.images, machine)
             .map_err(img)?
@@ -102,6 +130,9 @@ impl Engine {
 
     /// Bring a stopped machine's files back to a snapshot.
     pub fn snapshot_restore(&self, machine: &str, name: &str) -> Result<()> {
+        if moat_qemu::vm::is_vm(&self.ctx(), machine) {
+            return Ok(moat_qemu::vm::snapshot_restore(&self.ctx(), machine, name)?);
+        }
         let host = self.host()?;
         self.require_stopped(&host, machine, "restore it")?;
         let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
@@ -110,6 +141,9 @@ impl Engine {
     }
 
     pub fn snapshot_remove(&self, machine: &str, name: &str) -> Result<()> {
+        if moat_qemu::vm::is_vm(&self.ctx(), machine) {
+            return Ok(moat_qemu::vm::snapshot_remove(&self.ctx(), machine, name)?);
+        }
         let host = self.host()?;
         MachineFs::open(&host.images, machine)
             .map_err(img)?

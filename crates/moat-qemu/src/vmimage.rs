@@ -119,6 +119,8 @@ pub fn disk_from_folder(rootfs: &Path, content_bytes: u64, out: &Path) -> Result
         ".{}.boot",
         out.file_name().unwrap_or_default().to_string_lossy()
     ));
+    // One cleanup path for the temporary files, whatever step fails.
+    #[allow(clippy::redundant_closure_call)]
     let result = (|| {
         let what = format!("building the VM disk {}", out.display());
         let f = std::fs::File::create(&raw)
@@ -212,7 +214,7 @@ pub fn disk_from_folder(rootfs: &Path, content_bytes: u64, out: &Path) -> Result
 
 fn run_with_stdin(what: &str, mut cmd: Command, input: &str) -> Result<(), QemuError> {
     use std::io::Write;
-    let argv = format!("{:?}", cmd);
+    let argv = format!("{cmd:?}");
     let mut child = cmd
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
