@@ -195,9 +195,6 @@ pub trait Driver: Send + Sync {
 
     /// Reads driver settings from the project (e.g. the `incus:` connection).
     /// Called by the engine before it observes or acts.
-
-    /// Reads driver settings from the project (e.g. the `incus:` connection).
-    /// Called by the engine before it observes or acts.
     fn configure(&self, _ctx: &Ctx, _project: &moat_core::model::Project) -> Result<()> {
         Ok(())
     }

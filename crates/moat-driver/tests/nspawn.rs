@@ -232,11 +232,19 @@ fn spec(m: Machine, ip: &str) -> MachineSpec {
 }
 
 fn cgroup_dirs_exist(tag: &str) -> Vec<String> {
-    ["memory", "pids", "cpu", "cpuacct", "cpu,cpuacct", "systemd", "unified"]
-        .iter()
-        .map(|c| format!("/sys/fs/cgroup/{c}/moat-{tag}"))
-        .filter(|p| Path::new(p).exists())
-        .collect()
+    [
+        "memory",
+        "pids",
+        "cpu",
+        "cpuacct",
+        "cpu,cpuacct",
+        "systemd",
+        "unified",
+    ]
+    .iter()
+    .map(|c| format!("/sys/fs/cgroup/{c}/moat-{tag}"))
+    .filter(|p| Path::new(p).exists())
+    .collect()
 }
 
 #[test]
