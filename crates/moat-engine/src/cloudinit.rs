@@ -89,7 +89,9 @@ pub fn write_seed(root: &Path, spec: &MachineSpec) -> Result<Option<String>, See
         };
         write_file(machine, &dir.join(name), text, mode, owner)?;
     }
-    let cfg_dir = Path::new(DATASOURCE_CFG).parent().unwrap_or(Path::new("etc"));
+    let cfg_dir = Path::new(DATASOURCE_CFG)
+        .parent()
+        .unwrap_or(Path::new("etc"));
     let mut p = root.to_path_buf();
     for c in cfg_dir.components() {
         p.push(c);
@@ -191,7 +193,9 @@ mod tests {
     fn writes_the_seed_and_the_datasource_setting() {
         let d = tempfile::tempdir().unwrap();
         fs::create_dir_all(d.path().join("etc/cloud/cloud.cfg.d")).unwrap();
-        let s = spec(Some(serde_json::json!({"user-data": {"runcmd": [["true"]]}})));
+        let s = spec(Some(
+            serde_json::json!({"user-data": {"runcmd": [["true"]]}}),
+        ));
         let id = write_seed(d.path(), &s).unwrap().unwrap();
         assert!(id.starts_with("moat-lab-web-"));
         let seed = d.path().join(SEED_DIR);
