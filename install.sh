@@ -10,6 +10,9 @@ install -m 0755 target/release/moat /usr/local/bin/moat
 if [[ -x target/release/moat-supervisor ]]; then
   install -m 0755 target/release/moat-supervisor /usr/local/bin/moat-supervisor
 fi
+# The microVM guest's PID 1, linked statically so the initramfs needs no libraries.
+cargo rustc --release --locked -p moat-init --bin moat-init -- -C target-feature=+crt-static
+install -m 0755 target/release/moat-init /usr/local/bin/moat-init
 mkdir -p /usr/local/share/man/man1
 /usr/local/bin/moat man > /usr/local/share/man/man1/moat.1
 echo "installed: $(/usr/local/bin/moat --version)" >&2

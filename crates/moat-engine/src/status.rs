@@ -509,6 +509,11 @@ impl Engine {
         if vm_log.exists() {
             return Ok(vm_log);
         }
+        // A microVM's console (its workload's output between moat-init's markers).
+        let microvm_log = moat_qemu::microvm::console_log(&self.ctx(), name);
+        if microvm_log.exists() {
+            return Ok(microvm_log);
+        }
         let dir = moat_driver::native::NativeDriver::machine_dir(&self.ctx(), name);
         let p = dir.stdout_log();
         if !p.exists() {
