@@ -124,7 +124,25 @@ pub const ROUTES: &[Route] = &[
         "Delete a snapshot",
     ),
     r("GET", "/v1/images", Read, "Images in the store"),
+    r(
+        "POST",
+        "/v1/images/build",
+        Write,
+        "Build an image from a built-in source (NDJSON progress stream)",
+    ),
+    r(
+        "POST",
+        "/v1/images/import",
+        Write,
+        "Import an image from a file, folder or OCI reference (NDJSON progress stream)",
+    ),
     r("DELETE", "/v1/images/{name}", Write, "Remove an image"),
+    r(
+        "DELETE",
+        "/v1/images",
+        Write,
+        "Remove the image named by ?name= (for names holding a slash)",
+    ),
     r(
         "POST",
         "/v1/images/gc",
@@ -201,6 +219,27 @@ pub struct SnapshotBody {
     pub name: Option<String>,
 }
 
+/// `moat image build SOURCE [--name NAME]` (VM disks stay CLI-only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageBuildBody {
+    /// `busybox`, `debian/<suite>` or `ubuntu/<suite>`.
+    pub source: String,
+    /// Name to store it under (default: the source).
+    pub name: Option<String>,
+}
+
+/// `moat image import PATH --name NAME [--kind KIND]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageImportBody {
+    pub name: String,
+    /// An absolute path on the daemon's host, or `oci:REF`.
+    pub path: String,
+    /// tarball, folder, oci-layout, oci-archive or docker-archive; absent = detected.
+    pub kind: Option<String>,
+}
+
 /// How a result is rendered: JSON (the default) or the CLI's text.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -262,6 +301,8 @@ pub enum Action {
         snapshot: String,
     },
     Images,
+    ImageBuild(ImageBuildBody),
+    ImageImport(ImageImportBody),
     ImageRemove {
         name: String,
     },
@@ -522,8 +563,40 @@ pub fn parse(req: &Request) -> Result<(&'static Route, Action), ApiError> {
             snapshot: var(1, "snapshot")?,
         },
         ("GET", "/v1/images") => Action::Images,
+        ("POST", "/v1/images/build") => {
+            let b: ImageBuildBody = body(req)?;
+            if b.source.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "source: give busybox, debian/<suite> or ubuntu/<suite>".into(),
+                ));
+            }
+            Action::ImageBuild(b)
+        }
+        ("POST", "/v1/images/import") => {
+            let b: ImageImportBody = body(req)?;
+            if b.name.is_empty() || b.path.is_empty() {
+                return Err(ApiError::BadRequest(
+                    "give name and path (an absolute path, or oci:REF)".into(),
+                ));
+            }
+            if !b.path.starts_with("oci:") && !b.path.starts_with('/') {
+                return Err(ApiError::BadRequest(format!(
+                    "path '{}': give an absolute path (the daemon does not share your working directory)",
+                    b.path
+                )));
+            }
+            Action::ImageImport(b)
+        }
         ("DELETE", "/v1/images/{name}") => Action::ImageRemove {
             name: vars.first().cloned().unwrap_or_default(),
+        },
+        ("DELETE", "/v1/images") => match req.query("name") {
+            Some(n) if !n.is_empty() => Action::ImageRemove { name: n.into() },
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "name: give the image as ?name=NAME".into(),
+                ))
+            }
         },
         ("POST", "/v1/images/gc") => Action::ImageGc,
         ("GET", "/v1/events") => Action::Events,
@@ -559,6 +632,15 @@ mod tests {
             }
             if rt.path == "/v1/destroy" {
                 q.body = br#"{"all":true}"#.to_vec();
+            }
+            if rt.path == "/v1/images" && rt.method == "DELETE" {
+                q = Request::new(rt.method, "/v1/images?name=debian%2Fbookworm");
+            }
+            if rt.path == "/v1/images/build" {
+                q.body = br#"{"source":"busybox"}"#.to_vec();
+            }
+            if rt.path == "/v1/images/import" {
+                q.body = br#"{"name":"x","path":"/tmp/x.tar"}"#.to_vec();
             }
             let (got, _) = parse(&q).unwrap_or_else(|e| panic!("{} {}: {e}", rt.method, rt.path));
             assert_eq!(got.path, rt.path);

@@ -414,6 +414,43 @@ impl Daemon {
                 let list = store.list().map_err(image_failure)?;
                 send_json(conn, &list, None)
             }
+            Action::ImageBuild(b) => {
+                let src = moat_core::load::builtin_image(&b.source).ok_or_else(|| Failure {
+                    status: 400,
+                    body: Box::new(ErrorBody::plain(
+                        &format!("'{}' is not a source moat can build", b.source),
+                        "bad_request",
+                        2,
+                        Some("use busybox, debian/<suite> or ubuntu/<suite> (or POST /v1/images/import for files)"),
+                    )),
+                })?;
+                let name = b.name.unwrap_or_else(|| b.source.clone());
+                let store = self.images()?;
+                self.stream_lines(conn, |sink| {
+                    let img = store
+                        .build(&name, &src, &ImageLines(sink))
+                        .map_err(image_failure)?;
+                    Ok(json!({
+                        "failed": false,
+                        "text": format!("built {} ({}, {} bytes)", img.name, img.id, img.size),
+                        "image": img,
+                    }))
+                })
+            }
+            Action::ImageImport(b) => {
+                let src = import_source(&b.path, b.kind.as_deref())?;
+                let store = self.images()?;
+                self.stream_lines(conn, |sink| {
+                    let img = store
+                        .import(&b.name, &src, &ImageLines(sink))
+                        .map_err(image_failure)?;
+                    Ok(json!({
+                        "failed": false,
+                        "text": format!("imported {} ({}, {} layers)", img.name, img.id, img.layers.len()),
+                        "image": img,
+                    }))
+                })
+            }
             Action::ImageRemove { name } => {
                 self.images()?.remove(&name).map_err(image_failure)?;
                 send_json(conn, &json!({"image": name, "done": "removed"}), None)
@@ -491,6 +528,15 @@ impl Daemon {
         conn: &mut UnixStream,
         op: impl FnOnce(&dyn moat_engine::Progress) -> Result<serde_json::Value, EngineError>,
     ) -> Result<(), Failure> {
+        self.stream_lines(conn, |sink| op(sink).map_err(Failure::from))
+    }
+
+    /// Progress lines, then one `result` line (the op's value) or `error` line.
+    fn stream_lines(
+        &self,
+        conn: &mut UnixStream,
+        op: impl FnOnce(&LineSink) -> Result<serde_json::Value, Failure>,
+    ) -> Result<(), Failure> {
         let _ = http::start_stream(conn, 200, "application/x-ndjson", &[]);
         let sink = LineSink {
             conn: Mutex::new(conn.try_clone().ok()),
@@ -500,10 +546,9 @@ impl Daemon {
                 v["type"] = json!("result");
                 v
             }
-            Err(e) => {
-                let (_, mut body) = engine_failure(&e);
+            Err(Failure { mut body, .. }) => {
                 body.type_ = Some("error");
-                serde_json::to_value(&body).unwrap_or_default()
+                serde_json::to_value(&*body).unwrap_or_default()
             }
         };
         sink.line(&last);
@@ -649,6 +694,92 @@ impl moat_engine::Progress for LineSink {
     }
 }
 
+/// The image store's progress as stream lines: steps are `progress` lines
+/// (as apply's), tool output and byte counts `output` lines.
+struct ImageLines<'a>(&'a LineSink);
+
+impl moat_image::Progress for ImageLines<'_> {
+    fn step(&self, message: &str) {
+        self.0
+            .line(&json!({"type": "progress", "message": message}));
+    }
+    fn output(&self, line: &str) {
+        self.0.line(&json!({"type": "output", "line": line}));
+    }
+    fn bytes(&self, label: &str, done: u64, total: Option<u64>) {
+        self.0
+            .line(&json!({"type": "bytes", "label": label, "done": done, "total": total}));
+    }
+}
+
+/// An import source from the request, as `moat image import` makes it:
+/// `oci:REF`, else an absolute path whose kind is given or detected.
+fn import_source(path: &str, kind: Option<&str>) -> Result<moat_core::model::ImageSource, Failure> {
+    use moat_core::model::ImageSource;
+    if let Some(r) = path.strip_prefix("oci:") {
+        return Ok(ImageSource::Oci {
+            reference: r.into(),
+        });
+    }
+    let p = Path::new(path);
+    let meta = std::fs::metadata(p).map_err(|e| Failure {
+        status: 404,
+        body: Box::new(ErrorBody::plain(
+            &format!("cannot read {path}: {e}"),
+            "not_found",
+            4,
+            Some("give a path that exists on the daemon's host"),
+        )),
+    })?;
+    let kind = match kind {
+        Some(k) => k.to_string(),
+        None if meta.is_dir() && p.join("index.json").exists() => "oci-layout".into(),
+        None if meta.is_dir() => "folder".into(),
+        None => detect_archive(p).into(),
+    };
+    let path = path.to_string();
+    Ok(match kind.as_str() {
+        "tarball" => ImageSource::Tarball { path },
+        "folder" => ImageSource::Folder { path },
+        "oci-layout" => ImageSource::OciLayout { path },
+        "oci-archive" => ImageSource::OciArchive { path },
+        "docker-archive" => ImageSource::DockerArchive { path },
+        k => {
+            return Err(Failure {
+                status: 400,
+                body: Box::new(ErrorBody::plain(
+                    &format!("kind '{k}' is not an import kind"),
+                    "bad_request",
+                    2,
+                    Some("use tarball, folder, oci-layout, oci-archive or docker-archive, or leave kind out"),
+                )),
+            })
+        }
+    })
+}
+
+/// An uncompressed tar holding `index.json` is an OCI archive, one holding
+/// `manifest.json` a docker archive; anything else a rootfs tarball.
+fn detect_archive(path: &Path) -> &'static str {
+    let Ok(f) = std::fs::File::open(path) else {
+        return "tarball";
+    };
+    let mut ar = tar::Archive::new(f);
+    if let Ok(entries) = ar.entries() {
+        for e in entries.take(64).flatten() {
+            let name = e
+                .path()
+                .map(|p| p.to_string_lossy().trim_start_matches("./").to_string());
+            match name.as_deref() {
+                Ok("index.json") | Ok("oci-layout") => return "oci-archive",
+                Ok("manifest.json") => return "docker-archive",
+                _ => {}
+            }
+        }
+    }
+    "tarball"
+}
+
 /// Forwards progress to a sink and to the event bus.
 struct BusProgress<'a> {
     bus: &'a Bus,
@@ -766,8 +897,28 @@ impl From<EngineError> for Failure {
     }
 }
 
+/// Image store errors: a missing image is 404, a bad name or source 422.
+fn image_error_body(e: &moat_image::ImageError) -> ErrorBody {
+    use moat_image::ImageError as E;
+    let (reason, code, hint) = match e {
+        E::NoSuchImage(_) => ("not_found", 4, Some("GET /v1/images lists the images")),
+        E::InvalidName { .. } | E::BadSource { .. } => ("invalid", 2, None),
+        _ => ("failed", 1, None),
+    };
+    ErrorBody::plain(&e.to_string(), reason, code, hint)
+}
+
 fn image_failure(e: moat_image::ImageError) -> Failure {
-    Failure::internal(&e.to_string())
+    let body = image_error_body(&e);
+    let status = match body.exit_code {
+        4 => 404,
+        2 => 422,
+        _ => 500,
+    };
+    Failure {
+        status,
+        body: Box::new(body),
+    }
 }
 
 fn pretty(v: &impl Serialize) -> String {
