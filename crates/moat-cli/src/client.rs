@@ -1,14 +1,15 @@
 //! Routing CLI commands through a running daemon: same output, same exit
 //! codes as running them in-process. Used when the root's socket answers
 //! and `--no-daemon` is not given; commands the API does not carry (init,
-//! run, clone, network, image, interactive exec) always run in-process.
+//! run, clone, network, `image ls`, `image build --vm`, interactive exec)
+//! always run in-process.
 //!
 //! Each routed command sends the request the in-process code path would
 //! make, then prints what the in-process path prints: the daemon returns
 //! the same JSON documents (pretty, as `--json` prints them) or the same
 //! text (`format=text`), and the project's warnings in a header.
 
-use crate::cli::{Cli, Command, SnapshotCmd};
+use crate::cli::{Cli, Command, ImageCmd, SnapshotCmd};
 use crate::exit;
 use crate::output::Output;
 use crate::run::CliError;
@@ -203,6 +204,122 @@ fn routable(cli: &Cli) -> bool {
             | Command::Logs(_)
             | Command::Snapshot(_)
     ) || matches!(&cli.command, Command::Exec(a) if !a.tty && !a.interactive)
+        || matches!(
+            &cli.command,
+            Command::Image(
+                ImageCmd::Build { vm: false, .. }
+                    | ImageCmd::Import { .. }
+                    | ImageCmd::Rm { .. }
+                    | ImageCmd::Gc
+            )
+        )
+}
+
+/// An image build or import: the store's progress on stderr as the
+/// in-process `StderrProgress` prints it; the result's image.
+fn image_stream(c: &Client, target: &str, body: &Value) -> Result<Value, CliError> {
+    let mut result: Option<Value> = None;
+    let mut failure: Option<Value> = None;
+    let head = c
+        .lines("POST", target, Some(body), |v| {
+            let mut e = std::io::stderr();
+            match v.get("type").and_then(Value::as_str) {
+                Some("progress") => {
+                    let _ = writeln!(e, "==> {}", v["message"].as_str().unwrap_or(""));
+                }
+                Some("output") => {
+                    let _ = writeln!(e, "    {}", v["line"].as_str().unwrap_or(""));
+                }
+                Some("bytes") => {
+                    let mib = |k: &str| v[k].as_u64().unwrap_or(0) as f64 / (1024.0 * 1024.0);
+                    let label = v["label"].as_str().unwrap_or("");
+                    let _ = if v["total"].is_u64() {
+                        writeln!(e, "    {label}: {:.1}/{:.1} MiB", mib("done"), mib("total"))
+                    } else {
+                        writeln!(e, "    {label}: {:.1} MiB", mib("done"))
+                    };
+                }
+                Some("result") => result = Some(v),
+                _ => failure = Some(v),
+            }
+            true
+        })
+        .map_err(transport)?;
+    if let Some(v) = failure {
+        let status = if head.status == 200 { 500 } else { head.status };
+        return Err(error_from_json(status, &v));
+    }
+    result.map(|r| r["image"].clone()).ok_or_else(|| {
+        CliError::Remote(RemoteError::new(
+            "the daemon closed the connection before the result (it may have been restarted)"
+                .into(),
+            Some("`moat image ls` shows what the store holds; run the command again".into()),
+            exit::FAILED,
+        ))
+    })
+}
+
+fn through_image(out: &Output, c: &Client, cmd: &ImageCmd) -> Result<u8, CliError> {
+    use crate::image::size;
+    let u = |v: &Value| v.as_u64().unwrap_or(0);
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    match cmd {
+        ImageCmd::Build { source, name, .. } => {
+            let body = json!({"source": source, "name": name});
+            let img = image_stream(c, "/v1/images/build", &body)?;
+            out.info(&format!(
+                "built {} ({}, {})",
+                s(&img["name"]),
+                s(&img["id"]),
+                size(u(&img["size"]))
+            ));
+        }
+        ImageCmd::Import { source, name, kind } => {
+            // The daemon does not share our working folder: send an absolute path.
+            let path = match source.strip_prefix("oci:") {
+                Some(_) => source.clone(),
+                None => std::fs::canonicalize(source)
+                    .map_err(|e| CliError::Io {
+                        what: format!("cannot read {source}"),
+                        source: e,
+                    })?
+                    .to_string_lossy()
+                    .into_owned(),
+            };
+            let kind = kind.and_then(|k| {
+                clap::ValueEnum::to_possible_value(&k).map(|v| v.get_name().to_string())
+            });
+            let body = json!({"name": name, "path": path, "kind": kind});
+            let img = image_stream(c, "/v1/images/import", &body)?;
+            out.info(&format!(
+                "imported {} ({}, {} layers)",
+                s(&img["name"]),
+                s(&img["id"]),
+                img["layers"].as_array().map_or(0, Vec::len)
+            ));
+        }
+        ImageCmd::Rm { name } => {
+            let r = c
+                .call("DELETE", &format!("/v1/images?name={}", encode(name)), None)
+                .map_err(transport)?;
+            ok_or_error(r)?;
+            out.info(&format!("removed {name}; `moat image gc` frees its layers"));
+        }
+        ImageCmd::Gc => {
+            let r = c.call("POST", "/v1/images/gc", None).map_err(transport)?;
+            let v = ok_or_error(r)?.json().map_err(transport)?;
+            out.info(&format!(
+                "removed {} unused layers ({}), kept {}",
+                v["removed_layers"].as_array().map_or(0, Vec::len),
+                size(u(&v["freed_bytes"])),
+                u(&v["kept_layers"])
+            ));
+        }
+        ImageCmd::Ls { .. } => {
+            return Err(CliError::Other("internal: command not routable".into()))
+        }
+    }
+    Ok(exit::OK)
 }
 
 /// The root's daemon, if one answers.
@@ -475,6 +592,7 @@ fn through(cli: &Cli, out: &Output, c: &Client) -> Result<u8, CliError> {
             }
             Ok(exit::OK)
         }
+        Command::Image(cmd) => through_image(out, c, cmd),
         _ => Err(CliError::Other("internal: command not routable".into())),
     }
 }

@@ -161,7 +161,7 @@ pub fn run(cli: &Cli, out: &Output, cmd: &ImageCmd) -> Result<u8, CliError> {
 }
 
 /// `1.9 MiB`-style sizes for people.
-fn size(b: u64) -> String {
+pub(crate) fn size(b: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut u = 0;

@@ -421,7 +421,7 @@ impl Daemon {
                         &format!("'{}' is not a source moat can build", b.source),
                         "bad_request",
                         2,
-                        Some("use busybox, debian/<suite> or ubuntu/<suite> (or POST /v1/images/import for files)"),
+                        Some("use busybox, debian/<suite> or ubuntu/<suite>; files are imported (`moat image import`, POST /v1/images/import)"),
                     )),
                 })?;
                 let name = b.name.unwrap_or_else(|| b.source.clone());
@@ -901,7 +901,8 @@ impl From<EngineError> for Failure {
 fn image_error_body(e: &moat_image::ImageError) -> ErrorBody {
     use moat_image::ImageError as E;
     let (reason, code, hint) = match e {
-        E::NoSuchImage(_) => ("not_found", 4, Some("GET /v1/images lists the images")),
+        // Its message already says what to do.
+        E::NoSuchImage(_) => ("not_found", 4, None),
         E::InvalidName { .. } | E::BadSource { .. } => ("invalid", 2, None),
         _ => ("failed", 1, None),
     };
