@@ -322,9 +322,6 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
         }
         Command::Shell(a) => crate::tty::exec(&engine(cli)?, &a.machine, &[], true),
         Command::Run(a) => {
-            if a.domain.is_some() {
-                return Err(CliError::NotYet("run --domain"));
-            }
             if a.tty {
                 return Err(CliError::NotYet("run -t (interactive)"));
             }
@@ -336,6 +333,11 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
                 rm: a.rm,
                 detach: a.detach,
                 driver: a.driver.clone(),
+                domain: a.domain.clone(),
+                project: match &a.domain {
+                    Some(_) => Some(project_path(cli)?),
+                    None => None,
+                },
                 ..Default::default()
             };
             let r = eng.run(&opts, &Progress { out, quiet: false })?;

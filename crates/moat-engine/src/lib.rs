@@ -14,6 +14,7 @@ mod apply;
 pub mod cloudinit;
 mod host;
 mod run;
+mod rundomain;
 mod status;
 mod storage;
 
@@ -266,6 +267,13 @@ impl Engine {
         let prior = self.prior_allocations()?;
         let (Allocated { resolved, .. }, warnings) =
             moat_core::check(path, &prior, &self.root_str).map_err(EngineError::Invalid)?;
+        // Ad-hoc machines on a domain (`run --domain`) keep their NICs.
+        let adhoc = self.adhoc_domains()?;
+        let resolved = if adhoc.is_empty() {
+            resolved
+        } else {
+            rundomain::with_adhoc(resolved, &adhoc, &prior, &self.root_str)
+        };
         Ok(Checked { resolved, warnings })
     }
 

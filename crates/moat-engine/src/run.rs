@@ -21,6 +21,10 @@ pub struct RunOpts {
     pub memory: Option<u64>,
     /// `native` (default) or `qemu` (a microVM).
     pub driver: Option<String>,
+    /// Attach to this applied domain's network (`native` only); needs `project`.
+    pub domain: Option<String>,
+    /// The project file (`-f`), to resolve the domain's network and firewall.
+    pub project: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -110,6 +114,32 @@ impl Engine {
         } else {
             opts.command.clone()
         };
+        // The apply lock while the firewall and allocations change (apply,
+        // destroy and other runs wait); released once the machine started.
+        let lock = match &opts.domain {
+            Some(_) if dname != "native" => {
+                return Err(EngineError::Failed(format!(
+                    "run --domain works with the native driver only, not '{dname}'"
+                )))
+            }
+            Some(_) => Some(
+                moat_state::ApplyLock::acquire(&self.cfg.root, Some(Duration::from_secs(60)))
+                    .map_err(state_err)?,
+            ),
+            None => None,
+        };
+        let attached = match &opts.domain {
+            Some(dom) => {
+                let project = opts.project.as_deref().ok_or_else(|| {
+                    EngineError::Failed(
+                        "run --domain needs the project (give -f FILE or run it in the project folder)"
+                            .into(),
+                    )
+                })?;
+                Some(self.attach_adhoc(&host, project, dom, &name)?)
+            }
+            None => None,
+        };
         let machine = Machine {
             description: format!("moat run {}", opts.image),
             cpus: opts.cpus,
@@ -127,20 +157,42 @@ impl Engine {
         } else {
             machine
         };
+        let machine = match &opts.domain {
+            Some(dom) => Machine {
+                domain: dom.clone(),
+                network: moat_core::model::NetworkMode::Domain,
+                ..machine
+            },
+            None => machine,
+        };
+        let (nic, bridge, hosts) = match attached {
+            Some(a) => (Some(a.nic), Some(a.bridge), a.hosts),
+            None => (None, None, vec![]),
+        };
         let spec = MachineSpec {
-            spec_hash: moat_core::spec::spec_hash(&machine, None),
+            spec_hash: moat_core::spec::spec_hash(&machine, nic.as_ref()),
             machine,
-            nic: None,
-            bridge: None,
-            hosts: vec![],
+            nic,
+            bridge,
+            hosts,
         };
         let state = self.state()?;
         state
-            .intend(ADHOC, &name, None, Some(&name))
+            .intend(ADHOC, &name, opts.domain.as_deref(), Some(&name))
             .map_err(state_err)?;
-        d.create(&host.ctx, &spec)?;
-        state.mark_done(ADHOC, &name).map_err(state_err)?;
-        d.start(&host.ctx, &name)?;
+        let started = d
+            .create(&host.ctx, &spec)
+            .map_err(EngineError::from)
+            .and_then(|_| state.mark_done(ADHOC, &name).map_err(state_err))
+            .and_then(|_| d.start(&host.ctx, &name).map_err(EngineError::from));
+        if let Err(e) = started {
+            if opts.domain.is_some() {
+                let _ = d.destroy(&host.ctx, &name);
+                let _ = self.release_adhoc(&host, &state, &name, opts.project.as_deref());
+            }
+            return Err(e);
+        }
+        drop(lock);
         if opts.detach {
             return Ok(RunOutcome { name, status: None });
         }
@@ -184,7 +236,7 @@ impl Engine {
                         None => {
                             if opts.rm {
                                 let _ = d.destroy(&host.ctx, &name);
-                                let _ = state.forget(ADHOC, &name);
+                                let _ = self.forget_run(&host, &state, &name, opts);
                             }
                             return Err(EngineError::Failed(format!("{name}: {reason}")));
                         }
@@ -202,12 +254,31 @@ impl Engine {
         pump(&dir.stderr_log(), &mut err_pos, &mut stderr);
         if opts.rm {
             d.destroy(&host.ctx, &name)?;
-            state.forget(ADHOC, &name).map_err(state_err)?;
+            self.forget_run(&host, &state, &name, opts)?;
         }
         Ok(RunOutcome {
             name,
             status: Some(status),
         })
+    }
+
+    /// After `--rm` destroyed the machine: its record, and for a domain
+    /// machine its allocation and firewall entries (under the apply lock).
+    fn forget_run(
+        &self,
+        host: &crate::host::Host,
+        state: &moat_state::StateStore,
+        name: &str,
+        opts: &RunOpts,
+    ) -> Result<()> {
+        let _lock = match opts.domain {
+            Some(_) => Some(
+                moat_state::ApplyLock::acquire(&self.cfg.root, Some(Duration::from_secs(60)))
+                    .map_err(state_err)?,
+            ),
+            None => None,
+        };
+        self.release_adhoc(host, state, name, opts.project.as_deref())
     }
 
     /// Names of ad-hoc machines (run, clone) of this root.

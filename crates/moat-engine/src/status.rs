@@ -226,7 +226,11 @@ impl Engine {
                 domain: "?".into(),
                 kind: "?".into(),
                 driver: o.driver.clone(),
-                ip: None,
+                // An ad-hoc machine on a domain (`run --domain`) has a NIC.
+                ip: checked
+                    .as_ref()
+                    .and_then(|c| c.resolved.nics.get(name))
+                    .map(|n| n.ip.to_string()),
                 network: "?".into(),
                 state: state_word(&o.state),
                 declared: checked.is_none(),
@@ -339,7 +343,7 @@ impl Engine {
             for (m, r) in results {
                 r?;
                 state.forget("machine", &m).map_err(state_err)?;
-                state.forget(crate::run::ADHOC, &m).map_err(state_err)?;
+                self.release_adhoc(&host, &state, &m, project)?;
                 destroyed.push(format!("machine {m}"));
             }
         }
@@ -362,7 +366,7 @@ impl Engine {
                     .map_or("native", |mm| mm.driver.as_str());
                 host.driver(driver)?.destroy(&host.ctx, &m)?;
                 state.forget("machine", &m).map_err(state_err)?;
-                state.forget(crate::run::ADHOC, &m).map_err(state_err)?;
+                self.release_adhoc(&host, &state, &m, project)?;
                 destroyed.push(format!("remains of machine {m}"));
             }
         }

@@ -1,0 +1,229 @@
+//! `moat run --domain D`: an ad-hoc machine on an applied domain's network.
+//!
+//! The state store records the machine as `adhoc` with its domain. Every
+//! [`Engine::check`] then resolves the project as if the domain declared it
+//! (see [`with_adhoc`]): it gets an address and an ifnum like a declared machine
+//! (kept in the allocations, so neither a concurrent run nor the next apply
+//! reuses them), and its NIC joins `resolved.nics`, so the rendered ruleset
+//! gives it the same isolation and anti-spoofing entries, and the next apply's
+//! firewall hash already counts it (no drift, nothing removed). The machine
+//! itself is not added to the project: plans never create, replace or prune it.
+//!
+//! Releasing (`--rm`, `moat destroy`) forgets the record and the allocation and
+//! re-renders the ruleset without it; the host interface goes with the
+//! machine's network namespace.
+
+use crate::run::ADHOC;
+use crate::{state_err, Engine, EngineError, Result};
+use moat_core::model::{Allocations, Machine, NetworkMode, Resolved};
+use moat_driver::BridgeInfo;
+use std::path::Path;
+
+/// `resolved` re-allocated with the ad-hoc machines `(name, domain)` added to
+/// their domains, then with the project put back: only allocations and NICs
+/// change. Records whose domain is gone or disabled are left out.
+pub(crate) fn with_adhoc(
+    resolved: Resolved,
+    adhoc: &[(String, String)],
+    prior: &Allocations,
+    root: &str,
+) -> Resolved {
+    let mut project = resolved.project.clone();
+    let mut added = false;
+    for (name, domain) in adhoc {
+        if project.machine(name).is_some() {
+            continue;
+        }
+        let Some(d) = project.domains.get_mut(domain).filter(|d| d.enabled) else {
+            continue;
+        };
+        if d.machines.contains_key(name) {
+            continue;
+        }
+        d.machines.insert(
+            name.clone(),
+            Machine {
+                domain: domain.clone(),
+                network: NetworkMode::Domain,
+                ..Machine::adhoc(name, "")
+            },
+        );
+        added = true;
+    }
+    if !added {
+        return resolved;
+    }
+    match moat_core::address::allocate(&project, prior, root) {
+        Ok(a) => Resolved {
+            project: resolved.project,
+            ..a.resolved
+        },
+        Err(_) => resolved,
+    }
+}
+
+/// What `run --domain` needs to create the machine with a NIC.
+pub(crate) struct Attached {
+    pub nic: moat_core::model::ResolvedNic,
+    pub bridge: BridgeInfo,
+    pub hosts: Vec<(String, std::net::Ipv4Addr)>,
+}
+
+impl Engine {
+    /// `(name, domain)` of the ad-hoc machines attached to a domain.
+    pub(crate) fn adhoc_domains(&self) -> Result<Vec<(String, String)>> {
+        if !self.cfg.root.join("state.db").exists() {
+            return Ok(vec![]);
+        }
+        Ok(self
+            .state()?
+            .resources()
+            .map_err(state_err)?
+            .into_iter()
+            .filter(|r| r.kind == ADHOC)
+            .filter_map(|r| r.domain.map(|d| (r.name, d)))
+            .collect())
+    }
+
+    /// Record `name` as an ad-hoc machine of `domain`, allocate its address and
+    /// ifnum, and apply the ruleset that includes it. The caller holds the
+    /// apply lock.
+    pub(crate) fn attach_adhoc(
+        &self,
+        host: &crate::host::Host,
+        project: &Path,
+        domain: &str,
+        name: &str,
+    ) -> Result<Attached> {
+        let checked = self.check(project)?;
+        let r = &checked.resolved;
+        if r.project.machine(name).is_some()
+            || r.project
+                .domains
+                .get(domain)
+                .is_some_and(|d| d.machines.contains_key(name))
+        {
+            return Err(EngineError::Failed(format!(
+                "'{name}' is a machine of the project; pick another --name"
+            )));
+        }
+        let Some(net) = r.networks.get(domain) else {
+            return Err(EngineError::Failed(format!(
+                "domain '{domain}' is not in the project (or is disabled); \
+                 `moat status` lists the domains"
+            )));
+        };
+        let state = self.state()?;
+        let applied = state
+            .resources()
+            .map_err(state_err)?
+            .iter()
+            .any(|x| x.kind == "network" && !x.pending && x.domain.as_deref() == Some(domain));
+        let (observed, _) = host
+            .net
+            .observe(&self.tag)
+            .map_err(|e| EngineError::Failed(e.to_string()))?;
+        if !applied || !observed.get(domain).is_some_and(|o| o.up) {
+            return Err(EngineError::Failed(format!(
+                "domain '{domain}' is not applied yet (bridge {} is missing); run `moat apply` first",
+                net.bridge
+            )));
+        }
+        state
+            .intend(ADHOC, name, Some(domain), Some(name))
+            .map_err(state_err)?;
+        let attached = self.render_with(host, project, name, domain);
+        if attached.is_err() {
+            let _ = self.release_adhoc(host, &state, name, Some(project));
+        }
+        attached
+    }
+
+    fn render_with(
+        &self,
+        host: &crate::host::Host,
+        project: &Path,
+        name: &str,
+        domain: &str,
+    ) -> Result<Attached> {
+        let checked = self.check(project)?;
+        let r = &checked.resolved;
+        let (Some(nic), Some(net)) = (r.nics.get(name), r.networks.get(domain)) else {
+            return Err(EngineError::Failed(format!(
+                "no free address left in domain '{domain}' for '{name}'; \
+                 stop an ad-hoc machine or widen the domain's `subnet:`"
+            )));
+        };
+        // Only this machine's allocation is added: the rest of the project
+        // may hold unapplied changes, which are apply's to record.
+        let mut state = self.state()?;
+        let mut alloc = state.load_allocations().map_err(state_err)?;
+        alloc.addresses.insert(name.into(), nic.ip);
+        if let Some(n) = r.allocations.ifnums.get(name) {
+            alloc.ifnums.insert(name.into(), *n);
+        }
+        state.save_allocations(&alloc).map_err(state_err)?;
+        self.apply_rules(host, r)?;
+        let mut hosts = Vec::new();
+        if let Some(d) = r.project.domains.get(domain) {
+            for peer in d.machines.values() {
+                if let Some(n) = r.nics.get(&peer.full_name) {
+                    hosts.push((peer.name.clone(), n.ip));
+                    hosts.push((peer.full_name.clone(), n.ip));
+                }
+            }
+        }
+        Ok(Attached {
+            nic: nic.clone(),
+            bridge: BridgeInfo {
+                name: net.bridge.clone(),
+                gateway: net.gateway,
+                prefix_len: net.subnet.prefix_len(),
+            },
+            hosts,
+        })
+    }
+
+    /// One atomic `nft -f` of the ruleset of `resolved`, as apply does.
+    fn apply_rules(&self, host: &crate::host::Host, resolved: &Resolved) -> Result<()> {
+        let rules = moat_net::render(resolved, moat_net::RenderOptions::default());
+        host.net
+            .apply_ruleset(&rules)
+            .map_err(|e| EngineError::Failed(format!("{e}; `moat apply` repairs the firewall")))?;
+        let _ = std::fs::write(self.applied_rules_path(), rules.body);
+        Ok(())
+    }
+
+    /// Forget ad-hoc machine `name` (record, address, ifnum); when it was on a
+    /// domain and the project is at hand, re-render the ruleset without it
+    /// (else the next apply does). The caller holds the apply lock and has
+    /// destroyed the machine.
+    pub(crate) fn release_adhoc(
+        &self,
+        host: &crate::host::Host,
+        state: &moat_state::StateStore,
+        name: &str,
+        project: Option<&Path>,
+    ) -> Result<()> {
+        let had_domain = state
+            .resources()
+            .map_err(state_err)?
+            .iter()
+            .any(|r| r.kind == ADHOC && r.name == name && r.domain.is_some());
+        state.forget(ADHOC, name).map_err(state_err)?;
+        if !had_domain {
+            return Ok(());
+        }
+        let mut st = self.state()?;
+        let mut alloc = st.load_allocations().map_err(state_err)?;
+        alloc.addresses.remove(name);
+        alloc.ifnums.remove(name);
+        st.save_allocations(&alloc).map_err(state_err)?;
+        if let Some(p) = project {
+            if let Ok(checked) = self.check(p) {
+                self.apply_rules(host, &checked.resolved)?;
+            }
+        }
+        Ok(())
+    }
+}
