@@ -132,22 +132,24 @@ impl Engine {
         state
             .intend(ADHOC, name, Some(domain), Some(name))
             .map_err(state_err)?;
-        let attached = self.render_with(host, project, name, domain);
+        let attached = self.render_with(host, checked.resolved, name, domain);
         if attached.is_err() {
             let _ = self.release_adhoc(host, &state, name, Some(project));
         }
         attached
     }
 
+    /// `resolved` (checked before `name` was recorded) with `name` allocated.
     fn render_with(
         &self,
         host: &crate::host::Host,
-        project: &Path,
+        resolved: Resolved,
         name: &str,
         domain: &str,
     ) -> Result<Attached> {
-        let checked = self.check(project)?;
-        let r = &checked.resolved;
+        let mut state = self.state()?;
+        let prior = state.load_allocations().map_err(state_err)?;
+        let r = &with_adhoc(resolved, &self.adhoc_domains()?, &prior, &self.root_str);
         let (Some(nic), Some(net)) = (r.nics.get(name), r.networks.get(domain)) else {
             return Err(EngineError::Failed(format!(
                 "no free address left in domain '{domain}' for '{name}'; \
@@ -156,8 +158,7 @@ impl Engine {
         };
         // Only this machine's allocation is added: the rest of the project
         // may hold unapplied changes, which are apply's to record.
-        let mut state = self.state()?;
-        let mut alloc = state.load_allocations().map_err(state_err)?;
+        let mut alloc = prior;
         alloc.addresses.insert(name.into(), nic.ip);
         if let Some(n) = r.allocations.ifnums.get(name) {
             alloc.ifnums.insert(name.into(), *n);
