@@ -80,7 +80,7 @@ pub fn qemu_user() -> std::result::Result<(u32, u32), QemuError> {
     lookup().ok_or_else(|| QemuError::Failed("user moat-qemu missing after useradd".into()))
 }
 
-fn chown(p: &Path, uid: u32, gid: u32) {
+pub(crate) fn chown(p: &Path, uid: u32, gid: u32) {
     let _ = std::os::unix::fs::chown(p, Some(uid), Some(gid));
 }
 
@@ -239,8 +239,9 @@ fn initramfs_base(ctx: &Ctx, k: &kernel::Kernel) -> std::result::Result<PathBuf,
     Ok(path)
 }
 
-/// Memory cgroup (v1 or v2) for one QEMU process; its `cgroup.procs` file.
-fn cgroup(ctx: &Ctx, rec: &Record) -> Option<PathBuf> {
+/// Memory cgroup (v1 or v2) for one QEMU process (microVM or full VM), limited to
+/// guest RAM + 256 MiB; its `cgroup.procs` file.
+pub(crate) fn cgroup(ctx: &Ctx, rec: &Record) -> Option<PathBuf> {
     let sub = format!("moat-{}/qemu-{}", ctx.root_tag, rec.full_name);
     let base = if Path::new("/sys/fs/cgroup/memory").is_dir() {
         PathBuf::from("/sys/fs/cgroup/memory")
@@ -258,7 +259,7 @@ fn cgroup(ctx: &Ctx, rec: &Record) -> Option<PathBuf> {
     Some(dir.join("cgroup.procs"))
 }
 
-fn remove_cgroup(ctx: &Ctx, name: &str) {
+pub(crate) fn remove_cgroup(ctx: &Ctx, name: &str) {
     for base in ["/sys/fs/cgroup/memory", "/sys/fs/cgroup"] {
         let dir = Path::new(base).join(format!("moat-{}/qemu-{name}", ctx.root_tag));
         // A just-killed QEMU may not be reaped yet: the cgroup is busy briefly.
@@ -267,6 +268,10 @@ fn remove_cgroup(ctx: &Ctx, name: &str) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+        // The root's parent group goes with its last machine (rmdir fails while in use).
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 }

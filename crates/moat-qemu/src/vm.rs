@@ -5,7 +5,8 @@
 //! ```text
 //! create: base disk (images/vm/<image>.qcow2, built or imported on demand)
 //!         ─▶ <root>/qemu/<m>/disk.qcow2 (overlay, grown to `disk:`), seed.iso, vm.json
-//! start:  tap on the domain bridge ─▶ qemu-system-x86_64 -daemonize (command_line)
+//! start:  tap on the domain bridge ─▶ cgroup moat-<tag>/qemu-<m> ─▶ qemu-system-x86_64
+//!         -daemonize -run-with user=moat-qemu (command_line)
 //! stop:   QMP system_powerdown ─▶ wait ≤ timeout ─▶ QMP quit ─▶ SIGKILL; disposable: drop overlay
 //! ```
 //!
@@ -449,19 +450,47 @@ pub fn start(d: &QemuDriver, ctx: &Ctx, rec: &Record) -> Result<()> {
     }
     let launch = launch_of(ctx, rec, &vr);
     let args = command_line(&launch);
-    let out = Command::new(QEMU)
-        .args(&args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| {
-            failed(
-                name,
-                QemuError::Failed(format!(
-                    "cannot run {QEMU}: {e}; apt-get install qemu-system-x86"
-                )),
-            )
-        })?;
+    // Least privilege: QEMU opens disks, sockets and the tap as root, then drops to
+    // moat-qemu (`-run-with user=`) before the guest runs. Its files are moat-qemu's so
+    // what it creates later (screendumps in the run folder) works; root still reaches
+    // the sockets. The cgroup is joined before exec, so the daemonized QEMU is in it.
+    let (uid, gid) = crate::microvm::qemu_user().map_err(|e| failed(name, e))?;
+    let mdir = machine_dir(ctx, name);
+    for f in [&mdir, &rd, &p.disk, &p.seed, &p.vars, &p.console_log] {
+        if f.exists() {
+            crate::microvm::chown(f, uid, gid);
+        }
+    }
+    let procs = crate::microvm::cgroup(ctx, rec);
+    let procs_fd = procs
+        .as_ref()
+        .and_then(|p| std::fs::OpenOptions::new().write(true).open(p).ok());
+    let procs_raw = procs_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let mut cmd = Command::new(QEMU);
+    cmd.args(&args)
+        .arg("-run-with")
+        .arg(format!("user={uid}:{gid}"))
+        .stdin(std::process::Stdio::null());
+    // SAFETY: only write(2), async-signal-safe, between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || {
+            if let Some(fd) = procs_raw {
+                libc::write(fd, b"0".as_ptr().cast(), 1);
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().map_err(|e| {
+        failed(
+            name,
+            QemuError::Failed(format!(
+                "cannot run {QEMU}: {e}; apt-get install qemu-system-x86"
+            )),
+        )
+    })?;
     if !out.status.success() {
+        crate::microvm::remove_cgroup(ctx, name);
         return Err(failed(
             name,
             QemuError::Command {
@@ -551,6 +580,7 @@ fn after_stop(d: &QemuDriver, ctx: &Ctx, rec: &Record) {
     if let Some(n) = &rec.nic {
         let _ = d.net.detach(&n.host_if);
     }
+    crate::microvm::remove_cgroup(ctx, &rec.full_name);
 }
 
 pub fn stop(d: &QemuDriver, ctx: &Ctx, rec: &Record, timeout: Duration) -> Result<()> {

@@ -156,6 +156,37 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}{}", std::process::id() % 100000)
 }
 
+/// The running VM's QEMU is the moat-qemu user and sits in the machine's memory
+/// cgroup, limited to guest RAM + 256 MiB.
+fn assert_least_privilege(ctx: &Ctx, name: &str, memory_mib: u64) {
+    let p = vm::paths(ctx, name);
+    let pid = std::fs::read_to_string(&p.pid).unwrap().trim().to_string();
+    let (uid, _) = moat_qemu::microvm::qemu_user().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let ids: Vec<u32> = uids[4..]
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(ids, vec![uid; 4], "real/effective/saved/fs uid of QEMU");
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let want = format!("/moat-{}/qemu-{name}", ctx.root_tag);
+    let limit = (memory_mib + 256) << 20;
+    let (dir, file) = if Path::new("/sys/fs/cgroup/memory").is_dir() {
+        assert!(
+            cg.lines()
+                .any(|l| l.contains(":memory:") && l.ends_with(&want)),
+            "QEMU not in {want}:\n{cg}"
+        );
+        ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+    } else {
+        assert!(cg.lines().any(|l| l == format!("0::{want}")), "{cg}");
+        ("/sys/fs/cgroup", "memory.max")
+    };
+    let got = std::fs::read_to_string(format!("{dir}{want}/{file}")).unwrap();
+    assert_eq!(got.trim(), limit.to_string());
+}
+
 #[test]
 fn vm_lifecycle_qmp_screendump_snapshots_clone() {
     require_host!();
@@ -180,6 +211,7 @@ fn vm_lifecycle_qmp_screendump_snapshots_clone() {
 
     r.driver.start(&r.ctx, &name).unwrap();
     assert!(vm::is_running(&r.ctx, &name));
+    assert_least_privilege(&r.ctx, &name, 128);
     let mut q = moat_qemu::qmp::Qmp::connect(&p.qmp, Duration::from_secs(30)).unwrap();
     assert_eq!(q.query_status().unwrap(), "running");
     drop(q);
