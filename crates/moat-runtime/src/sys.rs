@@ -365,8 +365,11 @@ pub fn create_persistent_netns(
     let (to_parent_r, to_parent_w) = pipe()?;
     let (to_child_r, to_child_w) = pipe()?;
     let with_user = user.is_some();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: fork in a process that may have threads: the child only calls
-    // async-signal-safe syscalls (unshare, read, write, socket, ioctl, _exit).
+    // async-signal-safe syscalls (close, prctl, unshare, read, write, socket,
+    // ioctl, _exit).
     let child = unsafe { libc::fork() };
     if child < 0 {
         return Err(io::Error::last_os_error());
@@ -376,6 +379,17 @@ pub fn create_persistent_netns(
         let (w, r) = (to_parent_w.as_raw_fd(), to_child_r.as_raw_fd());
         // SAFETY: raw syscalls on our pipe fds and a zeroed ifreq.
         unsafe {
+            // If the caller is killed (kill -9 of `moat apply`) this helper
+            // must not live on: it holds copies of every fd of the caller,
+            // the apply lock included. Dropping our copies of the parent's
+            // pipe ends makes our reads see EOF, and the death signal ends us
+            // even in a syscall that does not return.
+            libc::close(to_parent_r.as_raw_fd());
+            libc::close(to_child_w.as_raw_fd());
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(9);
+            }
             let mut b = [0u8; 1];
             if with_user {
                 if libc::unshare(libc::CLONE_NEWUSER) != 0 {
