@@ -244,15 +244,30 @@ impl NativeDriver {
         let NetworkSpec::Join(path) = &cfg.container.network else {
             return Ok(());
         };
-        if moat_runtime::sys::is_ns_mount(path) {
-            return Ok(());
-        }
         let spec = self
             .specs
             .lock()
             .map_err(|_| Self::failed(full_name, "driver state poisoned"))?
             .get(full_name)
             .cloned();
+        if moat_runtime::sys::is_ns_mount(path) {
+            // An apply killed between creating the veth and enslaving it to
+            // the bridge leaves the namespace with a NIC that goes nowhere:
+            // attach again (it replaces the pair) unless it is on its bridge.
+            if let (Some(net), Some(spec)) = (&self.network, &spec) {
+                if let (Some(nic), Some(br)) = (&spec.nic, &spec.bridge) {
+                    let master = fs::read_link(format!("/sys/class/net/{}/master", nic.host_if))
+                        .ok()
+                        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+                    if master.as_deref() != Some(br.name.as_str()) {
+                        net.attach_netns(ctx, spec, path).map_err(|e| {
+                            Self::failed(full_name, format!("re-attaching the NIC: {e}"))
+                        })?;
+                    }
+                }
+            }
+            return Ok(());
+        }
         let (Some(net), Some(spec)) = (&self.network, spec) else {
             return Err(Self::failed(
                 full_name,
