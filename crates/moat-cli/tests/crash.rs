@@ -294,7 +294,11 @@ domains:
     /// and host and state store agree. Returns what went wrong.
     fn converges(&self, ignore: &[u32]) -> Vec<String> {
         let mut bad = Vec::new();
-        let o = self.run(&["apply", "--prune"]);
+        // --wait: a helper process the killed apply forked (e.g. mid-way
+        // through spawning a command) can hold the lock for a moment after
+        // the apply itself is reaped; one that never lets go still fails
+        // here, and the scan below reports any process left behind.
+        let o = self.run(&["apply", "--prune", "--wait", "30"]);
         if !o.status.success() {
             bad.push(format!(
                 "re-apply exited {:?}:\n{}{}",

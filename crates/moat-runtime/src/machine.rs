@@ -330,7 +330,12 @@ pub fn launch(
     let text = serde_json::to_vec_pretty(config)
         .map_err(|e| dir.err(format!("cannot encode the supervisor config: {e}")))?;
     let cfg = dir.config_path();
-    fs::write(&cfg, text).map_err(|e| RuntimeError::io(&cfg, e))?;
+    // Written beside and renamed: a caller killed mid-write (kill -9 of
+    // `moat apply`) must not leave a truncated config that no later start
+    // can read.
+    let tmp = dir.dir.join("supervisor.json.tmp");
+    fs::write(&tmp, text).map_err(|e| RuntimeError::io(&tmp, e))?;
+    fs::rename(&tmp, &cfg).map_err(|e| RuntimeError::io(&cfg, e))?;
     let _ = fs::remove_file(dir.status_path());
 
     // The supervisor forks and its first process exits at once: waiting for
@@ -509,7 +514,18 @@ pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
     }
     let name = &cfg.container.name;
     let root = dir.state_root();
-    if let Some((_, pid)) = container::status(name, &root)? {
+    let status = match container::status(name, &root) {
+        Ok(s) => s,
+        Err(RuntimeError::Libcontainer { .. }) => {
+            // A supervisor killed while libcontainer rewrote state.json leaves
+            // it unreadable, and nothing could ever load it again: the
+            // container is dead with its supervisor, so its state goes.
+            let _ = fs::remove_dir_all(root.join(name));
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some((_, pid)) = status {
         if let Some(pid) = pid {
             let _ = sys::kill(pid, libc::SIGKILL);
             let deadline = Instant::now() + Duration::from_secs(5);
