@@ -83,7 +83,7 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         reason: e.to_string(),
     })?;
     fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
-    rootfs::prepare(spec)?;
+    rootfs::prepare(spec, &paths.bundle)?;
 
     // A stale state folder from a crashed supervisor would make create fail.
     let stale = paths.state_root.join(&spec.name);

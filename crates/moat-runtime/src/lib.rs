@@ -3,6 +3,7 @@
 //! Layers, bottom up:
 //! - [`profile`]: the default hardening as data (capabilities, seccomp lists, masked paths).
 //! - [`spec`]: [`ContainerSpec`] → OCI runtime spec (config.json).
+//! - [`rootfs`], [`idmap`]: the machine's root ownership (idmapped overlay lowers, or a chown).
 //! - [`container`]: one container through youki's libcontainer (create / start / kill / delete / exec).
 //! - [`supervisor`]: the loop run by the `moat-supervisor` binary: owns one container,
 //!   writes its logs with rotation, records its exit, restarts it per policy, obeys stop requests.
@@ -13,16 +14,18 @@ pub mod cgroups;
 pub mod container;
 pub mod exec;
 pub mod hostproc;
+pub mod idmap;
 pub mod logs;
 pub mod machine;
 pub mod profile;
-mod rootfs;
+pub mod rootfs;
 pub mod session;
 pub mod spec;
 pub mod supervisor;
 pub mod sys;
 
 pub use machine::{HostProcess, MachineDir, MachineState, RestartPolicy, Status, SupervisorConfig};
+pub use rootfs::{RootfsOwnership, RootfsRecord};
 pub use session::{ExecSession, SessionOpts};
 pub use spec::{BindMount, ContainerKind, ContainerSpec, IdRange, NetworkSpec, ResourceLimits};
 

@@ -110,6 +110,9 @@ pub struct Status {
     pub exit_signal: Option<i32>,
     pub restarts: u32,
     pub message: Option<String>,
+    /// How the root's ownership was made for the user namespace at the last create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs_ownership: Option<crate::RootfsOwnership>,
 }
 
 /// What a caller sees.
@@ -179,6 +182,16 @@ impl MachineDir {
             state_root: self.state_root(),
             bundle: self.bundle_dir(),
         }
+    }
+
+    /// How the root's ownership was made at the machine's last create
+    /// (`None` before the first one): `<bundle>/rootfs.json`.
+    pub fn rootfs_record(&self) -> Option<crate::RootfsRecord> {
+        crate::rootfs::read_record(&self.bundle_dir())
+    }
+
+    pub fn rootfs_ownership(&self) -> Option<crate::RootfsOwnership> {
+        self.rootfs_record().map(|r| r.ownership)
     }
 
     fn err(&self, message: impl Into<String>) -> RuntimeError {

@@ -194,6 +194,7 @@ impl Supervisor {
             exit_signal: None,
             restarts: 0,
             message: None,
+            rootfs_ownership: None,
         };
         Ok(Supervisor {
             dir,
@@ -352,6 +353,7 @@ impl Supervisor {
         self.init = Some(created.pid);
         self.init_exit = None;
         self.status.pid = Some(created.pid);
+        self.status.rootfs_ownership = self.dir.rootfs_ownership();
         Ok(())
     }
 
