@@ -33,6 +33,10 @@ pub struct MachineStatus {
     pub state: String,
     /// Declared in the project (false: an orphan).
     pub declared: bool,
+    /// Native containers: `idmapped` or `shifted` (how the root's owners fit
+    /// the user namespace; see docs/runtime.md), `unmapped` when privileged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rootfs_ownership: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,6 +207,7 @@ impl Engine {
                         .map(|o| state_word(&o.state))
                         .unwrap_or_else(|| "absent".into()),
                     declared: true,
+                    rootfs_ownership: self.rootfs_ownership(&m.full_name, &m.driver),
                 });
             }
         } else {
@@ -234,6 +239,7 @@ impl Engine {
                 network: "?".into(),
                 state: state_word(&o.state),
                 declared: checked.is_none(),
+                rootfs_ownership: self.rootfs_ownership(name, &o.driver),
             });
         }
         Ok(Status {
@@ -244,6 +250,16 @@ impl Engine {
             machines,
             firewall,
         })
+    }
+
+    /// What the built-in runtime recorded at the machine's last start.
+    fn rootfs_ownership(&self, full_name: &str, driver: &str) -> Option<String> {
+        if driver != "native" {
+            return None;
+        }
+        moat_runtime::MachineDir::new(self.cfg.root.join("machines").join(full_name))
+            .rootfs_ownership()
+            .map(|o| o.as_str().to_string())
     }
 
     /// Delete machines (and with --domain/--all, networks and the firewall)
