@@ -57,6 +57,15 @@ pub fn gateway(net: &Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(net.broadcast()) - 1)
 }
 
+/// Gateway of a domain: an adopted Incus network's own address, else [`gateway`].
+pub fn domain_gateway(project: &Project, domain: &str, net: &Ipv4Net) -> Ipv4Addr {
+    project
+        .incus_adopted(domain)
+        .and_then(|a| a.gateway)
+        .filter(|g| net.contains(g))
+        .unwrap_or_else(|| gateway(net))
+}
+
 /// The subnet the convention gives to sequence number `seq` of trust zone `zone`,
 /// or `None` when the second octet would pass 255 or `seq` does not fit.
 pub fn convention_subnet(project: &Project, zone: u8, seq: u32) -> Option<Ipv4Net> {
@@ -159,13 +168,17 @@ pub fn allocate(
         let Some(net) = alloc.subnets.get(&d.name) else {
             continue;
         };
+        // An adopted Incus network keeps its own name and address.
+        let adopted = project.incus_adopted(&d.name);
         networks.insert(
             d.name.clone(),
             ResolvedNetwork {
                 domain: d.name.clone(),
                 subnet: *net,
-                gateway: gateway(net),
-                bridge: naming::bridge_name(&tag, &d.name),
+                gateway: domain_gateway(project, &d.name, net),
+                bridge: adopted
+                    .and_then(|a| a.network.clone())
+                    .unwrap_or_else(|| naming::bridge_name(&tag, &d.name)),
             },
         );
         for m in d.machines.values() {
@@ -421,14 +434,21 @@ fn allocate_machines(
 ) {
     let anklume = project.format == Format::Anklume;
     let (network, broadcast) = range_of(net);
-    let gw = u32::from(gateway(net));
+    let gw = u32::from(domain_gateway(project, &d.name, net));
+    let adopted_gw = gw != u32::from(gateway(net));
     let (auto_first, auto_last) = if d.subnet.is_none() && net.prefix_len() == 24 {
         (network + AUTO_FIRST, network + AUTO_LAST)
+    } else if adopted_gw {
+        (network + 1, broadcast - 1)
     } else {
         (network + 1, gw - 1)
     };
     // address → (machine full name, explicit?)
     let mut taken: BTreeMap<u32, (&str, bool)> = BTreeMap::new();
+    if adopted_gw {
+        // An adopted network's gateway sits inside the automatic range.
+        taken.insert(gw, ("the gateway", true));
+    }
     let machines: Vec<&Machine> = d
         .machines
         .values()

@@ -53,6 +53,31 @@ pub struct IncusConfig {
     pub client_key: Option<PathBuf>,
     /// The server's certificate (pinned) when it is not signed by a known CA.
     pub server_cert: Option<PathBuf>,
+    /// Existing Incus objects a domain adopts (`incus:` in a domain, as
+    /// `moat import incus` writes it), by domain name.
+    pub domains: BTreeMap<String, IncusAdopt>,
+    /// Existing Incus instance a machine adopts (`incus: {instance: N}` in a
+    /// machine), by machine full name.
+    pub instances: BTreeMap<String, String>,
+}
+
+/// Names of existing Incus objects a domain stands for, instead of the ones
+/// moat derives (`moat-<tag>-<domain>`, bridge `mt<tag>-<domain>`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct IncusAdopt {
+    /// Incus project of the domain's instances.
+    pub project: Option<String>,
+    /// Bridge network (in Incus's `default` project): the domain's bridge name.
+    pub network: Option<String>,
+    /// The network's own address, when it is not the subnet's last usable one.
+    pub gateway: Option<Ipv4Addr>,
+}
+
+impl IncusConfig {
+    /// What domain `domain` adopts, if anything.
+    pub fn adopted(&self, domain: &str) -> Option<&IncusAdopt> {
+        self.domains.get(domain)
+    }
 }
 
 impl Project {
@@ -69,6 +94,11 @@ impl Project {
     /// Look a machine up by its full name (`<domain>-<machine>`).
     pub fn machine(&self, full_name: &str) -> Option<&Machine> {
         self.machines().find(|m| m.full_name == full_name)
+    }
+
+    /// The existing Incus objects domain `domain` adopts (`incus:` in the domain).
+    pub fn incus_adopted(&self, domain: &str) -> Option<&IncusAdopt> {
+        self.incus.as_ref().and_then(|i| i.adopted(domain))
     }
 }
 

@@ -463,7 +463,9 @@ pub fn plan(desired: &Desired, observed: &Observed, opts: &PlanOptions) -> Plan 
                     &m.image,
                 ));
             }
-            Some(seen) if seen.spec_hash != hash => {
+            // An empty recorded hash is an adopted machine moat never created
+            // (`moat import incus`): its settings are unknown, it is kept.
+            Some(seen) if !seen.spec_hash.is_empty() && seen.spec_hash != hash => {
                 let why = if seen.driver != m.driver {
                     format!("driver changed {} → {}", seen.driver, m.driver)
                 } else {

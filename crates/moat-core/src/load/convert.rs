@@ -8,8 +8,8 @@ use super::{decode, Loaded, ANKLUME_FILE, DOMAINS_DIR, POLICIES_FILE};
 use crate::diag::{Diagnostic, Diagnostics, Loc};
 use crate::model::{
     Accel, Addressing, Defaults, Display, Domain, Egress, Endpoint, Firmware, Format, ImageSource,
-    IncusConfig, Machine, MachineType, Mount, NetworkMode, Policy, Ports, Profile, Project,
-    Protocol, Reconcile, RestartPolicy, TrustLevel, UsbDevice,
+    IncusAdopt, IncusConfig, Machine, MachineType, Mount, NetworkMode, Policy, Ports, Profile,
+    Project, Protocol, Reconcile, RestartPolicy, TrustLevel, UsbDevice,
 };
 use crate::naming::{check_dns_label, MAX_DOMAIN_LEN, MAX_FULL_NAME_LEN};
 use crate::suggest;
@@ -52,6 +52,9 @@ struct Cx {
     ci_templates: BTreeMap<String, serde_json::Value>,
     /// The `cloud_init:` of the domain being converted (its machines' base).
     domain_ci: Option<serde_json::Value>,
+    /// `incus:` adoptions of domains and machines, gathered into `Project::incus`.
+    incus_domains: BTreeMap<String, IncusAdopt>,
+    incus_instances: BTreeMap<String, String>,
 }
 
 /// The accepted entries of one map (unknown keys already reported).
@@ -513,6 +516,8 @@ pub(super) fn convert(
         images: BTreeMap::new(),
         ci_templates: BTreeMap::new(),
         domain_ci: None,
+        incus_domains: BTreeMap::new(),
+        incus_instances: BTreeMap::new(),
     };
 
     // Parse every file first.
@@ -714,6 +719,12 @@ pub(super) fn convert(
     }
 
     unique_names(&mut cx, &domains);
+    let mut incus = incus;
+    if !cx.incus_domains.is_empty() || !cx.incus_instances.is_empty() {
+        let c = incus.get_or_insert_with(IncusConfig::default);
+        c.domains = std::mem::take(&mut cx.incus_domains);
+        c.instances = std::mem::take(&mut cx.incus_instances);
+    }
 
     // Policies: inline in moat.yml, then policies.yml.
     let mut raw: Vec<RawPolicy> = Vec::new();
@@ -1237,6 +1248,7 @@ fn domain(cx: &mut Cx, src: &DomainSrc) -> Option<Domain> {
     if let Some(n) = f.get("target") {
         d.target = cx.name_string(n, &fj("target"));
     }
+    let adopt_node = f.get("incus");
     if let Some(n) = f.get("egress") {
         if cx.choice(n, &fj("egress"), &["nat", "none"]) == Some("none") {
             d.egress = Egress::None;
@@ -1259,6 +1271,11 @@ fn domain(cx: &mut Cx, src: &DomainSrc) -> Option<Domain> {
                     "write it like 10.200.0.0/24",
                 ),
             }
+        }
+    }
+    if let Some(n) = adopt_node {
+        if let Some(a) = incus_adopt(cx, n, &fj("incus"), d.subnet) {
+            cx.incus_domains.insert(d.name.clone(), a);
         }
     }
     if let Some(e) = f.entry("profiles") {
@@ -1411,14 +1428,6 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
             "set either image or os_image, not both",
         );
     }
-    let mut image = cx.defaults.image.clone();
-    for k in ["image", "os_image"] {
-        if let Some(n) = f.get(k) {
-            if let Some(r) = cx.image_ref(n, &fj(k)) {
-                image = r;
-            }
-        }
-    }
     let default_driver = cx
         .defaults
         .driver
@@ -1429,6 +1438,28 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
         .get("driver")
         .and_then(|n| driver_for(cx, n, &fj("driver"), kind))
         .unwrap_or(default_driver);
+    let mut image = cx.defaults.image.clone();
+    for k in ["image", "os_image"] {
+        if let Some(n) = f.get(k) {
+            // With the incus driver, an image may be an alias on the Incus server.
+            let r = if driver == "incus" {
+                let known = n
+                    .as_scalar()
+                    .map(|s| s.text.clone())
+                    .is_some_and(|r| cx.images.contains_key(&r) || builtin_image(&r).is_some());
+                if known {
+                    cx.image_ref(n, &fj(k))
+                } else {
+                    incus_name_slash(cx, n, &fj(k))
+                }
+            } else {
+                cx.image_ref(n, &fj(k))
+            };
+            if let Some(r) = r {
+                image = r;
+            }
+        }
+    }
 
     let mut m = Machine {
         name: name.clone(),
@@ -1676,6 +1707,15 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
     if let Some(n) = f.get("template") {
         m.template = cx.boolean(n, &fj("template")).unwrap_or(false);
     }
+    if let Some(n) = f.get("incus") {
+        let field = fj("incus");
+        let ff = cx.fields(n, &field, "in incus", keys::INCUS_MACHINE);
+        if let Some(i) = ff.get("instance") {
+            if let Some(name) = incus_name(cx, i, &join(&field, "instance"), 63) {
+                cx.incus_instances.insert(full_name.clone(), name);
+            }
+        }
+    }
     if !name_ok {
         return None;
     }
@@ -1776,6 +1816,96 @@ fn vm_settings(cx: &mut Cx, m: &mut Machine, f: &Fields, field: &str) {
             }
         }
     }
+}
+
+/// An Incus object name: letters, digits, `-`, `_`, `.`; at most `max` characters.
+fn incus_name(cx: &mut Cx, node: &Node, field: &str, max: usize) -> Option<String> {
+    let s = cx.name_string(node, field)?;
+    let bad = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')));
+    if s.len() > max || bad.is_some() || s.starts_with(['-', '.']) {
+        cx.err_hint(
+            &node.loc,
+            field,
+            format!("invalid Incus name '{}'", shorten(&s)),
+            format!(
+                "use at most {max} letters, digits, '-', '_' or '.', not starting with '-' or '.'"
+            ),
+        );
+        return None;
+    }
+    Some(s)
+}
+
+/// An Incus image alias (`/` allowed, as in `debian/12`).
+fn incus_name_slash(cx: &mut Cx, node: &Node, field: &str) -> Option<String> {
+    let s = cx.name_string(node, field)?;
+    if s.chars().any(|c| c.is_whitespace() || c == ':') {
+        cx.err_hint(
+            &node.loc,
+            field,
+            format!("invalid Incus image alias '{}'", shorten(&s)),
+            "name an image alias present on the Incus server (`incus image alias list`)",
+        );
+        return None;
+    }
+    Some(s)
+}
+
+/// `incus: {project, network, gateway}` in a domain: existing Incus objects it
+/// stands for. `gateway` must lie in the domain's `subnet:`.
+fn incus_adopt(
+    cx: &mut Cx,
+    node: &Node,
+    field: &str,
+    subnet: Option<Ipv4Net>,
+) -> Option<IncusAdopt> {
+    let f = cx.fields(node, field, "in incus", keys::INCUS_DOMAIN);
+    let mut a = IncusAdopt::default();
+    if let Some(n) = f.get("project") {
+        a.project = incus_name(cx, n, &join(field, "project"), 63);
+    }
+    if let Some(n) = f.get("network") {
+        // The network is a bridge: a Linux interface name.
+        a.network = incus_name(
+            cx,
+            n,
+            &join(field, "network"),
+            crate::naming::MAX_IFNAME_LEN,
+        );
+    }
+    if let Some(n) = f.get("gateway") {
+        let gf = join(field, "gateway");
+        if let Some(s) = cx.string(n, &gf) {
+            match (s.trim().parse::<Ipv4Addr>(), subnet) {
+                (Ok(ip), Some(net))
+                    if net.contains(&ip) && ip != net.network() && ip != net.broadcast() =>
+                {
+                    a.gateway = Some(ip)
+                }
+                (Ok(_), Some(net)) => cx.err_hint(
+                    &n.loc,
+                    &gf,
+                    format!("gateway {s} is not a usable address of the domain's subnet {net}"),
+                    "give the Incus network's own address (its ipv4.address without the prefix)",
+                ),
+                (Ok(_), None) => cx.err_hint(
+                    &n.loc,
+                    &gf,
+                    "incus.gateway needs the domain's `subnet:`",
+                    "add subnet: (the Incus network's ipv4.address with host bits cleared)",
+                ),
+                (Err(_), _) => cx.err_hint(
+                    &n.loc,
+                    &gf,
+                    format!("invalid address '{}'", shorten(&s)),
+                    "write it like 10.9.8.1",
+                ),
+            }
+        }
+    }
+    Some(a)
 }
 
 /// `incus:` connection settings; relative paths resolve against the project folder.

@@ -66,6 +66,7 @@ pub(crate) const DOMAIN: &[Key] = &[
     m("dhcp"),
     m("target"),
     m("cloud_init"),
+    m("incus"),
 ];
 
 pub(crate) const PROFILE: &[Key] = &[b("description"), b("config"), b("devices")];
@@ -105,6 +106,7 @@ pub(crate) const MACHINE: &[Key] = &[
     m("usb"),
     m("target"),
     m("template"),
+    m("incus"),
 ];
 
 pub(crate) const POLICY: &[Key] = &[
@@ -125,6 +127,12 @@ pub(crate) const IMAGE: &[Key] = &[
     m("reference"),
     m("packages"),
 ];
+
+/// `incus:` in a domain: existing Incus objects it adopts.
+pub(crate) const INCUS_DOMAIN: &[Key] = &[m("project"), m("network"), m("gateway")];
+
+/// `incus:` in a machine: the existing instance it adopts.
+pub(crate) const INCUS_MACHINE: &[Key] = &[m("instance")];
 
 pub(crate) const INCUS: &[Key] = &[
     m("url"),
