@@ -4,7 +4,8 @@
 //! (warnings with file:line on stderr) and writes moat.yml (stdout or OUT).
 //!
 //! A new source format is one more [`ImportCmd`] variant and one more arm in
-//! [`run`].
+//! [`run`]. `moat import incus` reads a live Incus server instead of a folder
+//! (see [`crate::incus_import`]).
 
 use crate::exit;
 use crate::output::Output;
@@ -19,6 +20,9 @@ pub enum ImportCmd {
     /// Convert a Chimera Spawn configuration folder (config.yaml, images/,
     /// profiles/, cloud-init/, nodes/) into a moat project using the nspawn driver
     Chimera(ImportArgs),
+    /// Describe existing Incus projects, networks, profiles and instances as a
+    /// moat project that adopts them in place (`moat plan` on it changes nothing)
+    Incus(crate::incus_import::IncusImportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -47,7 +51,7 @@ fn import_err(e: ImportError) -> CliError {
 }
 
 /// Where moat.yml goes for `-o OUT`: into OUT when it is (or names) a folder.
-fn target(out: &Path) -> PathBuf {
+pub(crate) fn target(out: &Path) -> PathBuf {
     let is_dir = out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/');
     if is_dir || (out.extension().is_none() && !out.exists()) {
         out.join("moat.yml")
@@ -58,6 +62,7 @@ fn target(out: &Path) -> PathBuf {
 
 pub fn run(out: &Output, cmd: &ImportCmd) -> Result<u8, CliError> {
     let (args, imported) = match cmd {
+        ImportCmd::Incus(a) => return crate::incus_import::run(out, a),
         ImportCmd::Chimera(a) => {
             let files = moat_import::chimera::read_dir(&a.dir).map_err(import_err)?;
             let name = a.name.clone().unwrap_or_else(|| default_name(&a.dir));

@@ -8,6 +8,7 @@ mod console;
 mod daemon;
 mod image;
 mod import;
+mod incus_import;
 mod init;
 mod kernel;
 mod output;

@@ -229,6 +229,18 @@ pub trait Driver: Send + Sync {
     fn unmanaged(&self, _ctx: &Ctx) -> Result<Vec<String>> {
         Ok(vec![])
     }
+
+    /// Whether the driver's machines take their images from moat's image
+    /// store (`false` for Incus: images live on the server).
+    fn uses_image_store(&self) -> bool {
+        true
+    }
+
+    /// Where machines run when the driver places them on cluster members
+    /// (Incus): machine full name → member. Empty otherwise.
+    fn locations(&self, _ctx: &Ctx) -> Result<std::collections::BTreeMap<String, String>> {
+        Ok(Default::default())
+    }
 }
 
 /// A domain network for a driver that creates its own bridges.

@@ -605,6 +605,10 @@ fn check_address_clashes(resolved: &Resolved) -> Result<()> {
                 continue;
             };
             for n in resolved.networks.values() {
+                // A domain's own bridge (an adopted Incus network) is no clash.
+                if ifname == n.bridge {
+                    continue;
+                }
                 if n.subnet.contains(&addr) || theirs.trunc().contains(&n.gateway) {
                     problems.push(format!(
                         "domain '{}' wants {} but interface {ifname} already has {local}/{plen}",

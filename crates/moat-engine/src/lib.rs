@@ -341,6 +341,21 @@ impl Engine {
         for name in self.adhoc_machines()? {
             o.machines.remove(&name);
         }
+        // Images of drivers with their own store (Incus) are not moat's to build.
+        let project = &checked.resolved.project;
+        let own_store = |m: &&moat_core::model::Machine| {
+            host.drivers
+                .get(m.driver.as_str())
+                .is_some_and(|d| !d.uses_image_store())
+        };
+        for m in project.machines().filter(own_store) {
+            if !project
+                .machines()
+                .any(|x| x.image == m.image && !own_store(&x))
+            {
+                o.images.insert(m.image.clone());
+            }
+        }
         // A domain whose DHCP server died is a network to repair (drift).
         for d in checked
             .resolved

@@ -33,6 +33,9 @@ pub struct MachineStatus {
     pub state: String,
     /// Declared in the project (false: an orphan).
     pub declared: bool,
+    /// Cluster member the machine runs on (Incus clusters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
     /// Native containers: `idmapped` or `shifted` (how the root's owners fit
     /// the user namespace; see docs/runtime.md), `unmapped` when privileged.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,13 +106,17 @@ impl fmt::Display for Status {
                 };
                 writeln!(
                     f,
-                    "{:<24} {:<9} {:<8} {:<15} {:<8} {}{}",
+                    "{:<24} {:<9} {:<8} {:<15} {:<8} {}{}{}",
                     m.name,
                     m.kind,
                     m.driver,
                     m.ip.as_deref().unwrap_or("-"),
                     net,
                     m.state,
+                    m.member
+                        .as_ref()
+                        .map(|x| format!(" on {x}"))
+                        .unwrap_or_default(),
                     if m.declared {
                         ""
                     } else {
@@ -155,9 +162,14 @@ impl Engine {
             Some(p) => Some(self.check(p)?),
             None => None,
         };
+        let mut members = std::collections::BTreeMap::new();
         let observed = if self.cfg.root.exists() {
             let host = self.host()?;
-            Some(self.observe(&host)?)
+            let o = self.observe(&host)?;
+            for d in host.drivers.values() {
+                members.extend(d.locations(&host.ctx).unwrap_or_default());
+            }
+            Some(o)
         } else {
             None
         };
@@ -207,6 +219,7 @@ impl Engine {
                         .map(|o| state_word(&o.state))
                         .unwrap_or_else(|| "absent".into()),
                     declared: true,
+                    member: members.get(&m.full_name).cloned(),
                     rootfs_ownership: self.rootfs_ownership(&m.full_name, &m.driver),
                 });
             }
@@ -239,6 +252,7 @@ impl Engine {
                 network: "?".into(),
                 state: state_word(&o.state),
                 declared: checked.is_none(),
+                member: members.get(name).cloned(),
                 rootfs_ownership: self.rootfs_ownership(name, &o.driver),
             });
         }

@@ -19,11 +19,31 @@ fn vm_snapshot(s: moat_qemu::vm::VmSnapshot) -> SnapshotInfo {
     }
 }
 
+/// An Incus snapshot in the shape `moat snapshot ls` prints.
+fn incus_snapshot((name, created): (String, u64)) -> SnapshotInfo {
+    SnapshotInfo {
+        name,
+        created,
+        layers: vec![],
+    }
+}
+
 fn img(e: moat_image::ImageError) -> EngineError {
     EngineError::Failed(e.to_string())
 }
 
 impl Engine {
+    /// The Incus driver when `machine` is an Incus machine of this root
+    /// (snapshots are then Incus's own); only asked when the root has used Incus.
+    fn incus_machine(&self, machine: &str) -> Option<moat_incus::IncusDriver> {
+        let ctx = self.ctx();
+        if !ctx.root.join("incus.json").exists() {
+            return None;
+        }
+        let d = moat_incus::IncusDriver::new();
+        d.find(&ctx, machine).ok().flatten().map(|_| d)
+    }
+
     fn require_stopped(&self, host: &crate::host::Host, name: &str, what: &str) -> Result<()> {
         let mut found = false;
         for d in host.drivers.values() {
@@ -109,6 +129,15 @@ impl Engine {
             let s = moat_qemu::vm::snapshot_create(&self.ctx(), machine, name)?;
             return Ok(vm_snapshot(s));
         }
+        if let Some(d) = self.incus_machine(machine) {
+            d.snapshot(&self.ctx(), machine, name)?;
+            let all = d.snapshot_list(&self.ctx(), machine)?;
+            return Ok(incus_snapshot(
+                all.into_iter()
+                    .find(|(n, _)| n == name)
+                    .unwrap_or((name.to_string(), 0)),
+            ));
+        }
         let host = self.host()?;
         self.require_stopped(&host, machine, "snapshot it")?;
         let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
@@ -120,6 +149,10 @@ impl Engine {
         if moat_qemu::vm::is_vm(&self.ctx(), machine) {
             let v = moat_qemu::vm::snapshots(&self.ctx(), machine)?;
             return Ok(v.into_iter().map(vm_snapshot).collect());
+        }
+        if let Some(d) = self.incus_machine(machine) {
+            let v = d.snapshot_list(&self.ctx(), machine)?;
+            return Ok(v.into_iter().map(incus_snapshot).collect());
         }
         let host = self.host()?;
         MachineFs::open(&host.images, machine)
@@ -133,6 +166,9 @@ impl Engine {
         if moat_qemu::vm::is_vm(&self.ctx(), machine) {
             return Ok(moat_qemu::vm::snapshot_restore(&self.ctx(), machine, name)?);
         }
+        if let Some(d) = self.incus_machine(machine) {
+            return Ok(d.restore(&self.ctx(), machine, name)?);
+        }
         let host = self.host()?;
         self.require_stopped(&host, machine, "restore it")?;
         let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
@@ -143,6 +179,9 @@ impl Engine {
     pub fn snapshot_remove(&self, machine: &str, name: &str) -> Result<()> {
         if moat_qemu::vm::is_vm(&self.ctx(), machine) {
             return Ok(moat_qemu::vm::snapshot_remove(&self.ctx(), machine, name)?);
+        }
+        if let Some(d) = self.incus_machine(machine) {
+            return Ok(d.delete_snapshot(&self.ctx(), machine, name)?);
         }
         let host = self.host()?;
         MachineFs::open(&host.images, machine)

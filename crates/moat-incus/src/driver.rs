@@ -19,6 +19,7 @@ use moat_driver::{
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
@@ -31,10 +32,72 @@ pub struct Connection {
     pub client_cert: Option<PathBuf>,
     pub client_key: Option<PathBuf>,
     pub server_cert: Option<PathBuf>,
+    /// Existing Incus objects the project adopts (remembered with the rest,
+    /// so `moat status` without the project finds them too).
+    #[serde(default)]
+    pub adopt: Adoption,
+}
+
+/// Existing Incus objects moat manages under other names than its own
+/// (`incus:` in domains and machines, as `moat import incus` writes them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// Domain → Incus project.
+    #[serde(default)]
+    pub projects: BTreeMap<String, String>,
+    /// Domain → bridge network.
+    #[serde(default)]
+    pub networks: BTreeMap<String, String>,
+    /// Machine full name → (project, instance) of an adopted instance.
+    #[serde(default)]
+    pub instances: BTreeMap<String, (String, String)>,
+}
+
+impl Adoption {
+    pub fn from_project(p: &Project, tag: &str) -> Adoption {
+        let mut a = Adoption::default();
+        let Some(c) = &p.incus else {
+            return a;
+        };
+        for (d, x) in &c.domains {
+            if let Some(pr) = &x.project {
+                a.projects.insert(d.clone(), pr.clone());
+            }
+            if let Some(n) = &x.network {
+                a.networks.insert(d.clone(), n.clone());
+            }
+        }
+        for dom in p.domains.values() {
+            for m in dom.machines.values() {
+                if let Some(i) = c.instances.get(&m.full_name) {
+                    let project = a.project(tag, &dom.name);
+                    a.instances
+                        .insert(m.full_name.clone(), (project, i.clone()));
+                }
+            }
+        }
+        a
+    }
+
+    /// Incus project of `domain`: the adopted one, else `moat-<tag>-<domain>`.
+    pub fn project(&self, tag: &str, domain: &str) -> String {
+        self.projects
+            .get(domain)
+            .cloned()
+            .unwrap_or_else(|| project_name(tag, domain))
+    }
+
+    /// The machine an adopted instance stands for.
+    fn machine_of(&self, project: &str, instance: &str) -> Option<&str> {
+        self.instances
+            .iter()
+            .find(|(_, (p, i))| p == project && i == instance)
+            .map(|(m, _)| m.as_str())
+    }
 }
 
 impl Connection {
-    pub fn from_project(p: &Project) -> Connection {
+    pub fn from_project(p: &Project, tag: &str) -> Connection {
         let Some(c) = &p.incus else {
             return Connection::default();
         };
@@ -45,6 +108,7 @@ impl Connection {
             client_cert: abs(&c.client_cert),
             client_key: abs(&c.client_key),
             server_cert: abs(&c.server_cert),
+            adopt: Adoption::from_project(p, tag),
         }
     }
 
@@ -73,6 +137,7 @@ impl Connection {
 
 pub struct IncusDriver {
     client: RwLock<Option<Client>>,
+    adopt: RwLock<Adoption>,
     /// Serialises image uploads (machine creates run in parallel).
     image_lock: Mutex<()>,
     pub stop_timeout: Duration,
@@ -96,12 +161,16 @@ fn failed(machine: &str, e: impl std::fmt::Display) -> DriverError {
 pub struct Found {
     pub project: String,
     pub inst: Value,
+    /// The machine it is: moat's own instances by name, adopted ones by the
+    /// project's `incus:` names; `None` for instances moat leaves alone.
+    pub machine: Option<String>,
 }
 
 impl IncusDriver {
     pub fn new() -> Self {
         IncusDriver {
             client: RwLock::new(None),
+            adopt: RwLock::new(Adoption::default()),
             image_lock: Mutex::new(()),
             stop_timeout: Duration::from_secs(10),
         }
@@ -132,10 +201,18 @@ impl IncusDriver {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let c = conn.client()?;
+        if let Ok(mut g) = self.adopt.write() {
+            *g = conn.adopt.clone();
+        }
         if let Ok(mut g) = self.client.write() {
             *g = Some(c.clone());
         }
         Ok(c)
+    }
+
+    /// The adopted names in effect (configured, else remembered).
+    pub fn adoption(&self) -> Adoption {
+        self.adopt.read().map(|a| a.clone()).unwrap_or_default()
     }
 
     fn cl(&self, ctx: &Ctx, machine: &str) -> Result<Client> {
@@ -153,15 +230,24 @@ impl IncusDriver {
             Err(e) => return Err(e),
         };
         let prefix = project_prefix(&ctx.root_tag);
+        let adopt = self.adoption();
         Ok(all
             .as_array()
             .into_iter()
             .flatten()
             .filter_map(|i| {
                 let p = i["project"].as_str()?;
-                p.starts_with(&prefix).then(|| Found {
+                let name = i["name"].as_str()?;
+                let ours = p.starts_with(&prefix) || adopt.projects.values().any(|x| x == p);
+                let machine = match adopt.machine_of(p, name) {
+                    Some(m) => Some(m.to_string()),
+                    None if mapping::is_managed(i) => Some(name.to_string()),
+                    None => None,
+                };
+                (ours || machine.is_some()).then(|| Found {
                     project: p.to_string(),
                     inst: i.clone(),
+                    machine,
                 })
             })
             .collect())
@@ -172,7 +258,7 @@ impl IncusDriver {
         let all = self.instances(ctx).map_err(|e| failed(full_name, e))?;
         Ok(all
             .into_iter()
-            .find(|f| f.inst["name"].as_str() == Some(full_name) && mapping::is_managed(&f.inst)))
+            .find(|f| f.machine.as_deref() == Some(full_name)))
     }
 
     fn must_find(&self, ctx: &Ctx, full_name: &str) -> Result<Found> {
@@ -268,6 +354,28 @@ impl IncusDriver {
             .collect())
     }
 
+    /// Snapshots with their creation time (Unix seconds; 0 when unreadable).
+    pub fn snapshot_list(&self, ctx: &Ctx, full_name: &str) -> Result<Vec<(String, u64)>> {
+        let c = self.cl(ctx, full_name)?;
+        let f = self.must_find(ctx, full_name)?;
+        let path = Self::inst_path(&f, "/snapshots").replacen('?', "?recursion=1&", 1);
+        let v = c.get(&path).map_err(|e| failed(full_name, e))?;
+        let mut out: Vec<(String, u64)> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                let name = s["name"].as_str()?;
+                // `name` may come as `instance/snapshot`.
+                let name = name.rsplit('/').next().unwrap_or(name).to_string();
+                let t = s["created_at"].as_str().and_then(unix_secs).unwrap_or(0);
+                Some((name, t))
+            })
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.0.cmp(&b.0)));
+        Ok(out)
+    }
+
     pub fn delete_snapshot(&self, ctx: &Ctx, full_name: &str, name: &str) -> Result<()> {
         let c = self.cl(ctx, full_name)?;
         let f = self.must_find(ctx, full_name)?;
@@ -286,13 +394,11 @@ impl IncusDriver {
         tag: &str,
         domain: &str,
     ) -> std::result::Result<(), IncusError> {
-        let p = project_name(tag, domain);
+        let p = self.adoption().project(tag, domain);
         if c.get_opt(&format!("/1.0/projects/{}", enc(&p)))?.is_none() {
-            match c.call(
-                "POST",
-                "/1.0/projects",
-                Some(&mapping::project_body(tag, domain)),
-            ) {
+            let mut body = mapping::project_body(tag, domain);
+            body["name"] = json!(p);
+            match c.call("POST", "/1.0/projects", Some(&body)) {
                 Ok(_) => {}
                 Err(e) if e.to_string().contains("already exists") => {}
                 Err(e) => return Err(e),
@@ -336,6 +442,24 @@ impl IncusDriver {
             })
             .unwrap_or(false)
     }
+}
+
+/// `2026-11-22T09:30:00.123456789Z` (UTC, as Incus writes it) → Unix seconds.
+fn unix_secs(t: &str) -> Option<u64> {
+    let (date, time) = t.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let mut h = time.get(..8)?.split(':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (h.next()??, h.next()??, h.next()??);
+    // Days from civil (proleptic Gregorian), 1970-01-01 = 0.
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + hh * 3600 + mm * 60 + ss).ok()
 }
 
 /// `/1.0/x/NAME?project=P` → `NAME`.
@@ -387,10 +511,13 @@ impl Driver for IncusDriver {
     }
 
     fn configure(&self, ctx: &Ctx, project: &Project) -> Result<()> {
-        let conn = Connection::from_project(project);
+        let conn = Connection::from_project(project, &ctx.root_tag);
         let client = conn.client().map_err(|e| failed("incus", e))?;
         if let Ok(mut g) = self.client.write() {
             *g = Some(client);
+        }
+        if let Ok(mut g) = self.adopt.write() {
+            *g = conn.adopt.clone();
         }
         // Remembered for commands run without the project (status, destroy).
         if ctx.root.is_dir() && project.machines().any(|m| m.driver == "incus") {
@@ -405,32 +532,39 @@ impl Driver for IncusDriver {
         let all = self.instances(ctx).map_err(|e| failed("incus", e))?;
         Ok(all
             .iter()
-            .filter_map(|f| mapping::observe_instance(&f.inst))
+            .filter_map(|f| mapping::observe_as(&f.inst, f.machine.as_deref()?))
             .collect())
     }
 
     fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>> {
         Ok(self
             .find(ctx, full_name)?
-            .and_then(|f| mapping::observe_instance(&f.inst)))
+            .and_then(|f| mapping::observe_as(&f.inst, f.machine.as_deref()?)))
     }
 
     fn create(&self, ctx: &Ctx, spec: &MachineSpec) -> Result<()> {
         let m = &spec.machine;
         let name = m.full_name.as_str();
         let c = self.cl(ctx, name)?;
-        let project = project_name(&ctx.root_tag, &m.domain);
+        let adopt = self.adoption();
+        let project = adopt.project(&ctx.root_tag, &m.domain);
+        let iname = adopt
+            .instances
+            .get(name)
+            .map(|(_, i)| i.clone())
+            .unwrap_or_else(|| name.to_string());
         let all = self.instances(ctx).map_err(|e| failed(name, e))?;
         if let Some(f) = all
             .iter()
-            .find(|f| f.project == project && f.inst["name"].as_str() == Some(name))
+            .find(|f| f.project == project && f.inst["name"].as_str() == Some(iname.as_str()))
         {
-            if !mapping::is_managed(&f.inst) {
+            if f.machine.as_deref() != Some(name) {
                 return Err(failed(
                     name,
                     format!(
-                        "Incus project {project} holds an instance '{name}' that moat did not \
-                         create; moat leaves it alone: rename or delete it by hand"
+                        "Incus project {project} holds an instance '{iname}' that moat did not \
+                         create; moat leaves it alone: rename or delete it by hand, or adopt \
+                         it with `incus: {{instance: {iname}}}` on the machine"
                     ),
                 ));
             }
@@ -459,7 +593,8 @@ impl Driver for IncusDriver {
                 Err(e) => return Err(failed(name, e)),
             }
         }
-        let body = mapping::instance_body(spec, &m.image).map_err(|e| failed(name, e))?;
+        let mut body = mapping::instance_body(spec, &m.image).map_err(|e| failed(name, e))?;
+        body["name"] = json!(iname);
         let mut path = format!("/1.0/instances?project={}", enc(&project));
         if let Some(t) = &m.target {
             path.push_str(&format!("&target={}", enc(t)));
@@ -573,6 +708,22 @@ impl Driver for IncusDriver {
         true
     }
 
+    fn uses_image_store(&self) -> bool {
+        false
+    }
+
+    fn locations(&self, ctx: &Ctx) -> Result<BTreeMap<String, String>> {
+        let all = self.instances(ctx).map_err(|e| failed("incus", e))?;
+        Ok(all
+            .into_iter()
+            .filter_map(|f| {
+                let loc = f.inst["location"].as_str()?;
+                let machine = f.machine.clone()?;
+                (!loc.is_empty() && loc != "none").then(|| (machine, loc.to_string()))
+            })
+            .collect())
+    }
+
     fn list_networks(&self, ctx: &Ctx) -> Result<Vec<ObservedNetwork>> {
         let c = self.client(ctx).map_err(|e| failed("incus", e))?;
         let nets = match c.get("/1.0/networks?recursion=1") {
@@ -581,7 +732,13 @@ impl Driver for IncusDriver {
             Err(e) => return Err(failed("incus", e)),
         };
         let mut out = Vec::new();
+        let adopt = self.adoption();
         for n in nets.as_array().into_iter().flatten() {
+            // An adopted network is the domain's bridge as long as it exists.
+            if let Some((domain, _)) = adopt.networks.iter().find(|(_, b)| n["name"] == **b) {
+                out.push(mapping::observe_adopted_network(domain, n));
+                continue;
+            }
             let Some(domain) = n["config"][mapping::DOMAIN].as_str() else {
                 continue;
             };
@@ -589,7 +746,7 @@ impl Driver for IncusDriver {
                 continue;
             }
             // Wired: the project exists and its default profile uses the bridge.
-            let p = project_name(&ctx.root_tag, domain);
+            let p = adopt.project(&ctx.root_tag, domain);
             let wired = c
                 .get_opt(&format!("/1.0/profiles/default?project={}", enc(&p)))
                 .ok()
@@ -609,7 +766,18 @@ impl Driver for IncusDriver {
         let body = mapping::network_body(tag, net);
         let path = format!("/1.0/networks/{}", enc(&net.bridge));
         let err = |e: IncusError| failed(&who, e);
+        let adopt = self.adoption();
+        let adopted = adopt.networks.contains_key(&net.domain);
         match c.get_opt(&path).map_err(err)? {
+            // An adopted network keeps its own settings; only its address follows the files.
+            Some(mut old) if adopted => {
+                let want = body["config"]["ipv4.address"].clone();
+                if old["config"]["ipv4.address"] != want {
+                    old["config"]["ipv4.address"] = want;
+                    let put = json!({"config": old["config"], "description": old["description"]});
+                    c.call("PUT", &path, Some(&put)).map_err(err)?;
+                }
+            }
             Some(_) => {
                 let put = json!({"config": body["config"], "description": body["description"]});
                 c.call("PUT", &path, Some(&put)).map_err(err)?;
@@ -623,13 +791,25 @@ impl Driver for IncusDriver {
             }
         }
         self.ensure_project(&c, tag, &net.domain).map_err(err)?;
-        let p = project_name(tag, &net.domain);
-        c.call(
-            "PUT",
-            &format!("/1.0/profiles/default?project={}", enc(&p)),
-            Some(&mapping::default_profile(&net.bridge)),
-        )
-        .map_err(err)?;
+        let p = adopt.project(tag, &net.domain);
+        let dpath = format!("/1.0/profiles/default?project={}", enc(&p));
+        let mut profile = mapping::default_profile(&net.bridge);
+        if adopted || adopt.projects.contains_key(&net.domain) {
+            // An adopted project's default profile keeps its devices; eth0 is
+            // pointed at the bridge.
+            if let Some(old) = c.get_opt(&dpath).map_err(err)? {
+                let mut devices = old["devices"].clone();
+                if !devices.is_object() {
+                    devices = json!({});
+                }
+                devices["eth0"] = profile["devices"]["eth0"].clone();
+                if devices.get("root").is_none() {
+                    devices["root"] = profile["devices"]["root"].clone();
+                }
+                profile = json!({"description": old["description"], "config": old["config"], "devices": devices});
+            }
+        }
+        c.call("PUT", &dpath, Some(&profile)).map_err(err)?;
         for prof in net.profiles.values() {
             let b = mapping::profile_body(prof);
             let ppath = format!("/1.0/profiles/{}?project={}", enc(&prof.name), enc(&p));
@@ -658,10 +838,19 @@ impl Driver for IncusDriver {
             Err(IncusError::Connect { .. }) => return Ok(false),
             Err(e) => return Err(err(e)),
         };
+        // An adopted network is the user's: left in place, and nobody else's to delete.
+        if self.adoption().networks.values().any(|b| b == bridge) {
+            return Ok(true);
+        }
         if net["config"][mapping::ROOT].as_str() != Some(ctx.root_tag.as_str()) {
             return Ok(false);
         }
-        if let Some(domain) = net["config"][mapping::DOMAIN].as_str() {
+        let adopt = self.adoption();
+        // An adopted project is the user's: never deleted with the network.
+        if let Some(domain) = net["config"][mapping::DOMAIN]
+            .as_str()
+            .filter(|d| !adopt.projects.contains_key(*d))
+        {
             let p = project_name(&ctx.root_tag, domain);
             let pq = enc(&p);
             if c.get_opt(&format!("/1.0/projects/{pq}"))
@@ -723,7 +912,7 @@ impl Driver for IncusDriver {
         let all = self.instances(ctx).map_err(|e| failed("incus", e))?;
         Ok(all
             .iter()
-            .filter(|f| f.inst["config"][MANAGED].as_str() != Some("true"))
+            .filter(|f| f.machine.is_none() && f.inst["config"][MANAGED].as_str() != Some("true"))
             .map(|f| {
                 format!(
                     "incus instance {}/{} (not created by moat; left alone)",

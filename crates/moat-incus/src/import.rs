@@ -1,22 +1,23 @@
-//! `moat import incus`: existing Incus state → a moat project (moat.yml text).
+//! `moat import incus`: existing Incus state → a moat project (moat.yml text)
+//! that adopts it in place, so `moat plan` on the result changes nothing.
 //!
 //! ```text
-//! Incus project P      ─▶ domain sanitize(P) (subnet: from the bridge of P's default profile)
+//! Incus project P       ─▶ domain sanitize(P), `incus: {project: P, network: N, gateway: G}`,
+//!                          subnet from N (the bridge of P's default profile), egress/dhcp from N
 //! profile (not default) ─▶ domain profile (config + devices)
-//! instance             ─▶ machine: driver incus, type, image alias, limits, ip (eth0
-//!                         ipv4.address), profiles, config (minus volatile/image/limits keys)
+//! instance I            ─▶ machine sanitize(I), `incus: {instance: I}`, driver incus, type,
+//!                          image alias, limits, ip (static, else the current address),
+//!                          profiles, config (minus volatile/image/limits keys)
 //! ```
 //!
-//! What is written describes the state; applying it creates the machines in
-//! moat's own Incus projects (`moat-<tag>-<domain>`, bridges `mt<tag>-<domain>`).
-//! Adopting the existing objects in place (so that `moat plan` on the result is
-//! empty) is not implemented: it needs per-domain project/bridge and per-machine
-//! instance-name overrides in moat's model.
+//! Adopted instances carry no moat markers; moat observes them through the
+//! names above, repairs their state and limits, and never re-creates them for
+//! settings it cannot know (see docs/incus.md).
 
 use crate::client::{enc, Client};
 use crate::{mapping, IncusError};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
 /// One Incus project's worth of state, as read from the server.
@@ -51,20 +52,26 @@ pub fn read(c: &Client, only: &[String]) -> Result<Vec<ProjectState>, IncusError
     } else {
         only.to_vec()
     };
-    let mut aliases = BTreeMap::new();
-    for a in c
-        .get("/1.0/images/aliases?recursion=1")?
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        if let (Some(n), Some(t)) = (a["name"].as_str(), a["target"].as_str()) {
-            aliases.insert(t.to_string(), n.to_string());
-        }
-    }
     let mut out = Vec::new();
     for p in names {
         let q = enc(&p);
+        if c.get_opt(&format!("/1.0/projects/{q}"))?.is_none() {
+            return Err(IncusError::Config {
+                message: format!("no Incus project '{p}' (`incus project list` shows them)"),
+            });
+        }
+        // Aliases live in the project when it has its own images, else in `default`.
+        let mut aliases = BTreeMap::new();
+        for a in c
+            .get(&format!("/1.0/images/aliases?recursion=1&project={q}"))?
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let (Some(n), Some(t)) = (a["name"].as_str(), a["target"].as_str()) {
+                aliases.insert(t.to_string(), n.to_string());
+            }
+        }
         let default = c.get_opt(&format!("/1.0/profiles/default?project={q}"))?;
         let network = match default
             .as_ref()
@@ -82,7 +89,7 @@ pub fn read(c: &Client, only: &[String]) -> Result<Vec<ProjectState>, IncusError
             .cloned()
             .collect();
         let instances = c
-            .get(&format!("/1.0/instances?project={q}&recursion=1"))?
+            .get(&format!("/1.0/instances?project={q}&recursion=2"))?
             .as_array()
             .cloned()
             .unwrap_or_default();
@@ -91,7 +98,7 @@ pub fn read(c: &Client, only: &[String]) -> Result<Vec<ProjectState>, IncusError
             network,
             profiles,
             instances,
-            aliases: aliases.clone(),
+            aliases,
         });
     }
     Ok(out)
@@ -145,33 +152,114 @@ fn passthrough(k: &str) -> bool {
         || k == "security.privileged")
 }
 
-/// The moat.yml describing `projects`.
-pub fn describe(projects: &[ProjectState], project_name: &str) -> String {
-    let mut y = String::new();
+/// The result of [`describe`]: moat.yml text and what could not be carried over.
+#[derive(Clone, Debug, Default)]
+pub struct Described {
+    pub moat_yml: String,
+    /// One line per thing changed or not carried over.
+    pub notes: Vec<String>,
+    /// Machine full names written.
+    pub machines: Vec<String>,
+}
+
+/// A name not in `taken`: `base`, else `base-2`, `base-3`, ... (cut to `max`).
+fn unique(base: &str, max: usize, taken: &mut BTreeSet<String>) -> String {
+    let mut n = 1;
+    loop {
+        let cand = if n == 1 {
+            base.to_string()
+        } else {
+            let suffix = format!("-{n}");
+            let mut b = base.to_string();
+            b.truncate(max.saturating_sub(suffix.len()));
+            format!("{}{suffix}", b.trim_end_matches('-'))
+        };
+        if taken.insert(cand.clone()) {
+            return cand;
+        }
+        n += 1;
+    }
+}
+
+/// The address an instance has on eth0: its static one, else its current lease.
+fn instance_ip(i: &Value) -> Option<String> {
+    if let Some(ip) = i["devices"]["eth0"]["ipv4.address"].as_str() {
+        return Some(ip.to_string());
+    }
+    i["state"]["network"]["eth0"]["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|a| a["family"] == "inet" && a["scope"] == "global")
+        .and_then(|a| a["address"].as_str())
+        .map(str::to_string)
+}
+
+/// The moat.yml adopting `projects` (`incus_block`: the project's `incus:`
+/// connection lines, if any, already indented by two spaces).
+pub fn describe(projects: &[ProjectState], project_name: &str, incus_block: &str) -> Described {
+    let mut out = Described::default();
+    let y = &mut out.moat_yml;
     let _ = writeln!(
         y,
-        "# Written by `moat import incus` from the Incus server's state."
+        "# Written by `moat import incus` from the Incus server's state: every domain and\n\
+         # machine below adopts an existing Incus object (`incus:` names it)."
     );
     let _ = writeln!(y, "schema_version: 1");
     let _ = writeln!(y, "project: {}", q(project_name));
     let _ = writeln!(y, "defaults:\n  driver: {{ container: incus, vm: incus }}");
+    if !incus_block.is_empty() {
+        let _ = writeln!(y, "incus:\n{incus_block}");
+    }
     let _ = writeln!(y, "domains:");
+    let mut domains = BTreeSet::from(["host".to_string()]);
     for p in projects {
-        let domain = sanitize(&p.name, moat_core::naming::MAX_DOMAIN_LEN);
+        let mut domain = sanitize(&p.name, moat_core::naming::MAX_DOMAIN_LEN);
+        if domain != p.name.to_ascii_lowercase() {
+            out.notes.push(format!(
+                "Incus project {}: domain named '{domain}' (moat domain names are DNS labels of at most {} characters)",
+                p.name,
+                moat_core::naming::MAX_DOMAIN_LEN
+            ));
+        }
+        domain = unique(&domain, moat_core::naming::MAX_DOMAIN_LEN, &mut domains);
         let _ = writeln!(y, "  {domain}:");
         let _ = writeln!(
             y,
             "    description: {}",
             q(&format!("Incus project {}", p.name))
         );
-        if let Some(net) = p
-            .network
-            .as_ref()
+        let net = p.network.as_ref();
+        let addr = net
             .and_then(|n| n["config"]["ipv4.address"].as_str())
-            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
-        {
-            let _ = writeln!(y, "    subnet: {}", q(&net.trunc().to_string()));
+            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok());
+        let mut adopt = vec![format!("project: {}", q(&p.name))];
+        match (net, addr) {
+            (Some(n), Some(a)) => {
+                let subnet = a.trunc();
+                let _ = writeln!(y, "    subnet: {}", q(&subnet.to_string()));
+                if n["config"]["ipv4.nat"].as_str() != Some("true") {
+                    let _ = writeln!(y, "    egress: none");
+                }
+                if n["config"]["ipv4.dhcp"].as_str() == Some("false") {
+                    let _ = writeln!(y, "    dhcp: false");
+                }
+                adopt.push(format!("network: {}", q(n["name"].as_str().unwrap_or(""))));
+                if a.addr() != moat_core::address::gateway(&subnet) {
+                    adopt.push(format!("gateway: {}", q(&a.addr().to_string())));
+                }
+            }
+            (Some(n), None) => out.notes.push(format!(
+                "Incus project {}: network {} has no IPv4 address; moat gives the domain its own network",
+                p.name,
+                n["name"].as_str().unwrap_or("?")
+            )),
+            (None, _) => out.notes.push(format!(
+                "Incus project {}: its default profile has no bridge NIC; moat gives the domain its own network",
+                p.name
+            )),
         }
+        let _ = writeln!(y, "    incus: {{ {} }}", adopt.join(", "));
         if !p.profiles.is_empty() {
             let _ = writeln!(y, "    profiles:");
             for prof in &p.profiles {
@@ -180,7 +268,7 @@ pub fn describe(projects: &[ProjectState], project_name: &str) -> String {
                 for key in ["config", "devices"] {
                     if let Some(o) = prof[key].as_object().filter(|o| !o.is_empty()) {
                         let _ = writeln!(y, "        {key}:");
-                        map_yaml(&mut y, 10, o);
+                        map_yaml(y, 10, o);
                     }
                 }
             }
@@ -189,23 +277,34 @@ pub fn describe(projects: &[ProjectState], project_name: &str) -> String {
         if p.instances.is_empty() {
             let _ = writeln!(y, "      {{}}");
         }
+        let mut names = BTreeSet::new();
+        let max = moat_core::naming::MAX_FULL_NAME_LEN - domain.len() - 1;
         for i in &p.instances {
             let iname = i["name"].as_str().unwrap_or("m");
             let short = iname.strip_prefix(&format!("{domain}-")).unwrap_or(iname);
-            let _ = writeln!(y, "      {}:", sanitize(short, 50));
+            let mname = unique(&sanitize(short, max), max, &mut names);
+            out.machines.push(format!("{domain}-{mname}"));
+            let _ = writeln!(y, "      {mname}:");
+            let _ = writeln!(y, "        incus: {{ instance: {} }}", q(iname));
             if i["type"] == "virtual-machine" {
                 let _ = writeln!(y, "        type: vm");
             }
             let fp = i["config"]["volatile.base_image"].as_str().unwrap_or("");
-            if let Some(alias) = p.aliases.get(fp) {
-                let _ = writeln!(y, "        image: {}", q(alias));
+            match p.aliases.get(fp) {
+                Some(alias) => {
+                    let _ = writeln!(y, "        image: {}", q(alias));
+                }
+                None => out.notes.push(format!(
+                    "instance {}/{iname}: its image has no alias; `image:` is left at the default (only used if moat re-creates it)",
+                    p.name
+                )),
             }
             let l = mapping::limits_of(i);
             if let Some(c) = l.cpus {
                 let _ = writeln!(y, "        cpus: {c}");
             }
             if let Some(m) = l.memory {
-                let _ = writeln!(y, "        memory: {}MiB", m >> 20);
+                let _ = writeln!(y, "        memory: {}", moat_core::plan::human_bytes(m));
             }
             if let Some(n) = l.pids {
                 let _ = writeln!(y, "        pids: {n}");
@@ -213,8 +312,19 @@ pub fn describe(projects: &[ProjectState], project_name: &str) -> String {
             if i["config"]["security.privileged"] == "true" {
                 let _ = writeln!(y, "        privileged: true");
             }
-            if let Some(ip) = i["devices"]["eth0"]["ipv4.address"].as_str() {
-                let _ = writeln!(y, "        ip: {}", q(ip));
+            let has_nic = i["expanded_devices"]["eth0"]["type"] == "nic"
+                || i["devices"]["eth0"]["type"] == "nic";
+            if !has_nic {
+                let _ = writeln!(y, "        network: none");
+            } else if let Some(ip) = instance_ip(i) {
+                let _ = writeln!(y, "        ip: {}", q(&ip));
+            }
+            if i["status"].as_str() != Some("Running") {
+                out.notes.push(format!(
+                    "instance {}/{iname} is {}: moat starts every declared machine (run `moat stop {domain}-{mname}` after apply to keep it stopped)",
+                    p.name,
+                    i["status"].as_str().unwrap_or("not running")
+                ));
             }
             let profs: Vec<String> = i["profiles"]
                 .as_array()
@@ -235,11 +345,11 @@ pub fn describe(projects: &[ProjectState], project_name: &str) -> String {
             }
             if !cfg.is_empty() {
                 let _ = writeln!(y, "        config:");
-                map_yaml(&mut y, 10, &cfg);
+                map_yaml(y, 10, &cfg);
             }
         }
     }
-    y
+    out
 }
 
 #[cfg(test)]
@@ -251,7 +361,7 @@ mod tests {
     fn describes_a_project() {
         let p = ProjectState {
             name: "Web_Prod".into(),
-            network: Some(json!({"config": {"ipv4.address": "10.9.8.1/24"}})),
+            network: Some(json!({"name": "br0", "config": {"ipv4.address": "10.9.8.1/24"}})),
             profiles: vec![
                 json!({"name": "big", "config": {"limits.cpu.allowance": "50%"}, "devices": {}}),
             ],
@@ -259,18 +369,24 @@ mod tests {
                 "name": "web", "type": "container",
                 "config": {"limits.cpu": "2", "limits.memory": "512MiB", "volatile.base_image": "f1",
                            "security.nesting": "true", "volatile.eth0.hwaddr": "x"},
-                "devices": {"eth0": {"ipv4.address": "10.9.8.5"}},
+                "devices": {"eth0": {"type": "nic", "ipv4.address": "10.9.8.5"}},
                 "profiles": ["default", "big"],
             })],
             aliases: [("f1".to_string(), "busybox".to_string())].into(),
         };
-        let y = describe(&[p], "imported");
+        let d = describe(&[p], "imported", "");
+        let y = d.moat_yml;
         assert!(y.contains("  web-prod:\n"), "{y}");
+        assert!(
+            y.contains("incus: { project: \"Web_Prod\", network: \"br0\", gateway: \"10.9.8.1\" }"),
+            "{y}"
+        );
+        assert!(y.contains("incus: { instance: \"web\" }"), "{y}");
+        assert!(y.contains("egress: none"), "{y}");
+        assert_eq!(d.machines, vec!["web-prod-web".to_string()]);
         assert!(y.contains("subnet: \"10.9.8.0/24\""), "{y}");
         assert!(
-            y.contains(
-                "      web:\n        image: \"busybox\"\n        cpus: 2\n        memory: 512MiB\n"
-            ),
+            y.contains("        image: \"busybox\"\n        cpus: 2\n        memory: 512MiB\n"),
             "{y}"
         );
         assert!(y.contains("ip: \"10.9.8.5\""), "{y}");

@@ -312,6 +312,13 @@ pub fn observe_instance(inst: &Value) -> Option<ObservedMachine> {
     if !is_managed(inst) {
         return None;
     }
+    observe_as(inst, inst["name"].as_str()?)
+}
+
+/// An instance as machine `full_name` (moat's, or one the project adopts).
+/// An adopted instance moat never created has no recorded spec hash: it is
+/// reported empty, which the planner reads as "settings unknown, keep it".
+pub fn observe_as(inst: &Value, full_name: &str) -> Option<ObservedMachine> {
     let state = match inst["status"].as_str().unwrap_or("") {
         "Running" => MachineState::Running,
         "Stopped" => MachineState::Stopped,
@@ -320,7 +327,7 @@ pub fn observe_instance(inst: &Value) -> Option<ObservedMachine> {
         },
     };
     Some(ObservedMachine {
-        full_name: inst["name"].as_str()?.to_string(),
+        full_name: full_name.to_string(),
         driver: "incus".into(),
         state,
         spec_hash: cfg(inst, SPEC_HASH).unwrap_or("").to_string(),
@@ -343,6 +350,18 @@ pub fn observe_network(tag: &str, net: &Value, wired: bool) -> Option<ObservedNe
         subnet,
         up: wired && net["status"].as_str().is_none_or(|s| s == "Created"),
     })
+}
+
+/// A network the project adopts (`incus: {network}` on a domain): up while it exists.
+pub fn observe_adopted_network(domain: &str, net: &Value) -> ObservedNetwork {
+    ObservedNetwork {
+        domain: domain.to_string(),
+        bridge: net["name"].as_str().unwrap_or("").to_string(),
+        subnet: cfg(net, "ipv4.address")
+            .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok())
+            .map(|n| n.trunc()),
+        up: net["status"].as_str().is_none_or(|s| s == "Created"),
+    }
 }
 
 #[cfg(test)]

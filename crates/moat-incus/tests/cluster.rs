@@ -220,6 +220,27 @@ domains:
         plan_lines(&e, &proj).is_empty(),
         "plan after apply is empty"
     );
+    // `moat status` shows the member: a text suffix and `member` in JSON.
+    let st = e.status(Some(&proj)).expect("status");
+    let m = st
+        .machines
+        .iter()
+        .find(|m| m.name == "cl-box")
+        .expect("cl-box");
+    assert_eq!(m.member.as_deref(), Some(MEMBER));
+    let json = serde_json::to_value(&st).expect("status json");
+    assert!(
+        json["machines"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["member"] == MEMBER)),
+        "{json:#}"
+    );
+    let text = st.to_string();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("cl-box") && l.contains(&format!("running on {MEMBER}"))),
+        "{text}"
+    );
 
     // An unknown member: apply fails and says which member.
     t.write(
