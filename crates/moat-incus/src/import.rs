@@ -357,6 +357,65 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// What `describe` writes loads and resolves onto the adopted names: the
+    /// bridge and gateway are Incus's, a machine without an address gets one
+    /// that is not the gateway, a stopped instance and a missing alias are notes.
+    #[test]
+    fn described_project_resolves_onto_adopted_names() {
+        let p = ProjectState {
+            name: "lab".into(),
+            network: Some(json!({"name": "labbr0",
+                "config": {"ipv4.address": "10.9.8.1/24", "ipv4.nat": "true"}})),
+            profiles: vec![],
+            instances: vec![
+                json!({"name": "a", "type": "container", "status": "Running",
+                       "config": {"volatile.base_image": "f1"},
+                       "expanded_devices": {"eth0": {"type": "nic"}}, "devices": {},
+                       "state": {"network": {"eth0": {"addresses": [
+                           {"family": "inet", "scope": "global", "address": "10.9.8.77"}]}}},
+                       "profiles": ["default"]}),
+                json!({"name": "b", "type": "container", "status": "Stopped",
+                       "config": {"volatile.base_image": "unknown"},
+                       "expanded_devices": {"eth0": {"type": "nic"}}, "devices": {},
+                       "profiles": ["default"]}),
+            ],
+            aliases: [("f1".to_string(), "debian/12".to_string())].into(),
+        };
+        let d = describe(&[p], "lab", "");
+        assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
+        assert!(d.notes[0].contains("no alias"), "{:?}", d.notes);
+        assert!(d.notes[1].contains("is Stopped"), "{:?}", d.notes);
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("moat.yml"), &d.moat_yml).expect("write");
+        let (a, _) = moat_core::check(
+            dir.path(),
+            &moat_core::model::Allocations::default(),
+            "/var/lib/moat",
+        )
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", d.moat_yml));
+        let r = a.resolved;
+        let net = &r.networks["lab"];
+        assert_eq!(net.bridge, "labbr0");
+        assert_eq!(net.gateway.to_string(), "10.9.8.1");
+        assert_eq!(r.nics["lab-a"].ip.to_string(), "10.9.8.77");
+        let b = r.nics["lab-b"].ip;
+        assert!(
+            b.to_string() != "10.9.8.1" && b.to_string() != "10.9.8.77",
+            "{b}"
+        );
+        let inc = r.project.incus.as_ref().expect("incus");
+        assert_eq!(inc.instances["lab-a"], "a");
+        assert_eq!(inc.domains["lab"].project.as_deref(), Some("lab"));
+        assert_eq!(
+            r.project.machine("lab-a").map(|m| m.image.as_str()),
+            Some("debian/12")
+        );
+        assert_eq!(
+            r.project.domains["lab"].egress,
+            moat_core::model::Egress::Nat
+        );
+    }
+
     #[test]
     fn describes_a_project() {
         let p = ProjectState {
