@@ -160,4 +160,22 @@ domains:
     );
     let remembered = std::fs::read_to_string(t.root().join("incus.json")).expect("incus.json");
     assert!(remembered.contains(&url), "{remembered}");
+
+    // `moat import incus --url ...` reads the same state over HTTPS.
+    let pname = t.project_name("far");
+    let states =
+        moat_incus::import::read(&https, std::slice::from_ref(&pname)).expect("import read");
+    let d = moat_incus::import::describe(&states, "far", "");
+    let bridge = &checked.resolved.networks["far"].bridge;
+    assert!(
+        d.moat_yml.contains(&format!("network: \"{bridge}\"")),
+        "{}",
+        d.moat_yml
+    );
+    assert!(
+        d.moat_yml.contains("incus: { instance: \"far-box\" }"),
+        "{}",
+        d.moat_yml
+    );
+    assert!(d.moat_yml.contains("pids: 100"), "{}", d.moat_yml);
 }
