@@ -213,6 +213,7 @@ pub fn describe(projects: &[ProjectState], project_name: &str, incus_block: &str
     }
     let _ = writeln!(y, "domains:");
     let mut domains = BTreeSet::from(["host".to_string()]);
+    let mut networks = BTreeSet::new();
     for p in projects {
         let mut domain = sanitize(&p.name, moat_core::naming::MAX_DOMAIN_LEN);
         if domain != p.name.to_ascii_lowercase() {
@@ -234,6 +235,30 @@ pub fn describe(projects: &[ProjectState], project_name: &str, incus_block: &str
             .and_then(|n| n["config"]["ipv4.address"].as_str())
             .and_then(|a| a.parse::<ipnet::Ipv4Net>().ok());
         let mut adopt = vec![format!("project: {}", q(&p.name))];
+        let net_name = net.and_then(|n| n["name"].as_str()).unwrap_or("");
+        let (lo, hi) = (
+            moat_core::address::MIN_PREFIX,
+            moat_core::address::MAX_PREFIX,
+        );
+        let net = match (net, addr) {
+            (Some(_), Some(a)) if !(lo..=hi).contains(&a.prefix_len()) => {
+                out.notes.push(format!(
+                    "Incus project {}: network {net_name} is a /{} (moat domains take /{lo} to /{hi}); moat gives the domain its own network",
+                    p.name,
+                    a.prefix_len()
+                ));
+                None
+            }
+            (Some(_), Some(_)) if !networks.insert(net_name.to_string()) => {
+                out.notes.push(format!(
+                    "Incus project {}: network {net_name} is already the bridge of another domain (one bridge per moat domain); moat gives this domain its own network",
+                    p.name
+                ));
+                None
+            }
+            _ => net,
+        };
+        let skipped = net.is_none() && !net_name.is_empty() && addr.is_some();
         match (net, addr) {
             (Some(n), Some(a)) => {
                 let subnet = a.trunc();
@@ -254,6 +279,7 @@ pub fn describe(projects: &[ProjectState], project_name: &str, incus_block: &str
                 p.name,
                 n["name"].as_str().unwrap_or("?")
             )),
+            (None, _) if skipped => {}
             (None, _) => out.notes.push(format!(
                 "Incus project {}: its default profile has no bridge NIC; moat gives the domain its own network",
                 p.name
@@ -414,6 +440,33 @@ mod tests {
             r.project.domains["lab"].egress,
             moat_core::model::Egress::Nat
         );
+    }
+
+    #[test]
+    fn shared_or_odd_networks_are_not_adopted_twice() {
+        let proj = |name: &str, addr: &str| ProjectState {
+            name: name.into(),
+            network: Some(json!({"name": "incusbr0", "config": {"ipv4.address": addr}})),
+            ..Default::default()
+        };
+        let d = describe(
+            &[
+                proj("one", "10.5.5.1/24"),
+                proj("two", "10.5.5.1/24"),
+                proj("three", "10.0.0.1/8"),
+            ],
+            "x",
+            "",
+        );
+        assert_eq!(
+            d.moat_yml.matches("network: \"incusbr0\"").count(),
+            1,
+            "{}",
+            d.moat_yml
+        );
+        assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
+        assert!(d.notes[0].contains("already the bridge of another domain"));
+        assert!(d.notes[1].contains("is a /8"));
     }
 
     #[test]
