@@ -102,6 +102,19 @@ fn two_machines_share_an_idmapped_image_layer() {
         assert!(bad.is_empty(), "layer {} chowned: {bad:?}", l.display());
     }
 
+    // A disposable run (a `volatile` overlay) is idmapped too.
+    let o = r.ok(&[
+        "run",
+        "--rm",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "stat -c %u:%g /bin/busybox; grep -c ' moat-idmapped:' /proc/self/mountinfo || true",
+    ]);
+    // Inside, the root mount is the idmapped overlay.
+    assert_eq!(o, "0:0\n1\n", "disposable run");
+
     r.ok(&["destroy", "--all", "--force"]);
     assert!(r.mounts().is_empty(), "mounts left: {:?}", r.mounts());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();

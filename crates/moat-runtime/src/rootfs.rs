@@ -240,7 +240,9 @@ fn parse_overlay_opts(super_opts: &str) -> Option<OverlayLayout> {
             "lowerdir" | "lowerdir+" => lowers.extend(split_lowerdir(&v)),
             "upperdir" => upper = Some(PathBuf::from(v)),
             "workdir" => work = Some(PathBuf::from(v)),
+            // Shown as `fsync=volatile` by recent kernels.
             "volatile" => volatile = true,
+            "fsync" if v == "volatile" => volatile = true,
             // Data-only layers (verity setups) are not something moat makes.
             "datadir+" => return None,
             _ => {}
@@ -364,6 +366,7 @@ fn idmap_overlay(
     let pending = idmap::prepare_overlay(layout, base, size, tag).map_err(|e| e.to_string())?;
     moat_host::mount::unmount(root, false).map_err(|e| e.to_string())?;
     let done = (|| -> Result<(), String> {
+        reset_volatile_work(layout).map_err(|e| e.to_string())?;
         shift_tree(&layout.upper, base, size).map_err(|e| e.to_string())?;
         let mnt = pending.create().map_err(|e| e.to_string())?;
         idmap::attach(&mnt, root).map_err(|e| e.to_string())
@@ -380,6 +383,7 @@ fn remount_plain(root: &Path, layout: &OverlayLayout) -> Result<(), RuntimeError
         moat_host::mount::unmount(root, false)
             .map_err(|e| RuntimeError::io(root, std::io::Error::other(e.to_string())))?;
     }
+    reset_volatile_work(layout)?;
     moat_host::mount::mount_overlay_with(
         &layout.lowers,
         Some((&layout.upper, &layout.work)),
@@ -387,6 +391,26 @@ fn remount_plain(root: &Path, layout: &OverlayLayout) -> Result<(), RuntimeError
         layout.volatile,
     )
     .map_err(|e| RuntimeError::io(root, std::io::Error::other(e.to_string())))
+}
+
+/// overlayfs refuses to mount a `volatile` overlay again on a workdir that
+/// a volatile mount used (`work/incompat/volatile`): the data is thrown away
+/// anyway (a disposable machine), so start from an empty workdir.
+fn reset_volatile_work(layout: &OverlayLayout) -> Result<(), RuntimeError> {
+    if !layout.volatile {
+        return Ok(());
+    }
+    let w = &layout.work;
+    for e in fs::read_dir(w).map_err(|e| RuntimeError::io(w, e))? {
+        let p = e.map_err(|e| RuntimeError::io(w, e))?.path();
+        let r = if p.is_dir() && !p.is_symlink() {
+            fs::remove_dir_all(&p)
+        } else {
+            fs::remove_file(&p)
+        };
+        r.map_err(|e| RuntimeError::io(&p, e))?;
+    }
+    Ok(())
 }
 
 /// Adds `base` to every uid/gid below `size` in the tree (not following
@@ -449,6 +473,9 @@ mod tests {
         );
         assert_eq!(l.upper, PathBuf::from("/m/up,x"));
         assert_eq!(l.work, PathBuf::from("/m/work"));
+        assert!(l.volatile);
+        let l = parse_overlay_opts("rw,lowerdir=/a,upperdir=/u,workdir=/w,uuid=on,fsync=volatile")
+            .expect("layout");
         assert!(l.volatile);
         let l = parse_overlay_opts("rw,lowerdir+=/a,lowerdir+=/b,upperdir=/u,workdir=/w")
             .expect("layout");
