@@ -50,13 +50,28 @@ fn suffix() -> String {
 struct Made {
     c: Client,
     project: String,
+    /// A project the import does not name (holds an instance marked as moat's).
+    other: String,
     network: String,
 }
 
 impl Drop for Made {
     fn drop(&mut self) {
+        for p in [self.project.clone(), self.other.clone()] {
+            self.drop_project(&p);
+        }
+        let _ = self.c.call(
+            "DELETE",
+            &format!("/1.0/networks/{}", enc(&self.network)),
+            None,
+        );
+    }
+}
+
+impl Made {
+    fn drop_project(&self, project: &str) {
         let c = &self.c;
-        let pq = enc(&self.project);
+        let pq = enc(project);
         let insts = c
             .get(&format!("/1.0/instances?project={pq}"))
             .unwrap_or_default();
@@ -77,11 +92,6 @@ impl Drop for Made {
             Some(&json!({"config": {}, "devices": {}})),
         );
         let _ = c.call("DELETE", &format!("/1.0/projects/{pq}"), None);
-        let _ = c.call(
-            "DELETE",
-            &format!("/1.0/networks/{}", enc(&self.network)),
-            None,
-        );
     }
 }
 
@@ -112,6 +122,7 @@ fn import_round_trip_adopts_in_place() {
     let made = Made {
         c: c.clone(),
         project: format!("Imp-{sfx}"),
+        other: format!("oth-{sfx}"),
         network: format!("mimp{sfx}"),
     };
     let (project, network) = (made.project.clone(), made.network.clone());
@@ -169,6 +180,24 @@ fn import_round_trip_adopts_in_place() {
         )
         .expect("start");
     }
+    // Another root's machine (moat's marker, a project this root does not own):
+    // never this root's orphan, never destroyed by it.
+    c.call(
+        "POST",
+        "/1.0/projects",
+        Some(&json!({"name": made.other, "config": {"features.profiles": "false", "features.images": "false"}})),
+    )
+    .expect("other project");
+    c.call(
+        "POST",
+        &format!("/1.0/instances?project={}", enc(&made.other)),
+        Some(
+            &json!({"name": "stray", "source": {"type": "image", "alias": "busybox"},
+            "profiles": [], "config": {"user.moat.managed": "true"},
+            "devices": {"root": {"type": "disk", "path": "/", "pool": "default"}}}),
+        ),
+    )
+    .expect("stray instance");
     let uuid = |n: &str| instance(&c, &project, n)["config"]["volatile.uuid"].clone();
     let before = (uuid("web1"), uuid("cache"));
 
@@ -245,10 +274,18 @@ fn import_round_trip_adopts_in_place() {
     assert!(wait_status(&c, &project, "web1", "Running"));
     assert_eq!(uuid("web1"), before.0);
     drop(root);
-    // `destroy --all` (Root's drop) leaves the adopted network to its owner.
+    // `destroy --all` (Root's drop) leaves the adopted network to its owner,
+    // and other roots' machines alone.
     assert!(c
         .get_opt(&format!("/1.0/networks/{}", enc(&network)))
         .expect("network query")
+        .is_some());
+    assert!(c
+        .get_opt(&format!(
+            "/1.0/instances/stray?project={}",
+            enc(&made.other)
+        ))
+        .expect("stray query")
         .is_some());
 }
 

@@ -239,9 +239,10 @@ impl IncusDriver {
                 let p = i["project"].as_str()?;
                 let name = i["name"].as_str()?;
                 let ours = p.starts_with(&prefix) || adopt.projects.values().any(|x| x == p);
+                // Managed instances of other roots' projects are theirs.
                 let machine = match adopt.machine_of(p, name) {
                     Some(m) => Some(m.to_string()),
-                    None if mapping::is_managed(i) => Some(name.to_string()),
+                    None if ours && mapping::is_managed(i) => Some(name.to_string()),
                     None => None,
                 };
                 (ours || machine.is_some()).then(|| Found {
