@@ -280,7 +280,7 @@ fn ensure_ownership(
     let mut reason = None;
     let mut layout = None;
     if let Some(m) = &top {
-        if m.source == tag {
+        if m.source == tag && !forced_shift() {
             // Already right (a restart, or a supervisor started again).
             return Ok(RootfsRecord {
                 ownership: RootfsOwnership::Idmapped,
@@ -290,7 +290,8 @@ fn ensure_ownership(
             });
         }
         layout = if m.source.starts_with(SOURCE_PREFIX) {
-            // Idmapped for another range: only the record knows its layers.
+            // Idmapped (for another range, or to be shifted instead): only
+            // the record knows its layers.
             let l = read_record(record_dir).and_then(|r| r.overlay);
             if l.is_none() {
                 return Err(RuntimeError::io(
