@@ -7,6 +7,7 @@
 //! Drivers are the source of truth for observed machine state: `observe`
 //! re-reads the host every time.
 
+mod ids;
 pub mod native;
 pub mod nspawn;
 

@@ -204,22 +204,6 @@ impl NativeDriver {
         serde_json::from_slice(&fs::read(dir.dir.join("native.json")).ok()?).ok()
     }
 
-    /// Lowest id-range number not used by another machine of this root.
-    fn allocate_id_number(ctx: &Ctx, full_name: &str) -> u32 {
-        let mut used = std::collections::BTreeSet::new();
-        if let Ok(rd) = fs::read_dir(ctx.root.join("machines")) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy() == full_name {
-                    continue;
-                }
-                if let Some(r) = Self::read_record(&MachineDir::new(e.path())) {
-                    used.insert(r.id_number);
-                }
-            }
-        }
-        (1..).find(|n| !used.contains(n)).unwrap_or(1)
-    }
-
     /// Where a machine's persistent network namespace is bind-mounted.
     pub fn netns_path(ctx: &Ctx, full_name: &str) -> PathBuf {
         ctx.run_dir.join("netns").join(full_name)
@@ -486,9 +470,15 @@ impl Driver for NativeDriver {
             machine: name.clone(),
             source: e,
         })?;
-        let id_number = Self::read_record(&dir)
-            .map(|r| r.id_number)
-            .unwrap_or_else(|| Self::allocate_id_number(ctx, name));
+        // Reserved under a lock before the slow root preparation: parallel
+        // creates must never share a uid band.
+        let id_number = crate::ids::reserve(&ctx.root.join("machines"), name, "native", |d| {
+            Self::read_record(&MachineDir::new(d)).map(|r| r.id_number)
+        })
+        .map_err(|e| DriverError::Io {
+            machine: name.clone(),
+            source: e,
+        })?;
         let rootfs = self
             .rootfs
             .prepare_spec(ctx, spec)

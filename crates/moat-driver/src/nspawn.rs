@@ -238,22 +238,6 @@ impl NspawnDriver {
         }
     }
 
-    /// Lowest id-range number not used by another nspawn machine of this root.
-    fn allocate_id_number(ctx: &Ctx, full_name: &str) -> u32 {
-        let mut used = std::collections::BTreeSet::new();
-        if let Ok(rd) = fs::read_dir(ctx.root.join("machines")) {
-            for e in rd.flatten() {
-                if e.file_name().to_string_lossy() == full_name {
-                    continue;
-                }
-                if let Some(r) = Self::read_record(&MachineDir::new(e.path())) {
-                    used.insert(r.id_number);
-                }
-            }
-        }
-        (1..).find(|n| !used.contains(n)).unwrap_or(1)
-    }
-
     fn hierarchies(rec: &NspawnRecord) -> Vec<cgroup::Hierarchy> {
         let mi = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         cgroup::hierarchies(&mi, &rec.cgroup)
@@ -774,9 +758,12 @@ impl Driver for NspawnDriver {
             }
         }
         fs::create_dir_all(&dir.dir).map_err(io_err(name))?;
-        let id_number = Self::read_record(&dir)
-            .map(|r| r.id_number)
-            .unwrap_or_else(|| Self::allocate_id_number(ctx, name));
+        // Reserved under a lock before the slow root preparation: parallel
+        // creates must never share a uid band.
+        let id_number = crate::ids::reserve(&ctx.root.join("machines"), name, "nspawn", |d| {
+            Self::read_record(&MachineDir::new(d)).map(|r| r.id_number)
+        })
+        .map_err(io_err(name))?;
         let rootfs: PreparedRootfs = self
             .rootfs
             .prepare_spec(ctx, spec)

@@ -29,6 +29,28 @@ pub const DATASOURCE_CFG: &str = "etc/cloud/cloud.cfg.d/90-moat-nocloud.cfg";
 const DATASOURCE_TEXT: &str =
     "# Written by moat: the seed is in /var/lib/cloud/seed/nocloud.\ndatasource_list: [ NoCloud, None ]\n";
 
+/// The system setting moat writes: [`DATASOURCE_TEXT`], plus `locale:
+/// C.UTF-8` when the image has no compiled locales (a minbase Debian root has
+/// only the built-in C.UTF-8): cloud-init's default en_US.UTF-8 would make its
+/// `locale` module fail ("status: error") on first boot. A `locale:` in the
+/// machine's user-data still wins (user-data overrides system settings).
+fn datasource_text(root: &Path) -> String {
+    let lib = root.join("usr/lib/locale");
+    let compiled = lib.join("locale-archive").exists()
+        || fs::read_dir(&lib).is_ok_and(|d| {
+            d.flatten().any(|e| {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                n != "C.utf8" && n != "C.UTF-8"
+            })
+        });
+    if compiled {
+        DATASOURCE_TEXT.to_string()
+    } else {
+        format!("{DATASOURCE_TEXT}# The image has no compiled locales: cloud-init's default en_US.UTF-8 would fail.\nlocale: C.UTF-8\n")
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SeedError {
     #[error(transparent)]
@@ -101,7 +123,7 @@ pub fn write_seed(root: &Path, spec: &MachineSpec) -> Result<Option<String>, See
         write_file(
             machine,
             &root.join(DATASOURCE_CFG),
-            DATASOURCE_TEXT,
+            &datasource_text(root),
             0o644,
             owner,
         )?;
@@ -209,6 +231,13 @@ mod tests {
         assert!(nc.contains("10.9.0.3/24"), "{nc}");
         let ds = fs::read_to_string(d.path().join(DATASOURCE_CFG)).unwrap();
         assert!(ds.contains("NoCloud"));
+        // No compiled locales in this root: cloud-init gets C.UTF-8.
+        assert!(ds.contains("locale: C.UTF-8"), "{ds}");
+        // With en_US compiled, cloud-init's own default is kept.
+        fs::create_dir_all(d.path().join("usr/lib/locale/en_US.utf8")).unwrap();
+        write_seed(d.path(), &s).unwrap();
+        let ds = fs::read_to_string(d.path().join(DATASOURCE_CFG)).unwrap();
+        assert!(!ds.contains("locale:"), "{ds}");
     }
 
     #[test]

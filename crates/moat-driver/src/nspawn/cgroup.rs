@@ -60,12 +60,17 @@ pub fn hierarchies(mountinfo: &str, cgroup: &str) -> Vec<Hierarchy> {
         }
         let opts: Vec<&str> = opts.split(',').collect();
         let kind = match fstype {
-            "cgroup2" => {
-                if mnt == "/sys/fs/cgroup" {
-                    unified_root = Some(PathBuf::from(mnt));
-                }
+            "cgroup2" if mnt == "/sys/fs/cgroup" => {
+                unified_root = Some(PathBuf::from(mnt));
                 continue;
             }
+            // The hybrid layout's cgroup2 (`/sys/fs/cgroup/unified`): no
+            // controllers, but nspawn derives its own cgroup from it and
+            // creates `supervisor/` and `payload/` below, chowned to the
+            // machine's uid band. Left at the root, every machine would share
+            // `/payload`, and a second systemd machine (another band) fails
+            // at once with EACCES on `/payload/init.scope` (PID 1 exits 255).
+            "cgroup2" => Kind::V1Plain,
             "cgroup" if opts.contains(&"memory") => Kind::V1Memory,
             "cgroup" if opts.contains(&"pids") => Kind::V1Pids,
             "cgroup" if opts.contains(&"cpu") => Kind::V1Cpu,
@@ -222,10 +227,21 @@ mod tests {
         let kinds: Vec<_> = hs.iter().map(|h| h.kind).collect();
         assert_eq!(
             kinds,
-            [Kind::V1Plain, Kind::V1Memory, Kind::V1Cpu, Kind::V1Pids]
+            [
+                Kind::V1Plain,
+                Kind::V1Plain,
+                Kind::V1Memory,
+                Kind::V1Cpu,
+                Kind::V1Pids
+            ]
+        );
+        // Each machine has its own folder in the hybrid's cgroup2 too.
+        assert_eq!(
+            hs[0].dir,
+            PathBuf::from("/sys/fs/cgroup/unified/moat-ab/d-x")
         );
         assert_eq!(
-            hs[1].dir,
+            hs[2].dir,
             PathBuf::from("/sys/fs/cgroup/memory/moat-ab/d-x")
         );
     }
