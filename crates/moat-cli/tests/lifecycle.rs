@@ -40,6 +40,24 @@ fn run_exec_snapshot_clone_destroy() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
     assert!(r.mounts().is_empty(), "--rm left mounts: {:?}", r.mounts());
 
+    // A `--rm` machine that cannot start leaves nothing either.
+    let o = r.moat(&["run", "--rm", "busybox", "--", "/nonexistent"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("/nonexistent"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        r.mounts().is_empty(),
+        "failed --rm left mounts: {:?}",
+        r.mounts()
+    );
+    let left: Vec<_> = std::fs::read_dir(r.path().join("machines"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "failed --rm left machines: {left:?}");
+
     // Detached run, exec with exit status, logs.
     assert_eq!(
         r.ok(&[

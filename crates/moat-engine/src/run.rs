@@ -186,7 +186,9 @@ impl Engine {
             .and_then(|_| state.mark_done(ADHOC, &name).map_err(state_err))
             .and_then(|_| d.start(&host.ctx, &name).map_err(EngineError::from));
         if let Err(e) = started {
-            if opts.domain.is_some() {
+            // Not kept: `--rm` asked for no machine afterwards (its root
+            // would stay mounted), and a domain machine holds an allocation.
+            if opts.rm || opts.domain.is_some() {
                 let _ = d.destroy(&host.ctx, &name);
                 let _ = self.release_adhoc(&host, &state, &name, opts.project.as_deref());
             }
