@@ -60,6 +60,31 @@ pub(crate) fn target(out: &Path) -> PathBuf {
     }
 }
 
+/// Writes an imported project to `out` (a file, or `moat.yml` in a folder),
+/// refusing to overwrite without `force`. Returns the file and its folder.
+pub(crate) fn write_project(
+    out: &Path,
+    force: bool,
+    text: &str,
+) -> Result<(PathBuf, PathBuf), CliError> {
+    let path = target(out);
+    if path.exists() && !force {
+        return Err(CliError::Exists(path));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| CliError::Io {
+            what: format!("cannot create {}", parent.display()),
+            source: e,
+        })?;
+    }
+    std::fs::write(&path, text).map_err(|e| CliError::Io {
+        what: format!("cannot write {}", path.display()),
+        source: e,
+    })?;
+    let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok((path, dir))
+}
+
 pub fn run(out: &Output, cmd: &ImportCmd) -> Result<u8, CliError> {
     let (args, imported) = match cmd {
         ImportCmd::Incus(a) => return crate::incus_import::run(out, a),
@@ -76,21 +101,7 @@ pub fn run(out: &Output, cmd: &ImportCmd) -> Result<u8, CliError> {
     match &args.output {
         None => out.data(&imported.moat_yml),
         Some(o) => {
-            let path = target(o);
-            if path.exists() && !args.force {
-                return Err(CliError::Exists(path));
-            }
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| CliError::Io {
-                    what: format!("cannot create {}", parent.display()),
-                    source: e,
-                })?;
-            }
-            std::fs::write(&path, &imported.moat_yml).map_err(|e| CliError::Io {
-                what: format!("cannot write {}", path.display()),
-                source: e,
-            })?;
-            let dir = path.parent().unwrap_or(Path::new("."));
+            let (path, dir) = write_project(o, args.force, &imported.moat_yml)?;
             out.info(&format!(
                 "wrote {} ({} machines); next: `moat validate -f {}` then `moat plan -f {}`",
                 path.display(),

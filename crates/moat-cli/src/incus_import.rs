@@ -12,7 +12,7 @@ use crate::run::CliError;
 use clap::Args;
 use moat_core::diag::Diagnostic;
 use moat_incus::driver::Connection;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct IncusImportArgs {
@@ -101,21 +101,7 @@ pub fn run(out: &Output, a: &IncusImportArgs) -> Result<u8, CliError> {
     match &a.output {
         None => out.data(&d.moat_yml),
         Some(o) => {
-            let path = crate::import::target(o);
-            if path.exists() && !a.force {
-                return Err(CliError::Exists(path));
-            }
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).map_err(|e| CliError::Io {
-                    what: format!("cannot create {}", parent.display()),
-                    source: e,
-                })?;
-            }
-            std::fs::write(&path, &d.moat_yml).map_err(|e| CliError::Io {
-                what: format!("cannot write {}", path.display()),
-                source: e,
-            })?;
-            let dir = path.parent().unwrap_or(Path::new("."));
+            let (path, dir) = crate::import::write_project(o, a.force, &d.moat_yml)?;
             out.info(&format!(
                 "wrote {}; next: `moat plan -f {}` (nothing to change but moat's firewall)",
                 path.display(),
