@@ -17,9 +17,21 @@ runs=${RUNS:-30}
 work=$(mktemp -d /tmp/moat-bench-XXXXXX)
 chmod 755 "$work"
 img=moatbench-busybox-$$
+# Plain systemd-nspawn started from a shell in the root cgroup makes
+# payload/ and supervisor/ at the root of the hybrid hierarchies: remove the
+# ones this run made (rmdir only: empty folders, never someone else's).
+made_cg=()
+for h in unified systemd; do
+  for d in payload supervisor; do
+    [ -e "/sys/fs/cgroup/$h/$d" ] || made_cg+=("/sys/fs/cgroup/$h/$d")
+  done
+done
 cleanup() {
   podman rmi -f "$img" >/dev/null 2>&1 || true
   rm -rf "$work" /run/moat-bench
+  for d in "${made_cg[@]}"; do
+    [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 
