@@ -210,6 +210,35 @@ fn nspawn_machines_on_domain_networks_host_network_and_isolation() {
         r.ok(&["stop", "lab-deb"]);
         eprintln!("debian poweroff: {:.1} s", t.elapsed().as_secs_f64());
     }
+
+    // Snapshots and clones go through the image store as for built-in
+    // containers; a clone of an nspawn machine is an nspawn machine.
+    r.ok(&["exec", "lab-peer", "--", "sh", "-c", "echo v1 > /data.txt"]);
+    r.ok(&["stop", "lab-peer", "-t", "2"]);
+    r.ok(&["snapshot", "create", "lab-peer", "s1"]);
+    assert!(r.ok(&["snapshot", "ls", "lab-peer"]).contains("s1"));
+    r.ok(&["start", "lab-peer"]);
+    r.ok(&["exec", "lab-peer", "--", "sh", "-c", "echo v2 > /data.txt"]);
+    r.ok(&["stop", "lab-peer", "-t", "2"]);
+    r.ok(&["clone", "lab-peer", "peercopy"]);
+    r.ok(&["snapshot", "restore", "lab-peer", "s1"]);
+    r.ok(&["start", "lab-peer"]);
+    r.ok(&["start", "peercopy"]);
+    assert_eq!(
+        r.ok(&["exec", "lab-peer", "--", "cat", "/data.txt"]),
+        "v1\n"
+    );
+    assert_eq!(
+        r.ok(&["exec", "peercopy", "--", "cat", "/data.txt"]),
+        "v2\n"
+    );
+    let st: serde_json::Value = serde_json::from_str(&r.ok(&["status", "--json"])).expect("json");
+    let copy = st["machines"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "peercopy"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(copy["driver"], "nspawn", "{st}");
 }
 
 #[test]
