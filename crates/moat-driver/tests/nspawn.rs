@@ -135,6 +135,8 @@ struct Fixture {
     mounts: Vec<PathBuf>,
 }
 
+static NEXT_TAG: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Fixture {
     fn new(system: bool) -> Fixture {
         let tmp = tempfile::Builder::new()
@@ -146,7 +148,13 @@ impl Fixture {
         let ctx = Ctx {
             root: tmp.path().join("root"),
             run_dir: tmp.path().join("run"),
-            root_tag: format!("n{}", std::process::id()),
+            // One tag per fixture: tests of this binary run in parallel and
+            // each checks that its own `/moat-<tag>` cgroups are gone.
+            root_tag: format!(
+                "n{}t{}",
+                std::process::id(),
+                NEXT_TAG.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
         };
         let driver = NspawnDriver::new(Arc::new(FolderRootfs {
             base: tmp.path().join("rootfs"),
