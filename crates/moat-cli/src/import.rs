@@ -29,10 +29,17 @@ pub enum ImportCmd {
 pub struct ImportArgs {
     /// The folder to read
     pub dir: PathBuf,
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// Where and how every importer writes its project.
+#[derive(Args, Debug)]
+pub struct WriteArgs {
     /// Where to write: a folder (gets moat.yml) or a file; default stdout
     #[arg(short = 'o', long = "output", value_name = "OUT")]
     pub output: Option<PathBuf>,
-    /// Project name (default: the folder's name)
+    /// Project name (default: the folder's name; `incus` for `import incus`)
     #[arg(short = 'n', long = "name")]
     pub name: Option<String>,
     /// Overwrite an existing output file
@@ -85,12 +92,12 @@ pub(crate) fn write_project(
     Ok((path, dir))
 }
 
-pub fn run(out: &Output, cmd: &ImportCmd) -> Result<u8, CliError> {
+pub fn run(out: &Output, root: &Path, cmd: &ImportCmd) -> Result<u8, CliError> {
     let (args, imported) = match cmd {
-        ImportCmd::Incus(a) => return crate::incus_import::run(out, a),
+        ImportCmd::Incus(a) => return crate::incus_import::run(out, root, a),
         ImportCmd::Chimera(a) => {
             let files = moat_import::chimera::read_dir(&a.dir).map_err(import_err)?;
-            let name = a.name.clone().unwrap_or_else(|| default_name(&a.dir));
+            let name = a.write.name.clone().unwrap_or_else(|| default_name(&a.dir));
             (
                 a,
                 moat_import::chimera::convert(&name, &files).map_err(import_err)?,
@@ -98,10 +105,10 @@ pub fn run(out: &Output, cmd: &ImportCmd) -> Result<u8, CliError> {
         }
     };
     report(out, &args.dir, &imported);
-    match &args.output {
+    match &args.write.output {
         None => out.data(&imported.moat_yml),
         Some(o) => {
-            let (path, dir) = write_project(o, args.force, &imported.moat_yml)?;
+            let (path, dir) = write_project(o, args.write.force, &imported.moat_yml)?;
             out.info(&format!(
                 "wrote {} ({} machines); next: `moat validate -f {}` then `moat plan -f {}`",
                 path.display(),

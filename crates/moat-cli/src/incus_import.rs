@@ -11,23 +11,22 @@ use crate::output::Output;
 use crate::run::CliError;
 use clap::Args;
 use moat_core::diag::Diagnostic;
+use moat_core::plan::Op;
 use moat_incus::driver::Connection;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Debug)]
 pub struct IncusImportArgs {
     /// Incus project to import (repeatable; default: every project but moat's own `moat-*`)
     #[arg(long = "project", value_name = "P")]
     pub projects: Vec<String>,
-    /// Where to write: a folder (gets moat.yml) or a file; default stdout
-    #[arg(short = 'o', long = "output", value_name = "OUT")]
-    pub output: Option<PathBuf>,
-    /// Project name (default: `incus`)
-    #[arg(short = 'n', long = "name")]
-    pub name: Option<String>,
-    /// Overwrite an existing output file
-    #[arg(long)]
-    pub force: bool,
+    #[command(flatten)]
+    pub write: crate::import::WriteArgs,
+    /// After writing (needs -o), install moat's isolation rules for the
+    /// imported domains now: the only change moat would make, so that
+    /// `moat plan` on the result is empty. Without it `moat apply` does it.
+    #[arg(long, requires = "output")]
+    pub apply_firewall: bool,
     /// Local Unix socket of incusd (default /var/lib/incus/unix.socket, or $INCUS_SOCKET)
     #[arg(long, value_name = "PATH", conflicts_with = "url")]
     pub socket: Option<PathBuf>,
@@ -68,7 +67,7 @@ fn incus_block(c: &Connection) -> String {
     out.join("\n")
 }
 
-pub fn run(out: &Output, a: &IncusImportArgs) -> Result<u8, CliError> {
+pub fn run(out: &Output, root: &Path, a: &IncusImportArgs) -> Result<u8, CliError> {
     let conn = Connection {
         url: a.url.clone(),
         socket: abs(&a.socket),
@@ -87,7 +86,7 @@ pub fn run(out: &Output, a: &IncusImportArgs) -> Result<u8, CliError> {
                 .into(),
         ));
     }
-    let name = a.name.clone().unwrap_or_else(|| "incus".into());
+    let name = a.write.name.clone().unwrap_or_else(|| "incus".into());
     let d = moat_incus::import::describe(&states, &name, &incus_block(&conn));
     for n in &d.notes {
         out.diagnostic(&Diagnostic::warning(None, "", n.clone()));
@@ -98,16 +97,73 @@ pub fn run(out: &Output, a: &IncusImportArgs) -> Result<u8, CliError> {
         d.machines.len(),
         d.notes.len()
     ));
-    match &a.output {
-        None => out.data(&d.moat_yml),
-        Some(o) => {
-            let (path, dir) = crate::import::write_project(o, a.force, &d.moat_yml)?;
-            out.info(&format!(
-                "wrote {}; next: `moat plan -f {}` (nothing to change but moat's firewall)",
-                path.display(),
-                dir.display()
-            ));
-        }
+    let Some(o) = &a.write.output else {
+        out.data(&d.moat_yml);
+        return Ok(exit::OK);
+    };
+    let (path, dir) = crate::import::write_project(o, a.write.force, &d.moat_yml)?;
+    out.info(&format!("wrote {}", path.display()));
+    if a.apply_firewall {
+        apply_firewall(out, root, &path)?;
+        out.info(&format!(
+            "next: `moat plan -f {}` (nothing to change)",
+            dir.display()
+        ));
+    } else {
+        out.info(&format!(
+            "next: `moat plan -f {}`: its one action is moat's firewall (isolation \
+             between the imported domains), which `moat apply` installs",
+            dir.display()
+        ));
     }
     Ok(exit::OK)
+}
+
+/// Installs the firewall of the project just written, and nothing else: if
+/// the plan holds any other action (the import did not describe something
+/// exactly), nothing is applied and the actions are named.
+fn apply_firewall(out: &Output, root: &Path, project: &Path) -> Result<(), CliError> {
+    let mut eng = moat_engine::Engine::open(moat_engine::Config::for_root(root))?;
+    let checked = eng.check(project)?;
+    let report = eng.plan(&checked, &moat_engine::PlanOpts::default())?;
+    let others: Vec<String> = report
+        .plan
+        .actions
+        .iter()
+        .filter(|a| !matches!(a.op, Op::ApplyFirewall { .. }))
+        .map(|a| a.id.clone())
+        .collect();
+    if !others.is_empty() {
+        return Err(CliError::Other(format!(
+            "not installing the firewall: the plan of {} also holds {}; \
+             review it with `moat plan -f {}`",
+            project.display(),
+            others.join(", "),
+            project.display()
+        )));
+    }
+    if report.plan.actions.is_empty() {
+        out.info("moat's firewall for these domains is already installed");
+        return Ok(());
+    }
+    for l in &report.firewall_diff {
+        out.info(&format!("  firewall {l}"));
+    }
+    let progress = crate::run::Progress { out, quiet: false };
+    let opts = moat_engine::ApplyOpts {
+        jobs: 1,
+        ..Default::default()
+    };
+    let applied = eng.apply(project, &opts, &progress)?;
+    if applied.failed() {
+        return Err(CliError::Other(format!(
+            "installing moat's firewall failed:\n{applied}"
+        )));
+    }
+    out.info(&format!(
+        "installed moat's firewall: the imported domains are isolated from each other; \
+         open flows with `policies:` in {}",
+        project.display()
+    ));
+    Ok(())
 }

@@ -400,7 +400,7 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
         }
         Command::Image(cmd) => crate::image::run(cli, out, cmd),
         Command::Kernel(cmd) => crate::kernel::run(cli, out, cmd),
-        Command::Import(cmd) => crate::import::run(out, cmd),
+        Command::Import(cmd) => crate::import::run(out, &cli.root, cmd),
         Command::Console(a) => crate::console::run(cli, out, a),
         Command::Completions { .. } | Command::Man => Ok(exit::OK),
     }
@@ -408,8 +408,8 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
 
 /// Renders engine progress events on stderr.
 pub struct Progress<'a> {
-    out: &'a Output,
-    quiet: bool,
+    pub(crate) out: &'a Output,
+    pub(crate) quiet: bool,
 }
 
 impl moat_engine::Progress for Progress<'_> {

@@ -226,7 +226,7 @@ fn import_round_trip_adopts_in_place() {
     assert!(yml.contains("ip: \"10.189.7.10\""), "{yml}");
     assert!(yml.contains("profiles: [small]"), "{yml}");
 
-    // The only change moat wants is its own firewall.
+    // Without --apply-firewall, the only change moat wants is its own firewall.
     let dir = out.to_string_lossy().into_owned();
     let plan: Value =
         serde_json::from_str(&root.ok(&["plan", "-f", &dir, "--json"])).expect("plan json");
@@ -240,9 +240,29 @@ fn import_round_trip_adopts_in_place() {
     assert_eq!(plan["orphans"], json!([]), "{plan:#}");
     assert!(plan.get("unmanaged").is_none(), "{plan:#}");
 
-    root.ok(&["apply", "-f", &dir]);
+    // The import with --apply-firewall installs it: the plan is then empty.
+    let o = root.moat(&[
+        "import",
+        "incus",
+        "--project",
+        &project,
+        "-o",
+        &dir,
+        "--force",
+        "--apply-firewall",
+    ]);
+    assert!(o.status.success(), "import failed: {}", stderr(&o));
+    assert!(
+        stderr(&o).contains("installed moat's firewall"),
+        "{}",
+        stderr(&o)
+    );
+    let plan: Value =
+        serde_json::from_str(&root.ok(&["plan", "-f", &dir, "--json"])).expect("plan json");
+    assert_eq!(plan["actions"], json!([]), "{plan:#}");
     let text = root.ok(&["plan", "-f", &dir]);
     assert!(text.contains("No changes."), "{text}");
+    root.ok(&["apply", "-f", &dir]);
     assert_eq!(
         (uuid("web1"), uuid("cache")),
         before,
