@@ -1,5 +1,6 @@
 //! microVMs under TCG: boot from the busybox image, output and exit code,
-//! `exec` into a running microVM, clean stop. Needs root, QEMU, mkfs.ext4,
+//! `exec` into a running microVM, clean stop; an `oci-archive` image run as a
+//! microVM with its own entrypoint, cmd, env and working dir. Needs root, QEMU, mkfs.ext4,
 //! busybox-static and a kernel (fetched once into /var/tmp/moat-test-kernels,
 //! kept across runs; delete the folder to refetch).
 
@@ -11,6 +12,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const KERNELS: &str = "/var/tmp/moat-test-kernels";
+
+#[path = "support/oci.rs"]
+mod oci;
 
 fn have(cmd: &str) -> bool {
     std::env::var_os("PATH")
@@ -244,6 +248,51 @@ fn microvm_runs_busybox_reports_exit_code_execs_and_stops() {
     let obs = env
         .driver
         .observe(&env.ctx, &name2)
+        .expect("observe")
+        .expect("exists");
+    assert_eq!(obs.state, moat_core::observed::MachineState::Stopped);
+}
+
+/// An image imported from an oci-archive runs as a microVM: its entrypoint and
+/// cmd with its env and working dir; the output and exit code reach the caller
+/// through `microvm::follow` (what `moat run --driver qemu` uses).
+#[test]
+fn microvm_runs_an_oci_archive_image_entrypoint() {
+    let Some(mut env) = setup() else { return };
+    let archive = oci::make_oci_archive(env._dir.path());
+    let img = env
+        .driver
+        .images
+        .import(
+            "ociapp",
+            &moat_core::model::ImageSource::OciArchive {
+                path: archive.display().to_string(),
+            },
+            &NoProgress,
+        )
+        .expect("import the oci-archive");
+    assert_eq!(img.config.entrypoint, vec!["/bin/app"]);
+    let name = format!("mvoci{}", std::process::id() % 100000);
+    let mut s = spec(&mut env, &name, &[]);
+    s.machine.image = "ociapp".into();
+    s.machine.command = None;
+    let t = Instant::now();
+    env.driver.create(&env.ctx, &s).expect("create");
+    env.driver.start(&env.ctx, &name).expect("start");
+    let mut out = Vec::new();
+    let code = microvm::follow(&env.ctx, &name, &mut out, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}; console:\n{}", console(&env, &name)));
+    eprintln!("oci-archive microVM run to exit: {:?}", t.elapsed());
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        oci::OCI_EXPECTED_OUTPUT,
+        "console:\n{}",
+        console(&env, &name)
+    );
+    assert_eq!(code, oci::OCI_EXIT_CODE);
+    let obs = env
+        .driver
+        .observe(&env.ctx, &name)
         .expect("observe")
         .expect("exists");
     assert_eq!(obs.state, moat_core::observed::MachineState::Stopped);
