@@ -9,6 +9,32 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+/// Constants and structs of the new mount API (<linux/mount.h>) that the libc
+/// crate does not export; shared by the overlay code here and moat-runtime's
+/// idmapped mounts.
+pub mod api {
+    pub const OPEN_TREE_CLONE: libc::c_uint = 1;
+    pub const AT_EMPTY_PATH: libc::c_uint = 0x1000;
+    pub const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+    pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+    pub const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    pub const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+    pub const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    pub const FSCONFIG_SET_FD: libc::c_uint = 5;
+    pub const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    pub const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    pub const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+    /// `struct mount_attr`, the argument of mount_setattr(2).
+    #[repr(C)]
+    pub struct MountAttr {
+        pub attr_set: u64,
+        pub attr_clr: u64,
+        pub propagation: u64,
+        pub userns_fd: u64,
+    }
+}
+
 /// A mount-related syscall failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -122,13 +148,10 @@ fn mount_overlay_fsconfig(
     target: &Path,
     volatile: bool,
 ) -> Result<(), Option<MountError>> {
-    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
-    const FSCONFIG_SET_STRING: libc::c_uint = 1;
-    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
-    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-    const FSOPEN_CLOEXEC: libc::c_uint = 1;
-    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-    const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+    use api::{
+        FSCONFIG_CMD_CREATE, FSCONFIG_SET_FLAG, FSCONFIG_SET_STRING, FSMOUNT_CLOEXEC,
+        FSOPEN_CLOEXEC, MOUNT_ATTR_RDONLY, MOVE_MOUNT_F_EMPTY_PATH,
+    };
     let fail = |what: &str| {
         Some(MountError::Overlay {
             target: target.to_path_buf(),
@@ -300,8 +323,8 @@ pub fn mounts_under(prefix: &Path) -> Result<Vec<PathBuf>, MountError> {
     Ok(v)
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
+/// mountinfo (and seq_show_option) escape space, tab, newline and backslash as `\ooo`.
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -404,6 +427,8 @@ mod tests {
     #[test]
     fn unescapes_mountinfo() {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
+        assert_eq!(unescape_mountinfo("/a\\040b\\134c"), "/a b\\c");
+        assert_eq!(unescape_mountinfo("/tail\\04"), "/tail\\04");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 

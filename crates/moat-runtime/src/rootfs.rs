@@ -166,7 +166,7 @@ fn top_mount(path: &Path) -> Option<MountEntry> {
     let mut found = None;
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
-        if fields.len() < 5 || unescape_octal(fields[4]) != want {
+        if fields.len() < 5 || moat_host::mount::unescape_mountinfo(fields[4]) != want {
             continue;
         }
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
@@ -177,32 +177,11 @@ fn top_mount(path: &Path) -> Option<MountEntry> {
         }
         found = Some(MountEntry {
             fstype: fields[sep + 1].to_string(),
-            source: unescape_octal(fields[sep + 2]),
+            source: moat_host::mount::unescape_mountinfo(fields[sep + 2]),
             super_opts: fields[sep + 3].to_string(),
         });
     }
     found
-}
-
-/// mountinfo and seq_show_option escape bytes as `\ooo`.
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 4 <= b.len() {
-            if let Ok(v) =
-                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `lowerdir=a:b` splits on `:` not escaped by `\`.
@@ -233,7 +212,7 @@ fn parse_overlay_opts(super_opts: &str) -> Option<OverlayLayout> {
     let (mut upper, mut work, mut volatile) = (None, None, false);
     for opt in super_opts.split(',') {
         let (k, v) = match opt.split_once('=') {
-            Some((k, v)) => (k, unescape_octal(v)),
+            Some((k, v)) => (k, moat_host::mount::unescape_mountinfo(v)),
             None => (opt, String::new()),
         };
         match k {
@@ -488,12 +467,6 @@ mod tests {
             parse_overlay_opts("rw,lowerdir+=/,upperdir=/u,workdir=/w"),
             None
         );
-    }
-
-    #[test]
-    fn unescapes_mountinfo() {
-        assert_eq!(unescape_octal("/a\\040b\\134c"), "/a b\\c");
-        assert_eq!(unescape_octal("/tail\\04"), "/tail\\04");
     }
 
     #[test]
