@@ -543,8 +543,8 @@ impl Engine {
         if vm_log.exists() {
             return Ok(vm_log);
         }
-        // A microVM's console (its workload's output between moat-init's markers).
-        let microvm_log = moat_qemu::microvm::console_log(&self.ctx(), name);
+        // A microVM's workload output (or, started before moat.out existed, its console).
+        let microvm_log = moat_qemu::microvm::log_file(&self.ctx(), name);
         if microvm_log.exists() {
             return Ok(microvm_log);
         }

@@ -9,8 +9,10 @@
 //! port `moat.ctl`, and when the workload ends print `@moat-exit <code>` on
 //! the console and reboot (QEMU runs with `-no-reboot`, so it exits).
 //!
-//! Console protocol (serial, read by the host): `@moat-start` before the
-//! workload starts, `@moat-exit <code>` after it ended, `@moat-error <msg>`
+//! The workload's stdout and stderr go to the virtio-serial port `moat.out`
+//! (the host's `output.log`, what `moat logs` shows), or to the console when
+//! QEMU has no such port. Console protocol (serial, read by the host):
+//! `@moat-start` before the workload starts, `@moat-exit <code>` after it ended, `@moat-error <msg>`
 //! when init itself fails. Control protocol (one JSON object a line):
 //! `{"op":"exec","argv":[..]}` → `{"status":N,"stdout":"..","stderr":".."}`,
 //! `{"op":"stop"}` → `{"status":0}` then SIGTERM to the workload.
@@ -214,9 +216,16 @@ fn run_workload(cfg: &Config) -> i32 {
         println!("@moat-error the image has no entrypoint or cmd; give `command:`");
         return 127;
     }
+    let mut cmd = command(cfg, &cfg.argv);
+    if let Some(out) = output_port() {
+        if let Ok(err) = out.try_clone() {
+            cmd.stderr(err);
+        }
+        cmd.stdout(out);
+    }
     println!("@moat-start");
     let _ = std::io::stdout().flush();
-    let mut child = match command(cfg, &cfg.argv).spawn() {
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
             println!("moat-init: starting {:?}: {e}", cfg.argv);
@@ -256,13 +265,38 @@ fn switch_root(cfg: &Config) -> Result<(), String> {
 
 /// The control port's device, found by its name.
 fn ctl_port() -> Option<String> {
+    port("moat.ctl")
+}
+
+/// A virtio-serial port's device, found by its name.
+fn port(wanted: &str) -> Option<String> {
     for e in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
         let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-        if name.trim() == "moat.ctl" {
+        if name.trim() == wanted {
             return Some(format!("/dev/{}", e.file_name().to_string_lossy()));
         }
     }
     None
+}
+
+/// The output port `moat.out` (the host keeps it in `output.log`: what `moat
+/// logs` shows), opened for the workload's stdout and stderr. `None` when QEMU
+/// has no such port: the workload then writes to the console.
+fn output_port() -> Option<std::fs::File> {
+    let t = Instant::now();
+    loop {
+        if let Some(p) = port("moat.out") {
+            if wait_for(&p, Duration::from_secs(2)) {
+                return std::fs::OpenOptions::new().write(true).open(&p).ok();
+            }
+            return None;
+        }
+        // The port's device shows up with the control port's (same bus).
+        if t.elapsed() > Duration::from_secs(2) {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn serve(cfg: &Config) {

@@ -362,6 +362,11 @@ pub fn qemu_args(
         ),
         "-device".into(),
         "virtserialport,chardev=ctl,name=moat.ctl".into(),
+        // The workload's stdout and stderr, apart from kernel and init messages.
+        "-chardev".into(),
+        format!("file,id=out,path={}", run.join("output.log").display()),
+        "-device".into(),
+        "virtserialport,chardev=out,name=moat.out".into(),
     ];
     if let (Some(nic), Some(fd)) = (&rec.nic, tap_fd) {
         a.extend([
@@ -505,7 +510,11 @@ pub fn start(d: &QemuDriver, ctx: &Ctx, rec: &Record) -> Result<()> {
         if let Ok(Some(_)) = child.try_wait() {
             break false;
         }
-        if qemu_pid(&pidf).is_some() && run.join("ctl.sock").exists() {
+        // output.log too: `moat logs` right after start must find it.
+        if qemu_pid(&pidf).is_some()
+            && run.join("ctl.sock").exists()
+            && run.join("output.log").exists()
+        {
             break true;
         }
         if t.elapsed() > Duration::from_secs(20) {
@@ -595,9 +604,35 @@ pub fn exit_code(ctx: &Ctx, full_name: &str) -> Option<i32> {
         .find_map(|l| l.trim().strip_prefix("@moat-exit ")?.trim().parse().ok())
 }
 
-/// The console log (kernel, moat-init and workload output).
+/// The console log (kernel and moat-init messages, the `@moat-*` markers).
 pub fn console_log(ctx: &Ctx, full_name: &str) -> PathBuf {
     run_dir(ctx, full_name).join("console.log")
+}
+
+/// The workload's output (stdout and stderr, in order), written by QEMU from the
+/// guest's virtio-serial port `moat.out`.
+pub fn output_log(ctx: &Ctx, full_name: &str) -> PathBuf {
+    run_dir(ctx, full_name).join("output.log")
+}
+
+/// What `moat logs` shows: the workload's output, or the console of a machine
+/// started before the output port existed.
+pub fn log_file(ctx: &Ctx, full_name: &str) -> PathBuf {
+    let out = output_log(ctx, full_name);
+    if out.exists() {
+        out
+    } else {
+        console_log(ctx, full_name)
+    }
+}
+
+/// The workload output so far: the output port's file, or (older machines)
+/// the console lines between the markers.
+fn output_so_far(ctx: &Ctx, full_name: &str, console: &str) -> Vec<u8> {
+    match std::fs::read(output_log(ctx, full_name)) {
+        Ok(t) => t,
+        Err(_) => workload_output(console).into_bytes(),
+    }
 }
 
 /// Workload output: the console lines between `@moat-start` and `@moat-exit`.
@@ -715,9 +750,9 @@ pub fn follow(
     loop {
         let alive = qemu_pid(&pidf).is_some();
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let cur = workload_output(&text);
+        let cur = output_so_far(ctx, full_name, &text);
         if cur.len() > shown {
-            let _ = out.write_all(&cur.as_bytes()[shown..]);
+            let _ = out.write_all(&cur[shown..]);
             let _ = out.flush();
             shown = cur.len();
         }

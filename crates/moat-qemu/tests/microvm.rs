@@ -166,6 +166,11 @@ fn console(env: &Env, name: &str) -> String {
     std::fs::read_to_string(microvm::console_log(&env.ctx, name)).unwrap_or_default()
 }
 
+/// The workload's output (the `moat.out` port's file).
+fn output(env: &Env, name: &str) -> String {
+    std::fs::read_to_string(microvm::output_log(&env.ctx, name)).unwrap_or_default()
+}
+
 #[test]
 fn microvm_runs_busybox_reports_exit_code_execs_and_stops() {
     let Some(mut env) = setup() else { return };
@@ -190,7 +195,11 @@ fn microvm_runs_busybox_reports_exit_code_execs_and_stops() {
         Some(7),
         "console:\n{log}"
     );
-    assert_eq!(microvm::workload_output(&log), "hello from the microvm\n");
+    assert_eq!(output(&env, &name), "hello from the microvm\n");
+    assert!(
+        !log.contains("hello from the microvm"),
+        "the workload's output is kept apart from the console: {log}"
+    );
 
     // A long-running workload: exec into it, then stop it.
     let name2 = format!("mvexec{}", std::process::id() % 100000);
@@ -206,7 +215,7 @@ fn microvm_runs_busybox_reports_exit_code_execs_and_stops() {
     env.driver.create(&env.ctx, &s).expect("create");
     env.driver.start(&env.ctx, &name2).expect("start");
     let t = Instant::now();
-    while !console(&env, &name2).contains("ready") {
+    while !output(&env, &name2).contains("ready") {
         assert!(
             t.elapsed() < Duration::from_secs(90),
             "no boot: {}",
@@ -239,10 +248,11 @@ fn microvm_runs_busybox_reports_exit_code_execs_and_stops() {
         .stop(&env.ctx, &name2, Duration::from_secs(20))
         .expect("stop");
     eprintln!("stop: {:?}", t.elapsed());
-    let log = console(&env, &name2);
+    let log = output(&env, &name2);
     assert!(
         log.contains("bye"),
-        "the workload did not get SIGTERM: {log}"
+        "the workload did not get SIGTERM: {log}; console:\n{}",
+        console(&env, &name2)
     );
     assert_eq!(microvm::exit_code(&env.ctx, &name2), Some(0));
     let obs = env

@@ -141,15 +141,11 @@ impl Root {
         );
         (o.status.code().unwrap_or(-1), text)
     }
+    /// The serial console, then the workload's output (`output.log`).
     fn console(&self, machine: &str) -> String {
-        std::fs::read_to_string(
-            self.dir
-                .path()
-                .join("root/run/qemu")
-                .join(machine)
-                .join("console.log"),
-        )
-        .unwrap_or_default()
+        let run = self.dir.path().join("root/run/qemu").join(machine);
+        let read = |f: &str| std::fs::read_to_string(run.join(f)).unwrap_or_default();
+        format!("{}\n{}", read("console.log"), read("output.log"))
     }
 }
 
