@@ -1,6 +1,6 @@
 //! Full VMs (`type: vm`) under TCG: lifecycle, QMP, screendump, snapshots,
 //! clones, templates and disposables on a blank disk (no guest OS: fast
-//! enough for CI), and, with MOAT_TEST_SLOW=1, a Debian VM built by
+//! enough for CI), and a Debian VM built by
 //! `moat image build --vm` booting with cloud-init and shutting down on the
 //! ACPI power button.
 //!
@@ -392,24 +392,50 @@ fn uefi_vm_starts_with_ovmf() {
     r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
 }
 
-/// The demonstration: `moat image build --vm debian/bookworm`, cloud-init sets a
-/// user and a file, the guest shows both on its serial console, and
-/// `moat stop` shuts it down through ACPI. Minutes under TCG: MOAT_TEST_SLOW=1.
-#[test]
-fn debian_vm_boots_with_cloud_init_and_powers_off() {
-    require_host!();
-    if std::env::var_os("MOAT_TEST_SLOW").is_none() {
-        eprintln!("SKIP: the Debian VM boot under TCG takes minutes; set MOAT_TEST_SLOW=1");
-        return;
-    }
-    for t in ["mmdebstrap", "syslinux", "mkfs.vfat", "mcopy", "sfdisk"] {
-        if !have(t) {
-            eprintln!("SKIP: {t} is not installed (scripts/deps.sh --test)");
-            return;
-        }
-    }
-    let r = Root::new();
+/// Where built Debian VM disks are kept between runs (delete it to rebuild).
+const VM_DISK_CACHE: &str = "/var/tmp/moat-test-vmdisk";
+
+/// The cache key of the debian/bookworm VM disk: what it is built from (suite,
+/// packages, boot configuration, partition layout).
+fn vm_disk_key() -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(
+        format!(
+            "{:?}",
+            moat_qemu::vmimage::vm_image_source("debian/bookworm")
+        )
+        .as_bytes(),
+    );
+    h.update(moat_image::sources::SYSTEM_PACKAGES.join(",").as_bytes());
+    h.update(moat_qemu::vmimage::syslinux_cfg("").as_bytes());
+    h.update(moat_qemu::vmimage::partition_script(64, 1024).as_bytes());
+    hex::encode(&h.finalize()[..8])
+}
+
+/// The debian/bookworm VM disk of root `r`: built by `moat image build --vm`'s
+/// function on a cold cache (then kept in [`VM_DISK_CACHE`]), copied from the
+/// cache otherwise. Returns whether it was built.
+fn debian_vm_disk(r: &Root) -> bool {
+    let cached = Path::new(VM_DISK_CACHE).join(format!("bookworm-{}.qcow2", vm_disk_key()));
+    let out = disk::base_path(r.root(), "debian/bookworm");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let t = Instant::now();
+    if cached.is_file() {
+        let st = Command::new("cp")
+            .args(["--reflink=auto", "--sparse=always"])
+            .arg(&cached)
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(st.success(), "copying {}", cached.display());
+        eprintln!(
+            "VM disk copied from {} in {:?}",
+            cached.display(),
+            t.elapsed()
+        );
+        return false;
+    }
     let disk = moat_qemu::vmimage::build_vm_image(
         &r.driver.images,
         "debian/bookworm",
@@ -422,7 +448,51 @@ fn debian_vm_boots_with_cloud_init_and_powers_off() {
         t.elapsed(),
         std::fs::metadata(&disk).unwrap().len()
     );
+    // Keep it for the next run (written aside, then renamed: a cut run leaves no half file).
+    let _ = std::fs::create_dir_all(VM_DISK_CACHE);
+    if let Ok(old) = std::fs::read_dir(VM_DISK_CACHE) {
+        for e in old.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let tmp = cached.with_extension("tmp");
+    if std::fs::copy(&disk, &tmp).is_ok() {
+        let _ = std::fs::rename(&tmp, &cached);
+    }
+    true
+}
+
+/// The demonstration: `moat image build --vm debian/bookworm`, cloud-init sets a
+/// user and a file, the guest shows both on its serial console, and
+/// `moat stop` shuts it down through ACPI. The disk is built once and kept in
+/// /var/tmp/moat-test-vmdisk (a cold run builds it: ~15 min more); the boot
+/// under TCG takes minutes. MOAT_TEST_QUICK=1 skips it.
+#[test]
+fn debian_vm_boots_with_cloud_init_and_powers_off() {
+    require_host!();
+    if std::env::var_os("MOAT_TEST_QUICK").is_some() {
+        eprintln!("SKIP: MOAT_TEST_QUICK is set (the Debian VM boot under TCG takes minutes)");
+        return;
+    }
+    for t in ["mmdebstrap", "syslinux", "mkfs.vfat", "mcopy", "sfdisk"] {
+        if !have(t) {
+            eprintln!("SKIP: {t} is not installed (scripts/deps.sh --test)");
+            return;
+        }
+    }
+    let r = Root::new();
+    let t0 = Instant::now();
+    let built = debian_vm_disk(&r);
     let name = unique("vmdeb");
+    // MOAT_TEST_VM_ANALYZE=1: cloud-init's own timing on the console too.
+    let analyze = if std::env::var_os("MOAT_TEST_VM_ANALYZE").is_some() {
+        "cloud-init analyze blame; systemd-analyze critical-chain --no-pager; "
+    } else {
+        ""
+    };
+    let runcmd = format!(
+        "sh -c '{analyze}id moatuser; cat /etc/moat-hello; echo MOAT-RUNCMD-DONE' > /dev/ttyS0 2>&1"
+    );
     let spec = r.spec(&name, "debian/bookworm", |m| {
         m.memory = Some(1 << 30);
         m.cpus = Some(2);
@@ -430,7 +500,7 @@ fn debian_vm_boots_with_cloud_init_and_powers_off() {
             "user-data": {
                 "users": [{"name": "moatuser", "shell": "/bin/sh"}],
                 "write_files": [{"path": "/etc/moat-hello", "content": "hello-from-cloud-init\n"}],
-                "runcmd": ["sh -c 'id moatuser; cat /etc/moat-hello; echo MOAT-RUNCMD-DONE' > /dev/ttyS0 2>&1"]
+                "runcmd": [runcmd]
             }
         }));
     });
@@ -440,8 +510,18 @@ fn debian_vm_boots_with_cloud_init_and_powers_off() {
     let p = vm::paths(&r.ctx, &name);
     let deadline = t + Duration::from_secs(900);
     let mut log = String::new();
+    // When each console line appeared (host clock): where the boot time goes.
+    let mut timeline = String::new();
+    let mut seen = 0;
     while Instant::now() < deadline {
         log = std::fs::read_to_string(&p.console_log).unwrap_or_default();
+        let complete = log.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        if complete > seen {
+            for l in log[seen..complete].lines() {
+                timeline.push_str(&format!("{:7.1} {l}\n", t.elapsed().as_secs_f64()));
+            }
+            seen = complete;
+        }
         if log.contains("MOAT-RUNCMD-DONE") {
             break;
         }
@@ -457,10 +537,16 @@ fn debian_vm_boots_with_cloud_init_and_powers_off() {
     if let Ok(dir) = std::env::var("MOAT_TEST_ARTIFACTS") {
         let _ = std::fs::copy(&png, Path::new(&dir).join("debian-vm.png"));
         let _ = std::fs::write(Path::new(&dir).join("debian-vm-console.log"), &log);
+        let _ = std::fs::write(Path::new(&dir).join("debian-vm-timeline.log"), &timeline);
     }
     let t = Instant::now();
     let outcome = vm::shut_down(&r.ctx, &name, Duration::from_secs(300)).unwrap();
     eprintln!("ACPI shutdown: {outcome:?} after {:?}", t.elapsed());
     assert_eq!(outcome, StopOutcome::Graceful);
     r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
+    eprintln!(
+        "whole test {:?} (disk {})",
+        t0.elapsed(),
+        if built { "built" } else { "from the cache" }
+    );
 }
