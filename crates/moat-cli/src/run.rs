@@ -260,36 +260,30 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
             Ok(r.status.clamp(0, 255) as u8)
         }
         Command::Logs(a) => {
-            let p = engine(cli)?.log_path(&a.machine)?;
-            let text = std::fs::read_to_string(&p).map_err(|e| CliError::Io {
-                what: format!("cannot read {}", p.display()),
+            let src = engine(cli)?.logs(&a.machine)?;
+            let read_err = |e| CliError::Io {
+                what: format!("cannot read {}", src.describe()),
                 source: e,
-            })?;
+            };
+            let bytes = src.read_all().map_err(read_err)?;
+            let text = String::from_utf8_lossy(&bytes);
             let lines: Vec<&str> = text.lines().collect();
             let from = a.tail.map(|n| lines.len().saturating_sub(n)).unwrap_or(0);
             for l in &lines[from..] {
                 out.data(l);
             }
             if a.follow {
-                // Print what is appended, until interrupted. A rotated log
-                // (shorter than what was read) is read again from its start.
-                use std::io::{Read, Seek, SeekFrom, Write};
-                let mut pos = text.len() as u64;
+                // Print what is appended, until interrupted (a rotated log is
+                // read again from its start).
+                use std::io::Write;
+                let mut pos = bytes.len() as u64;
                 loop {
                     std::thread::sleep(std::time::Duration::from_millis(200));
-                    let Ok(mut f) = std::fs::File::open(&p) else {
+                    let Ok((buf, end)) = src.read_since(pos) else {
                         continue;
                     };
-                    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-                    if len < pos {
-                        pos = 0;
-                    }
-                    if len == pos || f.seek(SeekFrom::Start(pos)).is_err() {
-                        continue;
-                    }
-                    let mut buf = Vec::new();
-                    if f.read_to_end(&mut buf).is_ok() {
-                        pos += buf.len() as u64;
+                    pos = end;
+                    if !buf.is_empty() {
                         let mut o = std::io::stdout().lock();
                         let _ = o.write_all(&buf);
                         let _ = o.flush();

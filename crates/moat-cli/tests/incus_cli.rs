@@ -334,6 +334,53 @@ domains:
     let dir = proj.to_string_lossy().into_owned();
     root.ok(&["apply", "-f", &dir]);
     let sh = |cmd: &str| root.ok(&["exec", "snap-box", "--", "sh", "-c", cmd]);
+
+    // `moat logs` of an Incus machine: its console log, read through the API.
+    sh("echo console-mark-1 > /dev/console");
+    let logs = root.ok(&["logs", "snap-box"]);
+    assert!(logs.contains("console-mark-1"), "{logs}");
+    let last = root.ok(&["logs", "-n", "1", "snap-box"]);
+    assert_eq!(last.trim_end(), "console-mark-1", "{last:?} of {logs:?}");
+    // -F follows: a line written afterwards appears.
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("--root")
+        .arg(root.path())
+        .args(["logs", "-F", "snap-box"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("moat logs -F");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let out = follow.stdout.take().expect("stdout");
+    let follow = Kill(follow);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(|l| l.ok()) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    sh("echo console-mark-2 > /dev/console");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut seen = vec![];
+    while !seen.iter().any(|l: &String| l.contains("console-mark-2")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(_) => panic!("logs -F did not show the new line: {seen:?}"),
+        }
+    }
+    drop(follow);
+
     sh("echo before > /root/mark");
     assert_eq!(
         root.ok(&["snapshot", "create", "snap-box", "s1"]).trim(),
@@ -351,4 +398,10 @@ domains:
     let o = root.moat(&["snapshot", "restore", "snap-box", "nope"]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("nope"), "{}", stderr(&o));
+
+    // moat's copy of the console log goes with the machine.
+    let copy = root.path().join("incus-console/snap-box.log");
+    assert!(copy.exists());
+    root.ok(&["destroy", "-f", &dir, "--force", "snap-box"]);
+    assert!(!copy.exists());
 }

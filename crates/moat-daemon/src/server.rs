@@ -562,10 +562,10 @@ impl Daemon {
         tail: Option<usize>,
         follow: bool,
     ) -> Result<(), Failure> {
-        use std::io::{Read, Seek, SeekFrom};
-        let p = self.engine_ro()?.log_path(machine)?;
-        let text = std::fs::read(&p)
-            .map_err(|e| Failure::internal(&format!("cannot read {}: {e}", p.display())))?;
+        let src = self.engine_ro()?.logs(machine)?;
+        let text = src
+            .read_all()
+            .map_err(|e| Failure::internal(&format!("cannot read {}: {e}", src.describe())))?;
         let mut start = 0;
         if let Some(n) = tail {
             // Last n lines: a trailing newline ends the last line, not a new one.
@@ -596,22 +596,12 @@ impl Daemon {
             if peer_closed(conn) {
                 return Ok(());
             }
-            let Ok(mut f) = std::fs::File::open(&p) else {
+            let Ok((buf, end)) = src.read_since(pos) else {
                 continue;
             };
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < pos {
-                pos = 0;
-            }
-            if len == pos || f.seek(SeekFrom::Start(pos)).is_err() {
-                continue;
-            }
-            let mut buf = Vec::new();
-            if f.read_to_end(&mut buf).is_ok() {
-                pos += buf.len() as u64;
-                if conn.write_all(&buf).is_err() {
-                    return Ok(());
-                }
+            pos = end;
+            if !buf.is_empty() && conn.write_all(&buf).is_err() {
+                return Ok(());
             }
         }
     }

@@ -21,7 +21,7 @@ mod storage;
 pub use apply::ApplyReport;
 pub use moat_driver::{ExecSession, SessionOpts};
 pub use run::{RunOpts, RunOutcome};
-pub use status::{DestroyReport, NetworkStatus, Status};
+pub use status::{DestroyReport, LogSource, NetworkStatus, Status};
 
 use moat_core::address::Allocated;
 use moat_core::diag::Diagnostics;

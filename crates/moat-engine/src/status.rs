@@ -536,6 +536,19 @@ impl Engine {
         Ok(host.driver(&d)?.exec_session(&host.ctx, name, argv, opts)?)
     }
 
+    /// Where `moat logs` reads a machine's output: a file (native, nspawn,
+    /// QEMU), or an Incus instance's console log through the API.
+    pub fn logs(&self, name: &str) -> Result<LogSource> {
+        if let Some(driver) = self.incus_machine(name) {
+            return Ok(LogSource::Incus {
+                driver: Box::new(driver),
+                ctx: self.ctx(),
+                machine: name.to_string(),
+            });
+        }
+        Ok(LogSource::File(self.log_path(name)?))
+    }
+
     /// Path of a machine's stdout log (native driver layout).
     pub fn log_path(&self, name: &str) -> Result<std::path::PathBuf> {
         // A full VM's serial console log.
@@ -554,6 +567,56 @@ impl Engine {
             return Err(EngineError::NoSuchMachine(name.into()));
         }
         Ok(p)
+    }
+}
+
+/// A machine's log, read whole or followed ([`Engine::logs`]).
+pub enum LogSource {
+    File(std::path::PathBuf),
+    Incus {
+        driver: Box<moat_incus::IncusDriver>,
+        ctx: moat_driver::Ctx,
+        machine: String,
+    },
+}
+
+impl LogSource {
+    /// Everything logged so far.
+    pub fn read_all(&self) -> std::io::Result<Vec<u8>> {
+        Ok(self.read_since(0)?.0)
+    }
+
+    /// What was logged after the first `pos` bytes, and the new position. A
+    /// log now shorter than `pos` (rotated, or a restarted instance's console)
+    /// is read again from its start.
+    pub fn read_since(&self, pos: u64) -> std::io::Result<(Vec<u8>, u64)> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = match self {
+            LogSource::File(p) => p.clone(),
+            LogSource::Incus {
+                driver,
+                ctx,
+                machine,
+            } => driver
+                .sync_console(ctx, machine)
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+        };
+        let mut f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len();
+        let from = if len < pos { 0 } else { pos };
+        f.seek(SeekFrom::Start(from))?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        let end = from + buf.len() as u64;
+        Ok((buf, end))
+    }
+
+    /// What is read, for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            LogSource::File(p) => p.display().to_string(),
+            LogSource::Incus { machine, .. } => format!("the Incus console log of {machine}"),
+        }
     }
 }
 

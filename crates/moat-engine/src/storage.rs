@@ -35,7 +35,7 @@ fn img(e: moat_image::ImageError) -> EngineError {
 impl Engine {
     /// The Incus driver when `machine` is an Incus machine of this root
     /// (snapshots are then Incus's own); only asked when the root has used Incus.
-    fn incus_machine(&self, machine: &str) -> Option<moat_incus::IncusDriver> {
+    pub(crate) fn incus_machine(&self, machine: &str) -> Option<moat_incus::IncusDriver> {
         let ctx = self.ctx();
         if !ctx.root.join("incus.json").exists() {
             return None;

@@ -308,6 +308,45 @@ impl IncusDriver {
             .map(str::to_string))
     }
 
+    /// What the machine's console printed so far (Incus's console log).
+    pub fn console_log(&self, ctx: &Ctx, full_name: &str) -> Result<Vec<u8>> {
+        let c = self.cl(ctx, full_name)?;
+        let f = self.must_find(ctx, full_name)?;
+        c.get_raw(&Self::inst_path(&f, "/console"))
+            .map_err(|e| failed(full_name, e))
+    }
+
+    /// moat's copy of a machine's console log. Incus hands each part of the
+    /// console log out once (a read empties it), so `moat logs` appends what
+    /// it reads here and prints this file; destroy removes it.
+    pub fn console_copy(ctx: &Ctx, full_name: &str) -> std::path::PathBuf {
+        ctx.root
+            .join("incus-console")
+            .join(format!("{full_name}.log"))
+    }
+
+    /// Appends what the console printed since the last read to
+    /// [`Self::console_copy`] and returns that file.
+    pub fn sync_console(&self, ctx: &Ctx, full_name: &str) -> Result<std::path::PathBuf> {
+        use std::io::Write;
+        let new = self.console_log(ctx, full_name)?;
+        let path = Self::console_copy(ctx, full_name);
+        let io = |e: std::io::Error| DriverError::Io {
+            machine: full_name.to_string(),
+            source: e,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        f.write_all(&new).map_err(io)?;
+        Ok(path)
+    }
+
     /// Takes a snapshot `name` of a machine.
     pub fn snapshot(&self, ctx: &Ctx, full_name: &str, name: &str) -> Result<()> {
         let c = self.cl(ctx, full_name)?;
@@ -644,6 +683,7 @@ impl Driver for IncusDriver {
     }
 
     fn destroy(&self, ctx: &Ctx, full_name: &str) -> Result<()> {
+        let _ = std::fs::remove_file(Self::console_copy(ctx, full_name));
         let c = self.cl(ctx, full_name)?;
         let Some(f) = self.find(ctx, full_name)? else {
             return Ok(());
