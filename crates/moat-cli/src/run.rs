@@ -24,8 +24,6 @@ pub enum CliError {
     },
     #[error(transparent)]
     Engine(moat_engine::EngineError),
-    #[error("`moat {0}` is not available yet in this version")]
-    NotYet(&'static str),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -316,9 +314,6 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
         }
         Command::Shell(a) => crate::tty::exec(&engine(cli)?, &a.machine, &[], true),
         Command::Run(a) => {
-            if a.tty {
-                return Err(CliError::NotYet("run -t (interactive)"));
-            }
             let mut eng = engine(cli)?;
             let opts = moat_engine::RunOpts {
                 image: a.image.clone(),
@@ -332,9 +327,23 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
                     Some(_) => Some(project_path(cli)?),
                     None => None,
                 },
+                tty: a
+                    .tty
+                    .then(|| std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into())),
                 ..Default::default()
             };
             let r = eng.run(&opts, &Progress { out, quiet: false })?;
+            if let Some(mut session) = r.session {
+                let relayed = crate::tty::relay(&mut session);
+                // The machine goes (--rm) whatever the relay says.
+                let finished = eng.finish_run(&opts, &r.name);
+                let code = relayed.map_err(|e| CliError::Io {
+                    what: format!("relaying the terminal of {}", r.name),
+                    source: e,
+                })?;
+                finished?;
+                return Ok(code.clamp(0, 255) as u8);
+            }
             match r.status {
                 None => {
                     out.data(&r.name);

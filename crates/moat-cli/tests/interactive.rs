@@ -208,3 +208,59 @@ fn shell_and_exec_through_a_pty() {
     assert!(text.starts_with("ABC\n"), "{text}");
     assert!(text.contains("not a tty"), "{text}");
 }
+
+/// `moat run -t --rm`: PID 1 itself gets a terminal of the container's own
+/// devpts (its controlling terminal: ^C interrupts), sized like the caller's
+/// and following its resizes; the exit code of PID 1 comes back, and the
+/// machine is gone afterwards.
+#[test]
+fn run_t_gives_pid_1_a_terminal() {
+    if !is_root() {
+        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
+        return;
+    }
+    let Some(sup) = supervisor() else {
+        eprintln!("SKIP: moat-supervisor could not be built");
+        return;
+    };
+    let r = Root::new(sup);
+    let mut term = Term::new(30, 100);
+    let before = term.lflag();
+    let mut run = term.spawn(
+        &r,
+        &["run", "-t", "--rm", "--name", "rt", "busybox", "--", "sh"],
+    );
+    term.type_line("tty; stty size; echo TERM=$TERM; echo pid=$$");
+    let p = term.expect(0, "/dev/pts/0");
+    let p = term.expect(p, "30 100");
+    let p = term.expect(p, "TERM=xterm");
+    let p = term.expect(p, "pid=1\r\n");
+    assert_eq!(term.lflag() & (libc::ECHO | libc::ICANON), 0);
+    term.resize(40, 120);
+    std::thread::sleep(Duration::from_millis(200));
+    term.type_line("stty size");
+    let p = term.expect(p, "40 120");
+    // ^C reaches the foreground job through the terminal (job control).
+    // (The markers are computed so that the echo of the typed line does not match.)
+    term.type_line("sleep 1000");
+    std::thread::sleep(Duration::from_millis(500));
+    term.master.write_all(&[3]).unwrap();
+    term.type_line("echo alive-$((2+3))");
+    let p = term.expect(p, "alive-5");
+    term.type_line("echo b''ye; exit 5");
+    term.expect(p, "bye\r\n");
+    assert_eq!(wait_exit(&mut run), Some(5));
+    assert_eq!(
+        term.lflag(),
+        before,
+        "the caller's terminal settings are restored"
+    );
+    // --rm: nothing of the machine is left.
+    assert!(!r.path().join("machines/rt").exists());
+    assert!(r.mounts().is_empty(), "{:?}", r.mounts());
+
+    // Without a terminal on our side it still runs (sizes 0x0), and -t with -d is refused.
+    let o = r.moat(&["run", "-t", "-d", "busybox", "--", "true"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("run -t needs the foreground"));
+}

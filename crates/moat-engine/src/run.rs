@@ -25,6 +25,10 @@ pub struct RunOpts {
     pub domain: Option<String>,
     /// The project file (`-f`), to resolve the domain's network and firewall.
     pub project: Option<std::path::PathBuf>,
+    /// `run -t`: PID 1 gets a terminal; `Some(TERM)` for its environment.
+    /// The outcome then carries the session to relay, and the caller ends
+    /// the run with [`Engine::finish_run`].
+    pub tty: Option<String>,
 }
 
 #[derive(Debug)]
@@ -32,6 +36,60 @@ pub struct RunOutcome {
     pub name: String,
     /// The workload's exit status (foreground runs); 128+N for a signal N.
     pub status: Option<i32>,
+    /// `run -t`: PID 1's terminal (its master) to relay; its `wait` returns
+    /// the exit status.
+    pub session: Option<moat_driver::ExecSession>,
+}
+
+/// PID 1 of a `run -t` machine behind [`moat_driver::SessionProcess`]: the
+/// terminal's master for resizes and ^D, the supervisor for signals, the
+/// machine's status for the exit code.
+#[derive(Debug)]
+struct RunConsole {
+    dir: MachineDir,
+    master: std::os::fd::OwnedFd,
+}
+
+impl moat_driver::SessionProcess for RunConsole {
+    fn resize(&self, rows: u16, cols: u16) -> std::io::Result<()> {
+        moat_runtime::sys::set_winsize(&self.master, rows, cols)
+    }
+    fn close_stdin(&self) -> std::io::Result<()> {
+        // The terminal's EOF character (VEOF, ^D by default).
+        let mut f = std::fs::File::from(self.master.try_clone()?);
+        f.write_all(&[4])
+    }
+    fn signal(&self, sig: i32) -> std::io::Result<()> {
+        moat_runtime::machine::kill(&self.dir, sig).map_err(std::io::Error::other)
+    }
+    fn wait(&mut self) -> std::io::Result<i32> {
+        loop {
+            match self.dir.state() {
+                MachineState::Stopped {
+                    exit_code,
+                    exit_signal,
+                } => return Ok(exit_code.or(exit_signal.map(|s| 128 + s)).unwrap_or(0)),
+                MachineState::Crashed { reason } => {
+                    let st = self.dir.read_status();
+                    return st
+                        .and_then(|s| s.exit_code.or(s.exit_signal.map(|x| 128 + x)))
+                        .ok_or_else(|| std::io::Error::other(reason));
+                }
+                _ => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+}
+
+/// Gives PID 1 of a created (not started) machine a terminal: the spec the
+/// supervisor reads at launch says so, and TERM names the caller's terminal.
+fn with_terminal(dir: &MachineDir, term: &str) -> Result<()> {
+    let failed = |e: moat_runtime::RuntimeError| EngineError::Failed(e.to_string());
+    let mut cfg = dir.read_config().map_err(failed)?;
+    cfg.container.terminal = true;
+    cfg.container.env.retain(|e| !e.starts_with("TERM="));
+    cfg.container.env.push(format!("TERM={term}"));
+    dir.write_config(&cfg).map_err(failed)
 }
 
 /// Ad-hoc machines (run, clone) are recorded under this resource kind.
@@ -95,6 +153,18 @@ impl Engine {
             return Err(EngineError::Failed(format!("machine name '{name}' {why}")));
         }
         let dname = opts.driver.as_deref().unwrap_or("native");
+        if opts.tty.is_some() && dname != "native" {
+            return Err(EngineError::Failed(format!(
+                "run -t works with the native driver only, not '{dname}'"
+            )));
+        }
+        if opts.tty.is_some() && opts.detach {
+            return Err(EngineError::Failed(
+                "run -t needs the foreground (there is no attach to a detached terminal); \
+                 drop -d, or use `moat run -d` then `moat exec -t`"
+                    .into(),
+            ));
+        }
         let d = host.driver(dname)?;
         if d.observe(&host.ctx, &name)?.is_some() {
             return Err(EngineError::Failed(format!(
@@ -180,9 +250,14 @@ impl Engine {
         state
             .intend(ADHOC, &name, opts.domain.as_deref(), Some(&name))
             .map_err(state_err)?;
+        let dir = MachineDir::new(host.ctx.root.join("machines").join(&name));
         let started = d
             .create(&host.ctx, &spec)
             .map_err(EngineError::from)
+            .and_then(|_| match &opts.tty {
+                Some(term) => with_terminal(&dir, term),
+                None => Ok(()),
+            })
             .and_then(|_| state.mark_done(ADHOC, &name).map_err(state_err))
             .and_then(|_| d.start(&host.ctx, &name).map_err(EngineError::from));
         if let Err(e) = started {
@@ -196,7 +271,40 @@ impl Engine {
         }
         drop(lock);
         if opts.detach {
-            return Ok(RunOutcome { name, status: None });
+            return Ok(RunOutcome {
+                name,
+                status: None,
+                session: None,
+            });
+        }
+        if opts.tty.is_some() {
+            let attached = moat_runtime::machine::attach_console(&dir)
+                .map_err(|e| e.to_string())
+                .and_then(|m| m.try_clone().map(|io| (io, m)).map_err(|e| e.to_string()));
+            let (io, master) = match attached {
+                Ok(fds) => fds,
+                Err(e) => {
+                    let _ = d.stop(&host.ctx, &name, Duration::from_secs(1));
+                    if opts.rm {
+                        let _ = d.destroy(&host.ctx, &name);
+                        let _ = self.forget_run(&host, &state, &name, opts);
+                    }
+                    return Err(EngineError::Failed(format!("{name}: {e}")));
+                }
+            };
+            let session = moat_driver::ExecSession {
+                io,
+                tty: true,
+                process: Box::new(RunConsole {
+                    dir: MachineDir::new(dir.dir.clone()),
+                    master,
+                }),
+            };
+            return Ok(RunOutcome {
+                name,
+                status: None,
+                session: Some(session),
+            });
         }
         if dname == "qemu" {
             let r = moat_qemu::microvm::follow(
@@ -213,9 +321,9 @@ impl Engine {
             return Ok(RunOutcome {
                 name,
                 status: Some(status),
+                session: None,
             });
         }
-        let dir = MachineDir::new(host.ctx.root.join("machines").join(&name));
         let (mut out_pos, mut err_pos) = (0u64, 0u64);
         let mut stdout = std::io::stdout();
         let mut stderr = std::io::stderr();
@@ -261,7 +369,22 @@ impl Engine {
         Ok(RunOutcome {
             name,
             status: Some(status),
+            session: None,
         })
+    }
+
+    /// Ends a `run -t` whose terminal session ended: the machine stops with
+    /// its PID 1 (a no-op if it did), and `--rm` removes it.
+    pub fn finish_run(&self, opts: &RunOpts, name: &str) -> Result<()> {
+        let host = self.host()?;
+        let d = host.driver(opts.driver.as_deref().unwrap_or("native"))?;
+        d.stop(&host.ctx, name, Duration::from_secs(10))?;
+        if opts.rm {
+            let state = self.state()?;
+            d.destroy(&host.ctx, name)?;
+            self.forget_run(&host, &state, name, opts)?;
+        }
+        Ok(())
     }
 
     /// After `--rm` destroyed the machine: its record, and for a domain

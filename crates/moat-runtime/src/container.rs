@@ -36,10 +36,12 @@ pub struct Stdio {
 }
 
 /// A created container: its init waits for [`start`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct Created {
     /// Host PID of the container's init (use `/proc/<pid>/ns/net` to attach a NIC).
     pub pid: i32,
+    /// The master of PID 1's terminal (`ContainerSpec::terminal`).
+    pub console: Option<OwnedFd>,
 }
 
 /// Output of a finished exec.
@@ -123,6 +125,18 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         ),
         None => None,
     };
+    // With a terminal, libcontainer's init makes a pty in the container's
+    // devpts and sends its master to this socket: connect and send complete
+    // against the listen backlog, so it is accepted after build returns.
+    let console_sock = paths.bundle.join("console.sock");
+    let console_listener = if spec.terminal {
+        let _ = fs::remove_file(&console_sock);
+        let l = std::os::unix::net::UnixListener::bind(&console_sock)
+            .map_err(|e| RuntimeError::io(&console_sock, e))?;
+        Some(l)
+    } else {
+        None
+    };
     let built = ContainerBuilder::new(spec.name.clone(), SyscallType::default())
         .with_executor(DefaultExecutor {})
         .with_root_path(&paths.state_root)
@@ -130,6 +144,7 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         .with_stdin(stdin)
         .with_stdout(stdout)
         .with_stderr(stderr)
+        .with_console_socket(console_listener.as_ref().map(|_| console_sock.clone()))
         .validate_id()
         .map_err(&err)?
         .as_init(&paths.bundle)
@@ -165,7 +180,45 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
             source: e,
         })?;
     }
-    Ok(Created { pid })
+    let console = match console_listener {
+        Some(l) => {
+            let master = receive_console(&l).map_err(|e| RuntimeError::Sys {
+                container: spec.name.clone(),
+                op: "receive the terminal's master from the console socket",
+                source: e,
+            });
+            drop(l);
+            let _ = fs::remove_file(&console_sock);
+            Some(master?)
+        }
+        None => None,
+    };
+    Ok(Created { pid, console })
+}
+
+/// The pty master libcontainer's init sent to the console socket.
+fn receive_console(l: &std::os::unix::net::UnixListener) -> std::io::Result<OwnedFd> {
+    l.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if std::time::Instant::now() > deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the container's init did not connect to the console socket",
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    crate::sys::recv_fd(&stream)?
+        .ok_or_else(|| std::io::Error::other("the console socket carried no file descriptor"))
 }
 
 fn load(name: &str, state_root: &Path) -> Result<Container, RuntimeError> {

@@ -22,6 +22,7 @@ pub use moat_core::model::RestartPolicy;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -273,6 +274,19 @@ impl MachineDir {
         }
     }
 
+    /// Saves the supervisor config that the next launch reads.
+    pub fn write_config(&self, config: &SupervisorConfig) -> Result<(), RuntimeError> {
+        let text = serde_json::to_vec_pretty(config)
+            .map_err(|e| self.err(format!("cannot encode the supervisor config: {e}")))?;
+        let cfg = self.config_path();
+        // Written beside and renamed: a caller killed mid-write (kill -9 of
+        // `moat apply`) must not leave a truncated config that no later start
+        // can read.
+        let tmp = self.dir.join("supervisor.json.tmp");
+        fs::write(&tmp, text).map_err(|e| RuntimeError::io(&tmp, e))?;
+        fs::rename(&tmp, &cfg).map_err(|e| RuntimeError::io(&cfg, e))
+    }
+
     /// Sends one request line to the supervisor and returns its answer.
     fn request(&self, line: &str) -> Result<String, RuntimeError> {
         let sock = self.socket_path();
@@ -340,15 +354,7 @@ pub fn launch(
         return Err(dir.err("a supervisor is already running for this machine; stop it first"));
     }
     fs::create_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))?;
-    let text = serde_json::to_vec_pretty(config)
-        .map_err(|e| dir.err(format!("cannot encode the supervisor config: {e}")))?;
-    let cfg = dir.config_path();
-    // Written beside and renamed: a caller killed mid-write (kill -9 of
-    // `moat apply`) must not leave a truncated config that no later start
-    // can read.
-    let tmp = dir.dir.join("supervisor.json.tmp");
-    fs::write(&tmp, text).map_err(|e| RuntimeError::io(&tmp, e))?;
-    fs::rename(&tmp, &cfg).map_err(|e| RuntimeError::io(&cfg, e))?;
+    dir.write_config(config)?;
     let _ = fs::remove_file(dir.status_path());
 
     // The supervisor forks and its first process exits at once: waiting for
@@ -438,6 +444,28 @@ pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(())
+}
+
+/// The master of PID 1's terminal (a machine whose spec has `terminal`),
+/// received from the supervisor; reading it gives EIO once PID 1 is gone.
+pub fn attach_console(dir: &MachineDir) -> Result<OwnedFd, RuntimeError> {
+    let sock = dir.socket_path();
+    let mut s = UnixStream::connect(&sock).map_err(|e| RuntimeError::io(&sock, e))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| RuntimeError::io(&sock, e))?;
+    s.write_all(b"attach\n")
+        .map_err(|e| RuntimeError::io(&sock, e))?;
+    match sys::recv_fd(&s).map_err(|e| RuntimeError::io(&sock, e))? {
+        Some(fd) => Ok(fd),
+        None => {
+            // No fd: the supervisor answered with an error line (its first
+            // byte went with the failed receive).
+            let mut rest = String::new();
+            let _ = BufReader::new(s).read_line(&mut rest);
+            let why = rest.trim().trim_start_matches("rr ");
+            Err(dir.err(format!("cannot attach to the terminal: {why}")))
+        }
+    }
 }
 
 /// Sends `sig` to the container's PID 1 through the supervisor.

@@ -106,6 +106,11 @@ pub struct ContainerSpec {
     /// Its id map must be `idmap`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub userns_path: Option<PathBuf>,
+    /// PID 1 gets a terminal (a pty in the container's own devpts, its
+    /// controlling terminal and stdio) whose master the supervisor keeps and
+    /// hands to `moat run -t` (see `machine::attach_console`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub terminal: bool,
 }
 
 impl ContainerSpec {
@@ -138,6 +143,7 @@ impl ContainerSpec {
             stop_signal: None,
             cgroup: None,
             userns_path: None,
+            terminal: false,
         }
     }
 
@@ -382,7 +388,7 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
     }
 
     let mut process = json!({
-        "terminal": false,
+        "terminal": spec.terminal,
         "user": {"uid": spec.user.0, "gid": spec.user.1},
         "args": spec.effective_args(),
         "env": env,

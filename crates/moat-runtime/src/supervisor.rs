@@ -121,6 +121,8 @@ struct Supervisor {
     stop_requested: bool,
     kill_at: Option<Instant>,
     start_requested: bool,
+    /// PID 1's terminal master (`ContainerSpec::terminal`), for `attach`.
+    console: Option<OwnedFd>,
 }
 
 fn now_secs() -> u64 {
@@ -213,6 +215,7 @@ impl Supervisor {
             stop_requested: false,
             kill_at: None,
             start_requested: false,
+            console: None,
         })
     }
 
@@ -350,6 +353,7 @@ impl Supervisor {
             stderr: self.err_w.try_clone().ok(),
         };
         let created = container::create(&self.cfg.container, &self.dir.container_paths(), stdio)?;
+        self.console = created.console;
         self.init = Some(created.pid);
         self.init_exit = None;
         self.status.pid = Some(created.pid);
@@ -505,6 +509,16 @@ impl Supervisor {
                     Err(_) => "err bad signal number".into(),
                 },
                 (Some("status"), _) => serde_json::to_string(&self.status).unwrap_or_default(),
+                // The terminal's master, as an SCM_RIGHTS fd (no answer line).
+                (Some("attach"), _) => match &self.console {
+                    Some(m) => match crate::sys::send_fd(&stream, m) {
+                        Ok(()) => continue,
+                        Err(e) => format!("err sending the terminal: {e}"),
+                    },
+                    None => {
+                        "err this machine has no terminal (it was not started by `run -t`)".into()
+                    }
+                },
                 _ => "err unknown request".into(),
             };
             let mut w = &stream;
