@@ -12,6 +12,7 @@ use moat_core::model::{Display, Firmware, Machine, MachineType};
 use moat_driver::{Ctx, Driver, MachineSpec};
 use moat_qemu::vm::{self, StopOutcome};
 use moat_qemu::{disk, QemuDriver};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -420,6 +421,12 @@ fn debian_vm_disk(r: &Root) -> bool {
     let cached = Path::new(VM_DISK_CACHE).join(format!("bookworm-{}.qcow2", vm_disk_key()));
     let out = disk::base_path(r.root(), "debian/bookworm");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    // One builder at a time (tests of this file run in parallel): the others wait
+    // and copy its result instead of running mmdebstrap too.
+    std::fs::create_dir_all(VM_DISK_CACHE).unwrap();
+    let lock = std::fs::File::create(Path::new(VM_DISK_CACHE).join(".lock")).unwrap();
+    // SAFETY: flock on a file descriptor this function owns; released when `lock` drops.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     let t = Instant::now();
     if cached.is_file() {
         let st = Command::new("cp")
@@ -451,7 +458,7 @@ fn debian_vm_disk(r: &Root) -> bool {
     // Keep it for the next run (written aside, then renamed: a cut run leaves no half file).
     let _ = std::fs::create_dir_all(VM_DISK_CACHE);
     if let Ok(old) = std::fs::read_dir(VM_DISK_CACHE) {
-        for e in old.flatten() {
+        for e in old.flatten().filter(|e| e.file_name() != ".lock") {
             let _ = std::fs::remove_file(e.path());
         }
     }
