@@ -195,6 +195,10 @@ pub fn command_line(l: &VmLaunch) -> Vec<String> {
             &format!("virtio-net-pci,netdev=net0,mac={mac}"),
         ]);
     }
+    // q35's root bus takes no hot-plugged devices: one PCIe root port for a
+    // disk (or NIC) added at run time through the monitor (`device_add
+    // ...,bus=hotplug0`), as libvirt leaves spare ports.
+    push(&["-device", "pcie-root-port,id=hotplug0,chassis=1"]);
     match l.display {
         // A plain VGA even when headless: `screendump` and a later viewer have a screen.
         Display::None => push(&["-device", "VGA"]),
@@ -882,6 +886,7 @@ mod tests {
         assert!(!c.contains("pflash"));
         assert!(c.contains("file=/r/qemu/lab-vm/disk.qcow2,format=qcow2"));
         assert!(c.contains("virtio-blk-pci,drive=disk0,bootindex=1"));
+        assert!(c.contains("-device pcie-root-port,id=hotplug0,chassis=1"));
         assert!(c.contains("file=/r/qemu/lab-vm/seed.iso,format=raw,media=cdrom,readonly=on"));
         assert!(c.contains("logfile=/r/qemu/lab-vm/console.log"));
         assert!(c.contains("-qmp unix:/run/m/qemu/lab-vm/qmp.sock,server=on,wait=off"));

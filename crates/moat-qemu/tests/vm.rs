@@ -557,3 +557,207 @@ fn debian_vm_boots_with_cloud_init_and_powers_off() {
         if built { "built" } else { "from the cache" }
     );
 }
+
+/// The newest test executable `<prefix>-<hash>` next to this one (cargo's
+/// `target/debug/deps`), if cargo built it.
+fn sibling_test_binary(prefix: &str) -> Option<PathBuf> {
+    let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in std::fs::read_dir(&deps).ok()?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(hash) = name.strip_prefix(&format!("{prefix}-")) else {
+            continue;
+        };
+        if hash.len() != 16 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            continue;
+        }
+        let Ok(meta) = e.metadata() else { continue };
+        use std::os::unix::fs::PermissionsExt;
+        if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+            continue;
+        }
+        let t = meta.modified().ok()?;
+        if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+            best = Some((t, e.path()));
+        }
+    }
+    best.map(|(_, p)| p)
+}
+
+/// Removes a file on drop (the payload disk lives outside the test root so
+/// that QEMU, running as moat-qemu, can open it when it is hot-plugged).
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The built-in runtime on cgroup v2. This host is a cgroup v1 hybrid; the
+/// Debian VM boots with systemd's default, the unified (v2-only) hierarchy.
+/// A disk hot-plugged into it carries moat-runtime's own test executables
+/// (limits visible and enforced inside, seccomp, masked paths, capabilities,
+/// restart policy, a killed supervisor, busybox init; and the Debian systemd
+/// system container that must reach `running`/`degraded` and stop cleanly),
+/// the supervisor, busybox and the Debian rootfs: cloud-init runs them there
+/// and the console must show both suites passing with nothing skipped.
+/// MOAT_TEST_QUICK=1 skips it.
+#[test]
+fn runtime_tests_pass_on_cgroup_v2_in_a_debian_vm() {
+    require_host!();
+    if std::env::var_os("MOAT_TEST_QUICK").is_some() {
+        eprintln!("SKIP: MOAT_TEST_QUICK is set (a Debian VM under TCG takes minutes)");
+        return;
+    }
+    for t in [
+        "mmdebstrap",
+        "syslinux",
+        "mkfs.vfat",
+        "mcopy",
+        "sfdisk",
+        "mkfs.ext4",
+    ] {
+        if !have(t) {
+            eprintln!("SKIP: {t} is not installed (scripts/deps.sh --test)");
+            return;
+        }
+    }
+    let (Some(runtime), Some(systemd)) = (
+        sibling_test_binary("runtime"),
+        sibling_test_binary("systemd"),
+    ) else {
+        eprintln!("SKIP: moat-runtime's test executables are not built (`cargo test --workspace` builds them)");
+        return;
+    };
+    // The supervisor cargo builds beside the test executables' folder.
+    let sup = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("moat-supervisor"))
+        .unwrap();
+    if !sup.is_file() {
+        eprintln!("SKIP: {} is not built", sup.display());
+        return;
+    }
+    let rootfs = std::env::var_os("MOAT_TEST_DEBIAN_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/tmp/moat-test-debian-rootfs"));
+    if !rootfs.join("sbin/init").exists() || !Path::new("/bin/busybox").is_file() {
+        eprintln!(
+            "SKIP: needs the Debian rootfs at {} (the nspawn tests build it) and /bin/busybox",
+            rootfs.display()
+        );
+        return;
+    }
+    let r = Root::new();
+    let t0 = Instant::now();
+    debian_vm_disk(&r);
+
+    // The payload: an ext4 image labelled MOATPAY, made from a staging folder.
+    let stage = r.root().join("payload");
+    std::fs::create_dir_all(&stage).unwrap();
+    let cp = |from: &Path, to: &str| {
+        let st = Command::new("cp")
+            .args(["-a", "--reflink=auto"])
+            .arg(from)
+            .arg(stage.join(to))
+            .status()
+            .unwrap();
+        assert!(st.success(), "copying {}", from.display());
+    };
+    cp(&runtime, "runtime");
+    cp(&systemd, "systemd");
+    cp(&sup, "moat-supervisor");
+    cp(Path::new("/bin/busybox"), "busybox");
+    cp(&rootfs, "rootfs");
+    // The systemd test names the supervisor by its build path: the same path in the guest.
+    let build_sup = sup.clone();
+    let script = format!(
+        "#!/bin/sh\n\
+         echo GUEST-CGROUP: $(stat -fc %T /sys/fs/cgroup) kernel $(uname -r)\n\
+         [ -x /bin/busybox ] || cp /mnt/busybox /bin/busybox\n\
+         mkdir -p {dir} && ln -sf /mnt/moat-supervisor {sup}\n\
+         cd /tmp\n\
+         export MOAT_SUPERVISOR=/mnt/moat-supervisor MOAT_TEST_DEBIAN_ROOTFS=/mnt/rootfs RUST_BACKTRACE=1\n\
+         /mnt/runtime --test-threads=1 --nocapture 2>&1; echo GUEST-RUNTIME-RC=$?\n\
+         /mnt/systemd --test-threads=1 --nocapture 2>&1; echo GUEST-SYSTEMD-RC=$?\n\
+         echo GUEST-LEFT: $(find /sys/fs/cgroup -path '*moat*' -type d | wc -l) cgroups, $(grep -c ' /var/tmp/moat-\\| /tmp/' /proc/mounts) mounts\n\
+         echo MOAT-GUEST-DONE\n",
+        dir = build_sup.parent().unwrap().display(),
+        sup = build_sup.display(),
+    );
+    std::fs::write(stage.join("guest.sh"), script).unwrap();
+    let img = PathBuf::from(format!(
+        "/var/tmp/moat-cg2-payload-{}.img",
+        std::process::id()
+    ));
+    let _img_guard = RemoveOnDrop(img.clone());
+    let st = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "MOATPAY", "-d"])
+        .arg(&stage)
+        .arg(&img)
+        .arg("1600M")
+        .status()
+        .unwrap();
+    assert!(st.success(), "mkfs.ext4 -d of the payload");
+    let _ = std::fs::remove_dir_all(&stage);
+    let mut perm = std::fs::metadata(&img).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o644);
+    std::fs::set_permissions(&img, perm).unwrap();
+    eprintln!("payload ready after {:?}", t0.elapsed());
+
+    let name = unique("vmcg2");
+    let runcmd = "sh -c 'for i in $(seq 900); do [ -e /dev/disk/by-label/MOATPAY ] && break; sleep 1; done; \
+                  mount -o ro /dev/disk/by-label/MOATPAY /mnt && sh /mnt/guest.sh' > /dev/ttyS0 2>&1";
+    let spec = r.spec(&name, "debian/bookworm", |m| {
+        m.memory = Some(1536 << 20);
+        m.cpus = Some(2);
+        m.cloud_init = Some(serde_json::json!({"user-data": {"runcmd": [runcmd]}}));
+    });
+    r.driver.create(&r.ctx, &spec).unwrap();
+    let t = Instant::now();
+    r.driver.start(&r.ctx, &name).unwrap();
+    // Hot-plug the payload (read-only) through the monitor.
+    let mut q =
+        moat_qemu::qmp::Qmp::connect(&vm::paths(&r.ctx, &name).qmp, Duration::from_secs(30))
+            .unwrap();
+    let out = q
+        .hmp(&format!(
+            "drive_add 0 if=none,id=moatpay,file={},format=raw,readonly=on",
+            img.display()
+        ))
+        .unwrap();
+    assert!(!out.to_lowercase().contains("error"), "drive_add: {out}");
+    let out = q
+        .hmp("device_add virtio-blk-pci,drive=moatpay,id=moatpaydev,bus=hotplug0")
+        .unwrap();
+    assert!(!out.to_lowercase().contains("error"), "device_add: {out}");
+    drop(q);
+    let p = vm::paths(&r.ctx, &name);
+    let deadline = t + Duration::from_secs(1500);
+    let mut log = String::new();
+    while Instant::now() < deadline {
+        log = std::fs::read_to_string(&p.console_log).unwrap_or_default();
+        if log.contains("MOAT-GUEST-DONE") {
+            break;
+        }
+        assert!(vm::is_running(&r.ctx, &name), "the VM died:\n{log}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    eprintln!("guest tests done after {:?}", t.elapsed());
+    if let Ok(dir) = std::env::var("MOAT_TEST_ARTIFACTS") {
+        let _ = std::fs::write(Path::new(&dir).join("cgroup2-vm-console.log"), &log);
+    }
+    let guest = log.find("GUEST-CGROUP:").map(|i| &log[i..]).unwrap_or(&log);
+    assert!(log.contains("MOAT-GUEST-DONE"), "timed out:\n{guest}");
+    assert!(guest.contains("GUEST-CGROUP: cgroup2fs"), "{guest}");
+    assert!(guest.contains("GUEST-RUNTIME-RC=0"), "{guest}");
+    assert!(guest.contains("GUEST-SYSTEMD-RC=0"), "{guest}");
+    assert!(!guest.contains("SKIP"), "a guest test skipped:\n{guest}");
+    assert_eq!(guest.matches("test result: ok").count(), 2, "{guest}");
+    assert!(guest.contains("GUEST-LEFT: 0 cgroups, 0 mounts"), "{guest}");
+    vm::shut_down(&r.ctx, &name, Duration::ZERO).unwrap();
+    r.driver.stop(&r.ctx, &name, Duration::ZERO).unwrap();
+    eprintln!("whole test {:?}", t0.elapsed());
+}
