@@ -159,10 +159,6 @@ impl Client {
         body: Option<(&[u8], &str)>,
         read_timeout: Duration,
     ) -> Result<RawResponse, IncusError> {
-        let net = |source: std::io::Error| IncusError::Connect {
-            server: self.describe(),
-            source,
-        };
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: incus\r\nConnection: close\r\nUser-Agent: moat\r\n"
         );
@@ -177,13 +173,30 @@ impl Client {
         if let Some((b, _)) = body {
             bytes.extend_from_slice(b);
         }
-        let resp = match &self.endpoint {
+        let mut s = self.connect(read_timeout)?;
+        let resp = match s.write_all(&bytes).and_then(|_| s.flush()) {
+            Ok(()) => read_response(BufReader::new(s)),
+            Err(e) => Err(e),
+        };
+        resp.map_err(|source| IncusError::Connect {
+            server: self.describe(),
+            source,
+        })
+    }
+
+    /// A new connection to the server (TLS handshake done lazily by the
+    /// first write), for one HTTP exchange or one websocket.
+    pub(crate) fn connect(&self, read_timeout: Duration) -> Result<Stream, IncusError> {
+        let net = |source: std::io::Error| IncusError::Connect {
+            server: self.describe(),
+            source,
+        };
+        match &self.endpoint {
             Endpoint::Unix(p) => {
-                let mut s = UnixStream::connect(p).map_err(net)?;
+                let s = UnixStream::connect(p).map_err(net)?;
                 s.set_read_timeout(Some(read_timeout)).map_err(net)?;
                 s.set_write_timeout(Some(self.io_timeout)).map_err(net)?;
-                s.write_all(&bytes).map_err(net)?;
-                read_response(BufReader::new(s))
+                Ok(Stream::Unix(s))
             }
             Endpoint::Https {
                 addr,
@@ -195,16 +208,9 @@ impl Client {
                 sock.set_write_timeout(Some(self.io_timeout)).map_err(net)?;
                 let conn = rustls::ClientConnection::new(tls.clone(), server_name.clone())
                     .map_err(|e| net(std::io::Error::other(e)))?;
-                let mut s = rustls::StreamOwned::new(conn, sock);
-                s.write_all(&bytes).map_err(net)?;
-                s.flush().map_err(net)?;
-                read_response(BufReader::new(s))
+                Ok(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, sock))))
             }
-        };
-        resp.map_err(|source| IncusError::Connect {
-            server: self.describe(),
-            source,
-        })
+        }
     }
 
     /// Sends a request and decodes Incus's envelope; async operations are
@@ -345,6 +351,76 @@ impl Client {
 pub enum Envelope {
     Sync(Value),
     Async { operation: String, metadata: Value },
+}
+
+/// One connection to incusd: the Unix socket or TLS over TCP.
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Stream {
+    /// The socket under the stream (for poll(2)).
+    pub(crate) fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tls(s) => s.sock.as_raw_fd(),
+        }
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_nonblocking(on),
+            Stream::Tls(s) => s.sock.set_nonblocking(on),
+        }
+    }
+
+    /// Timeouts off: a websocket may be idle for as long as its session lasts.
+    pub(crate) fn clear_timeouts(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s
+                .set_read_timeout(None)
+                .and_then(|_| s.set_write_timeout(None)),
+            Stream::Tls(s) => s
+                .sock
+                .set_read_timeout(None)
+                .and_then(|_| s.sock.set_write_timeout(None)),
+        }
+    }
+}
+
+impl std::io::Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stream::Unix(_) => "Stream(unix)",
+            Stream::Tls(_) => "Stream(tls)",
+        })
+    }
 }
 
 fn split_host_port(hostport: &str) -> (&str, String) {

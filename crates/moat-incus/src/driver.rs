@@ -15,7 +15,8 @@ use crate::{image, IncusError};
 use moat_core::model::{MachineType, Project};
 use moat_core::observed::{Limits, ObservedMachine, ObservedNetwork};
 use moat_driver::{
-    Capabilities, Ctx, DomainNetwork, Driver, DriverError, ExecOutput, MachineSpec, Probe, Result,
+    Capabilities, Ctx, DomainNetwork, Driver, DriverError, ExecOutput, ExecSession, MachineSpec,
+    Probe, Result, SessionOpts,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -308,6 +309,21 @@ impl IncusDriver {
             .map(str::to_string))
     }
 
+    /// The console of a running machine (the pty its init writes to) at
+    /// `size` (rows, cols), relayed over Incus's websockets; the caller
+    /// leaves it by closing the session's fd.
+    pub fn console_session(
+        &self,
+        ctx: &Ctx,
+        full_name: &str,
+        size: (u16, u16),
+    ) -> Result<ExecSession> {
+        let c = self.cl(ctx, full_name)?;
+        let f = self.must_find(ctx, full_name)?;
+        crate::session::console(&c, &Self::inst_path(&f, "/console"), &f.project, size)
+            .map_err(|e| failed(full_name, e))
+    }
+
     /// What the machine's console printed so far (Incus's console log).
     pub fn console_log(&self, ctx: &Ctx, full_name: &str) -> Result<Vec<u8>> {
         let c = self.cl(ctx, full_name)?;
@@ -545,7 +561,7 @@ impl Driver for IncusDriver {
             exec: true,
             snapshot: true,
             clone: false,
-            console: false,
+            console: true,
             update_limits: true,
         }
     }
@@ -743,6 +759,19 @@ impl Driver for IncusDriver {
             }
         }
         Ok(out)
+    }
+
+    fn exec_session(
+        &self,
+        ctx: &Ctx,
+        full_name: &str,
+        argv: &[String],
+        opts: &SessionOpts,
+    ) -> Result<ExecSession> {
+        let c = self.cl(ctx, full_name)?;
+        let f = self.must_find(ctx, full_name)?;
+        crate::session::exec(&c, &Self::inst_path(&f, "/exec"), &f.project, argv, opts)
+            .map_err(|e| failed(full_name, e))
     }
 
     fn manages_networks(&self) -> bool {

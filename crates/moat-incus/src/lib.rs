@@ -17,13 +17,15 @@
 //! translation of moat's model into Incus objects (unit-tested); [`driver`]
 //! implements `moat_driver::Driver` on top; [`image`] builds and uploads the
 //! busybox image when the server has none; [`import`] turns existing Incus
-//! state into a moat project.
+//! state into a moat project; [`session`] runs interactive exec and the
+//! console over Incus's websockets.
 
 pub mod client;
 pub mod driver;
 pub mod image;
 pub mod import;
 pub mod mapping;
+pub mod session;
 
 pub use client::Client;
 pub use driver::IncusDriver;

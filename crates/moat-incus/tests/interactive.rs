@@ -1,0 +1,412 @@
+//! Interactive sessions of Incus machines against the local incusd (root;
+//! skipped without it): a login shell on a tty (marker, exit code), plain
+//! streams (stdin piped to `cat`, EOF, stderr merged), a resize seen by
+//! `stty size`, a signal ending `sleep`, the console (output written to
+//! /dev/console, input read from it, the console log), a missing command,
+//! and a tty session through the HTTPS listener with a client certificate.
+
+mod common;
+
+use common::*;
+use moat_driver::{Ctx, Driver, ExecSession, SessionOpts};
+use moat_incus::client::{enc, Client};
+use serde_json::json;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const PROJECT: &str = r#"
+schema_version: 1
+project: incusinteractive
+addressing: { base: "10.187", zone_step: 1 }
+defaults:
+  driver: { container: incus }
+domains:
+  tty:
+    trust_level: trusted
+    egress: none
+    machines:
+      box: {}
+"#;
+
+const MACHINE: &str = "tty-box";
+
+/// The session's fd as a stream with a read timeout.
+fn stream(s: &ExecSession) -> UnixStream {
+    let st = UnixStream::from(s.io.try_clone().expect("dup io"));
+    st.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    st
+}
+
+/// Reads until `want` appears in what was read (or `secs` pass); returns all of it.
+fn read_until(st: &mut UnixStream, want: &str, secs: u64) -> String {
+    let t = Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while t.elapsed() < Duration::from_secs(secs) {
+        match st.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+        if String::from_utf8_lossy(&out).contains(want) {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Reads to EOF (the session's end), up to `secs`.
+fn read_to_end(st: &mut UnixStream, secs: u64) -> String {
+    read_until(st, "\u{0}never\u{0}", secs)
+}
+
+/// The session's exit code, failing the test (and so cleaning up) when it
+/// does not come within `secs`.
+fn wait(s: ExecSession, secs: u64) -> i32 {
+    wait_result(s, secs).expect("wait")
+}
+
+fn wait_result(s: ExecSession, secs: u64) -> Result<i32, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = s;
+        let _ = tx.send(s.wait().map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(r) => r,
+        Err(_) => panic!("the session did not end within {secs} s"),
+    }
+}
+
+fn tty_opts(rows: u16, cols: u16) -> SessionOpts {
+    SessionOpts {
+        tty: Some((rows, cols)),
+        env: vec!["TERM=xterm".into()],
+        login: false,
+    }
+}
+
+fn argv(a: &[&str]) -> Vec<String> {
+    a.iter().map(|s| s.to_string()).collect()
+}
+
+/// A pseudo-random number for markers the shell must compute (so the
+/// terminal's echo of the typed line cannot match).
+fn random() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() ^ std::process::id())
+        .unwrap_or(1)
+        % 100_000
+}
+
+/// A login shell on a tty: types a command, gets the computed marker, exit 7.
+fn shell_marker_exit(d: &dyn Driver, ctx: &Ctx, what: &str, code: i32) {
+    let opts = SessionOpts {
+        login: true,
+        ..tty_opts(24, 80)
+    };
+    let s = d.exec_session(ctx, MACHINE, &[], &opts).expect("shell");
+    assert!(s.tty);
+    let mut st = stream(&s);
+    let n = random();
+    writeln!(
+        st,
+        "echo \"hi-$(({n}+1))-marker $HOME $(pwd) $SHELL\"; exit {code}"
+    )
+    .expect("type");
+    let out = read_to_end(&mut st, 15);
+    eprintln!("{what}: shell output {out:?}");
+    let want = format!("hi-{}-marker /root /root /bin/sh", n + 1);
+    assert!(out.contains(&want), "{what}: want '{want}' in {out:?}");
+    assert_eq!(wait(s, 15), code, "{what}: exit code");
+}
+
+#[test]
+fn interactive_sessions_local_and_remote() {
+    let Some(client) = incus() else { return };
+    let t = TestRoot::new(client.clone());
+    t.write(PROJECT);
+    let proj = t.project();
+    let mut e = t.engine();
+    apply(&mut e, &proj);
+    let ctx = Ctx {
+        root: t.root(),
+        run_dir: t.root().join("run"),
+        root_tag: t.tag.clone(),
+    };
+    let d = moat_incus::IncusDriver::with_client(client.clone());
+
+    // 1. A login shell on a tty, through the engine as `moat shell` calls it.
+    let started = Instant::now();
+    shell_marker_exit(&d, &ctx, "local", 7);
+    eprintln!("tty shell session: {:?}", started.elapsed());
+
+    // 2. Plain streams: stdin piped to cat, then EOF; exit 0.
+    let s = e
+        .exec_session(MACHINE, &argv(&["cat"]), false, None)
+        .expect("cat");
+    assert!(!s.tty);
+    let mut st = stream(&s);
+    st.write_all(b"line one\nline two\n").expect("write");
+    let got = read_until(&mut st, "line two\n", 10);
+    assert_eq!(got, "line one\nline two\n");
+    s.close_stdin().expect("close stdin");
+    assert_eq!(read_to_end(&mut st, 10), "", "nothing after EOF");
+    assert_eq!(wait(s, 15), 0, "cat ends with 0 on EOF");
+
+    // stdout and stderr merged, the exit code kept.
+    let s = e
+        .exec_session(
+            MACHINE,
+            &argv(&["sh", "-c", "echo out; sleep 0.2; echo err >&2; exit 3"]),
+            false,
+            None,
+        )
+        .expect("sh");
+    let mut st = stream(&s);
+    let out = read_to_end(&mut st, 10);
+    assert!(out.contains("out\n") && out.contains("err\n"), "{out:?}");
+    assert_eq!(wait(s, 15), 3);
+
+    // 3. Resize: `stty size` inside follows.
+    let s = d
+        .exec_session(&ctx, MACHINE, &argv(&["sh"]), &tty_opts(24, 80))
+        .expect("sh on a tty");
+    let mut st = stream(&s);
+    writeln!(st, "stty size").expect("type");
+    let out = read_until(&mut st, "24 80", 10);
+    assert!(out.contains("24 80"), "initial size: {out:?}");
+    s.resize(33, 101).expect("resize");
+    let mut seen = String::new();
+    assert!(
+        wait_until(10, || {
+            let _ = writeln!(st, "stty size");
+            seen = read_until(&mut st, "33 101", 1);
+            seen.contains("33 101")
+        }),
+        "size after resize: {seen:?}"
+    );
+    writeln!(st, "exit 0").expect("type");
+    read_to_end(&mut st, 10);
+    assert_eq!(wait(s, 15), 0);
+
+    // 4. A signal ends `sleep`: 128 + SIGTERM.
+    let s = d
+        .exec_session(
+            &ctx,
+            MACHINE,
+            &argv(&["sleep", "60"]),
+            &SessionOpts::default(),
+        )
+        .expect("sleep");
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal(libc::SIGTERM).expect("signal");
+    let mut st = stream(&s);
+    read_to_end(&mut st, 15);
+    let code = wait(s, 15);
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "sleep outlived SIGTERM"
+    );
+    assert_eq!(code, 128 + libc::SIGTERM, "exit code of a signalled sleep");
+
+    // 5. A command that does not exist: Incus's own message, or 127.
+    match d.exec_session(
+        &ctx,
+        MACHINE,
+        &argv(&["/no/such/cmd"]),
+        &SessionOpts::default(),
+    ) {
+        Err(e) => eprintln!("missing command refused: {e}"),
+        Ok(s) => {
+            let mut st = stream(&s);
+            read_to_end(&mut st, 10);
+            match wait_result(s, 15) {
+                Ok(code) => assert_eq!(code, 127, "missing command"),
+                Err(e) => eprintln!("missing command: {e}"),
+            }
+        }
+    }
+
+    // 6. The console: what the machine writes to /dev/console arrives, what
+    //    is typed there is read by the machine; the log has the output.
+    let cs = d.console_session(&ctx, MACHINE, (24, 80)).expect("console");
+    let mut st = stream(&cs);
+    let n = random();
+    let o = e
+        .exec(
+            MACHINE,
+            &argv(&["sh", "-c", &format!("echo console-{n}-out >/dev/console")]),
+        )
+        .expect("write to the console");
+    assert_eq!(o.status, 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let out = read_until(&mut st, &format!("console-{n}-out"), 10);
+    assert!(out.contains(&format!("console-{n}-out")), "{out:?}");
+    let reader = d
+        .exec_session(
+            &ctx,
+            MACHINE,
+            &argv(&[
+                "sh",
+                "-c",
+                "read -r x </dev/console; echo \"got-$x-back\" >/dev/console",
+            ]),
+            &SessionOpts::default(),
+        )
+        .expect("console reader");
+    std::thread::sleep(Duration::from_millis(300));
+    st.write_all(format!("in{n}\r").as_bytes()).expect("type");
+    let out = read_until(&mut st, &format!("got-in{n}-back"), 10);
+    assert!(out.contains(&format!("got-in{n}-back")), "{out:?}");
+    assert_eq!(wait(reader, 15), 0);
+    drop(st);
+    drop(cs);
+    let log = d.console_log(&ctx, MACHINE).expect("console log");
+    assert!(
+        String::from_utf8_lossy(&log).contains(&format!("console-{n}-out")),
+        "console log: {}",
+        String::from_utf8_lossy(&log)
+    );
+
+    // 7. Remote: the same through HTTPS with a client certificate.
+    match Remote::open(&client, &t) {
+        None => eprintln!("SKIP (remote part): openssl could not make a client certificate"),
+        Some(r) => {
+            let dr = moat_incus::IncusDriver::with_client(r.https.clone());
+            let started = Instant::now();
+            shell_marker_exit(&dr, &ctx, "remote", 5);
+            eprintln!("remote tty shell session: {:?}", started.elapsed());
+            let s = dr
+                .exec_session(&ctx, MACHINE, &argv(&["cat"]), &SessionOpts::default())
+                .expect("remote cat");
+            let mut st = stream(&s);
+            // Larger than one TLS record and one websocket read.
+            let big: String = (0..4000).map(|i| format!("{i:05}\n")).collect();
+            let writer = {
+                let mut w = st.try_clone().expect("dup");
+                let big = big.clone();
+                std::thread::spawn(move || w.write_all(big.as_bytes()))
+            };
+            let got = read_until(&mut st, "03999\n", 20);
+            writer.join().expect("writer").expect("write");
+            assert_eq!(got.len(), big.len(), "remote cat echoes everything");
+            assert_eq!(got, big);
+            s.close_stdin().expect("close stdin");
+            read_to_end(&mut st, 10);
+            assert_eq!(wait(s, 15), 0);
+        }
+    }
+}
+
+/// The HTTPS listener on a free loopback port and a trusted client
+/// certificate; both undone on drop.
+struct Remote {
+    local: Client,
+    had_address: String,
+    cert_name: String,
+    https: Client,
+}
+
+impl Remote {
+    fn open(local: &Client, t: &TestRoot) -> Option<Remote> {
+        let dir = t.project();
+        let had_address = local.get("/1.0").expect("server")["config"]["core.https_address"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let st = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=moat-test",
+            ])
+            .arg("-keyout")
+            .arg(dir.join("client.key"))
+            .arg("-out")
+            .arg(dir.join("client.crt"))
+            .stderr(std::process::Stdio::null())
+            .status();
+        if !st.is_ok_and(|s| s.success()) {
+            return None;
+        }
+        let mut r = Remote {
+            local: local.clone(),
+            had_address,
+            cert_name: format!("moat-test-{}", t.tag),
+            https: Client::local(),
+        };
+        local
+            .call(
+                "PATCH",
+                "/1.0",
+                Some(&json!({"config": {"core.https_address": format!("127.0.0.1:{port}")}})),
+            )
+            .expect("open the HTTPS listener");
+        let pem = std::fs::read_to_string(dir.join("client.crt")).expect("cert");
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        local
+            .call(
+                "POST",
+                "/1.0/certificates",
+                Some(&json!({"name": r.cert_name, "type": "client", "certificate": b64})),
+            )
+            .expect("trust the client certificate");
+        let server_pem = local.get("/1.0").expect("server")["environment"]["certificate"]
+            .as_str()
+            .expect("server certificate")
+            .to_string();
+        std::fs::write(dir.join("server.crt"), server_pem).expect("write server.crt");
+        let https = Client::https(
+            &format!("https://127.0.0.1:{port}"),
+            &dir.join("client.crt"),
+            &dir.join("client.key"),
+            &dir.join("server.crt"),
+        )
+        .expect("https client");
+        assert_eq!(https.get("/1.0").expect("GET /1.0")["auth"], "trusted");
+        r.https = https;
+        Some(r)
+    }
+}
+
+impl Drop for Remote {
+    fn drop(&mut self) {
+        let certs = self
+            .local
+            .get("/1.0/certificates?recursion=1")
+            .unwrap_or_default();
+        for c in certs.as_array().into_iter().flatten() {
+            if c["name"].as_str() == Some(self.cert_name.as_str()) {
+                if let Some(fp) = c["fingerprint"].as_str() {
+                    let _ =
+                        self.local
+                            .call("DELETE", &format!("/1.0/certificates/{}", enc(fp)), None);
+                }
+            }
+        }
+        let _ = self.local.call(
+            "PATCH",
+            "/1.0",
+            Some(&json!({"config": {"core.https_address": self.had_address}})),
+        );
+    }
+}
