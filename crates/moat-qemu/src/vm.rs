@@ -6,7 +6,7 @@
 //! create: base disk (images/vm/<image>.qcow2, built or imported on demand)
 //!         ─▶ <root>/qemu/<m>/disk.qcow2 (overlay, grown to `disk:`), seed.iso, vm.json
 //! start:  tap on the domain bridge ─▶ cgroup moat-<tag>/qemu-<m> ─▶ qemu-system-x86_64
-//!         -daemonize -run-with user=moat-qemu (command_line)
+//!         -run-with user=moat-qemu, detached by setsid (command_line, start)
 //! stop:   QMP system_powerdown ─▶ wait ≤ timeout ─▶ QMP quit ─▶ SIGKILL; disposable: drop overlay
 //! ```
 //!
@@ -227,12 +227,13 @@ pub fn command_line(l: &VmLaunch) -> Vec<String> {
             ]);
         }
     }
-    // `elevateprivileges=deny` and `spawn=deny` make -daemonize fail (QEMU 10: the filter is
-    // installed before it forks and calls setsid).
+    // Not -daemonize: its fork would need `spawn=allow`; moat detaches QEMU
+    // itself (setsid). `elevateprivileges` stays allowed: `-run-with user=`
+    // drops to moat-qemu after the filter is installed (with `deny` QEMU is
+    // killed by its own filter); once dropped, no setuid can regain root.
     push(&[
         "-sandbox",
-        "on,obsolete=deny,resourcecontrol=deny",
-        "-daemonize",
+        "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
         "-pidfile",
         &s(&p.pid),
     ]);
@@ -457,7 +458,7 @@ pub fn start(d: &QemuDriver, ctx: &Ctx, rec: &Record) -> Result<()> {
     // Least privilege: QEMU opens disks, sockets and the tap as root, then drops to
     // moat-qemu (`-run-with user=`) before the guest runs. Its files are moat-qemu's so
     // what it creates later (screendumps in the run folder) works; root still reaches
-    // the sockets. The cgroup is joined before exec, so the daemonized QEMU is in it.
+    // the sockets. The cgroup is joined before exec, so QEMU is in it.
     let (uid, gid) = crate::microvm::qemu_user().map_err(|e| failed(name, e))?;
     let mdir = machine_dir(ctx, name);
     for f in [&mdir, &rd, &p.disk, &p.seed, &p.vars, &p.console_log] {
@@ -470,22 +471,27 @@ pub fn start(d: &QemuDriver, ctx: &Ctx, rec: &Record) -> Result<()> {
         .as_ref()
         .and_then(|p| std::fs::OpenOptions::new().write(true).open(p).ok());
     let procs_raw = procs_fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+    let err_file = rd.join("qemu.err");
+    let stderr = std::fs::File::create(&err_file).map_err(io_err(name))?;
     let mut cmd = Command::new(QEMU);
     cmd.args(&args)
         .arg("-run-with")
         .arg(format!("user={uid}:{gid}"))
-        .stdin(std::process::Stdio::null());
-    // SAFETY: only write(2), async-signal-safe, between fork and exec.
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr);
+    // SAFETY: only write(2) and setsid(2), async-signal-safe, between fork and exec.
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(move || {
             if let Some(fd) = procs_raw {
                 libc::write(fd, b"0".as_ptr().cast(), 1);
             }
+            libc::setsid();
             Ok(())
         });
     }
-    let out = cmd.output().map_err(|e| {
+    let mut child = cmd.spawn().map_err(|e| {
         failed(
             name,
             QemuError::Failed(format!(
@@ -493,17 +499,50 @@ pub fn start(d: &QemuDriver, ctx: &Ctx, rec: &Record) -> Result<()> {
             )),
         )
     })?;
-    if !out.status.success() {
+    // Started once QEMU runs as moat-qemu (it drops after initialising the
+    // machine, pid file and monitor); an exit first is a failure, with
+    // QEMU's own message.
+    let t = std::time::Instant::now();
+    let dropped = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|st| {
+                st.lines()
+                    .find_map(|l| l.strip_prefix("Uid:"))
+                    .map(|ids| ids.split_whitespace().all(|x| x == uid.to_string()))
+            })
+            .unwrap_or(false)
+    };
+    let started = loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break false;
+        }
+        if p.qmp.exists() && qemu_pid(&p.pid).is_some_and(dropped) {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    if !started {
         crate::microvm::remove_cgroup(ctx, name);
         return Err(failed(
             name,
             QemuError::Command {
                 what: "starting the VM".into(),
                 cmd: format!("{QEMU} {}", args.join(" ")),
-                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                stderr: std::fs::read_to_string(&err_file)
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string(),
             },
         ));
     }
+    // Reaped by a thread while this process lives, by init after.
+    std::thread::spawn(move || child.wait());
     Ok(())
 }
 
@@ -893,7 +932,10 @@ mod tests {
         assert!(c.contains("tap,id=net0,ifname=mvt-3,script=no,downscript=no"));
         assert!(c.contains("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:03"));
         assert!(c.contains("-device VGA"));
-        assert!(c.contains("-daemonize -pidfile /run/m/qemu/lab-vm/qemu.pid"));
+        assert!(c.contains(
+            "-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny -pidfile /run/m/qemu/lab-vm/qemu.pid"
+        ));
+        assert!(!c.contains("-daemonize"));
         assert!(!c.contains("spice") && !c.contains("xhci"));
     }
 

@@ -170,6 +170,17 @@ fn assert_least_privilege(ctx: &Ctx, name: &str, memory_mib: u64) {
         .map(|x| x.parse().unwrap())
         .collect();
     assert_eq!(ids, vec![uid; 4], "real/effective/saved/fs uid of QEMU");
+    // `-sandbox on,...,spawn=deny`: a seccomp filter (mode 2), and no fork
+    // was needed (moat detached QEMU itself: it leads its own session).
+    assert!(status.lines().any(|l| l == "Seccomp:\t2"), "{status}");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(fields[3], pid, "QEMU is its own session leader");
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let want = format!("/moat-{}/qemu-{name}", ctx.root_tag);
     let limit = (memory_mib + 256) << 20;
