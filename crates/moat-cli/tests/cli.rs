@@ -127,3 +127,55 @@ fn help_documents_exit_codes() {
     let s = text(&o.stdout);
     assert!(s.contains("Exit codes: 0 success, 1 an operation failed, 2 invalid project"));
 }
+
+/// A full VM whose base disk is already in the root (built by `moat image
+/// build --vm`, or copied) needs no image: the plan must not build a
+/// container image of the same name for it (minutes of mmdebstrap).
+#[test]
+fn a_vm_with_its_base_disk_present_needs_no_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let proj = dir.path().join("proj");
+    std::fs::create_dir_all(&proj).unwrap();
+    std::fs::write(
+        proj.join("moat.yml"),
+        "schema_version: 1\nproject: vmimg\naddressing: {base: \"10.157\", zone_step: 1}\n\
+         domains:\n  va:\n    machines:\n      vm: {type: vm, image: debian/bookworm, accel: tcg}\n",
+    )
+    .unwrap();
+    let plan = |root: &Path| {
+        let o = moat(&["--root", root.to_str().unwrap(), "plan", "--json"], &proj);
+        if o.status.code() != Some(0) {
+            return None; // not root: the network layer cannot be observed
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("plan --json");
+        Some(
+            v["actions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter_map(|a| a["id"].as_str().map(str::to_string))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let Some(before) = plan(&root) else {
+        eprintln!("SKIP: plan needs root here");
+        return;
+    };
+    assert!(
+        before.iter().any(|a| a == "ensure-image:debian/bookworm"),
+        "{before:?}"
+    );
+    let vm = root.join("images/vm");
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::write(vm.join("debian%2Fbookworm.qcow2"), b"").unwrap();
+    let after = plan(&root).unwrap();
+    assert!(
+        !after.iter().any(|a| a.starts_with("ensure-image:")),
+        "{after:?}"
+    );
+    assert!(
+        after.iter().any(|a| a == "create-machine:va-vm"),
+        "{after:?}"
+    );
+}

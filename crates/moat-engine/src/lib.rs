@@ -356,6 +356,20 @@ impl Engine {
                 o.images.insert(m.image.clone());
             }
         }
+        // A full VM boots its base disk, not a container image: with the disk
+        // there (`moat image build --vm`, a cloud image, a copy), the image
+        // needs nothing, or apply would build a container image for nothing.
+        for m in project
+            .machines()
+            .filter(|m| m.kind == moat_core::model::MachineType::Vm)
+        {
+            let only_vms = !project
+                .machines()
+                .any(|x| x.image == m.image && x.kind != moat_core::model::MachineType::Vm);
+            if only_vms && moat_qemu::disk::base_path(&host.ctx.root, &m.image).exists() {
+                o.images.insert(m.image.clone());
+            }
+        }
         // A domain whose DHCP server died is a network to repair (drift).
         for d in checked
             .resolved
