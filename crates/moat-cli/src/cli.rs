@@ -96,7 +96,7 @@ pub enum Command {
     /// Convert another tool's configuration folder into a moat project
     #[command(subcommand)]
     Import(crate::import::ImportCmd),
-    /// Attach to a full VM's serial console, or open its display (--gui)
+    /// Attach to a full VM's serial console (or an Incus machine's console), or open a VM's display (--gui)
     Console(ConsoleArgs),
     /// Inspect domain networks and the firewall
     #[command(subcommand)]
@@ -252,7 +252,7 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct ConsoleArgs {
-    /// Machine full name (`<domain>-<machine>`) of a running `type: vm` machine
+    /// Machine full name (`<domain>-<machine>`) of a running `type: vm` or Incus machine
     pub machine: String,
     /// Open the SPICE display (`display: spice`) with remote-viewer, or print its URI
     #[arg(long)]

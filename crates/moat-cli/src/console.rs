@@ -2,6 +2,8 @@
 //! relayed to this terminal in raw mode; Ctrl-] leaves), and
 //! `moat console --gui MACHINE`: its SPICE display (`display: spice`),
 //! opened with `remote-viewer` when installed, else the URI is printed.
+//! An Incus machine's console comes through the Incus driver's websocket
+//! session and is relayed the same way.
 
 use crate::cli::{Cli, ConsoleArgs};
 use crate::exit;
@@ -37,8 +39,12 @@ pub fn run(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<u8, CliError> {
     let ctx = ctx(cli);
     let name = &a.machine;
     let Some(vr) = moat_qemu::vm::read_vm_record(&ctx, name) else {
+        if let Some(code) = incus_console(out, &ctx, a)? {
+            return Ok(code);
+        }
         return Err(CliError::NotFound(format!(
-            "no full VM named '{name}' in this root (consoles are for `type: vm` machines)"
+            "no full VM or Incus machine named '{name}' in this root \
+             (consoles are for `type: vm` and Incus machines)"
         )));
     };
     if !moat_qemu::vm::is_running(&ctx, name) {
@@ -85,6 +91,41 @@ pub fn run(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<u8, CliError> {
         source: e,
     })?;
     Ok(exit::OK)
+}
+
+/// An Incus machine's console (the pty its init writes to), through Incus's
+/// websockets; `None` when `a.machine` is no Incus machine of this root.
+fn incus_console(
+    out: &Output,
+    ctx: &moat_driver::Ctx,
+    a: &ConsoleArgs,
+) -> Result<Option<u8>, CliError> {
+    let name = &a.machine;
+    if !ctx.root.join("incus.json").exists() {
+        return Ok(None);
+    }
+    let d = moat_incus::IncusDriver::new();
+    if !matches!(d.find(ctx, name), Ok(Some(_))) {
+        return Ok(None);
+    }
+    if a.gui {
+        return Err(CliError::Other(format!(
+            "{name} is an Incus machine: only its text console is available (drop --gui)"
+        )));
+    }
+    let size = crate::tty::terminal_size().unwrap_or((24, 80));
+    let session = d
+        .console_session(ctx, name, size)
+        .map_err(|e| CliError::Other(format!("{e}; is it running (`moat start {name}`)?")))?;
+    out.info(&format!("connected to {name}'s console; Ctrl-] leaves"));
+    let moat_driver::ExecSession { io, process, .. } = session;
+    relay(UnixStream::from(io)).map_err(|e| CliError::Io {
+        what: format!("console of {name}"),
+        source: e,
+    })?;
+    // Dropping the session closes Incus's console operation.
+    drop(process);
+    Ok(Some(exit::OK))
 }
 
 /// stdin → socket (until Ctrl-] or EOF), socket → stdout (until QEMU closes it).

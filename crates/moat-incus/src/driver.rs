@@ -770,8 +770,14 @@ impl Driver for IncusDriver {
     ) -> Result<ExecSession> {
         let c = self.cl(ctx, full_name)?;
         let f = self.must_find(ctx, full_name)?;
-        crate::session::exec(&c, &Self::inst_path(&f, "/exec"), &f.project, argv, opts)
-            .map_err(|e| failed(full_name, e))
+        crate::session::exec(&c, &Self::inst_path(&f, "/exec"), &f.project, argv, opts).map_err(
+            |e| match e.to_string() {
+                m if m.contains("not running") => {
+                    failed(full_name, format!("{m}; `moat start {full_name}` first"))
+                }
+                m => failed(full_name, m),
+            },
+        )
     }
 
     fn manages_networks(&self) -> bool {
