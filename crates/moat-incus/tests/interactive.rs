@@ -3,7 +3,9 @@
 //! streams (stdin piped to `cat`, EOF, stderr merged), a resize seen by
 //! `stty size`, a signal ending `sleep`, the console (output written to
 //! /dev/console, input read from it, the console log), a missing command,
-//! and a tty session through the HTTPS listener with a client certificate.
+//! and a tty session through the HTTPS listener with a client certificate;
+//! `moat shell` itself on a pty (typing, SIGWINCH, exit code) when this
+//! build's `moat` binary is there.
 
 mod common;
 
@@ -127,6 +129,123 @@ fn shell_marker_exit(d: &dyn Driver, ctx: &Ctx, what: &str, code: i32) {
     assert_eq!(wait(s, 15), code, "{what}: exit code");
 }
 
+/// The `moat` binary of this build, when it is newer than the sources of
+/// the two crates this test is about (`cargo test -p moat-incus` alone does
+/// not rebuild it; `cargo test --workspace` does).
+fn moat_bin() -> Option<std::path::PathBuf> {
+    let deps = std::env::current_exe().ok()?.parent()?.to_path_buf();
+    let bin = deps.parent()?.join("moat");
+    let mtime = |p: &std::path::Path| p.metadata().and_then(|m| m.modified()).ok();
+    let crates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let newest_source = ["moat-incus/src", "moat-cli/src"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(crates.join(d)).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter_map(|e| mtime(&e.path()))
+        .max()?;
+    (mtime(&bin)? >= newest_source).then_some(bin)
+}
+
+/// `moat shell` on a real terminal: a pty whose slave is the CLI's
+/// controlling terminal; typed input, a resize (SIGWINCH), the exit code.
+fn cli_shell_on_a_pty(moat: &std::path::Path, root: &std::path::Path) {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let (mut m, mut sl) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: 25,
+        ws_col: 90,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty fills two fds; ws is a valid winsize.
+    let r = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: both fds were just returned by openpty and are owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
+    let mut cmd = Command::new(moat);
+    cmd.arg("--root")
+        .arg(root)
+        .args(["shell", MACHINE])
+        .env("TERM", "xterm")
+        .stdin(slave.try_clone().expect("dup"))
+        .stdout(slave.try_clone().expect("dup"))
+        .stderr(slave);
+    // SAFETY: setsid and ioctl are async-signal-safe; stdin is the slave.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("moat shell");
+    let master_fd = master.as_raw_fd();
+    let mut term = std::fs::File::from(master);
+    let read_until = |term: &mut std::fs::File, want: &str, secs: u64| -> String {
+        let t = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while t.elapsed() < Duration::from_secs(secs) {
+            let mut pfd = libc::pollfd {
+                fd: master_fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: poll on one live pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
+                continue;
+            }
+            match term.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+            if String::from_utf8_lossy(&out).contains(want) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let n = random();
+    write!(term, "stty size; echo \"cli-$(({n}+1))-marker\"\r").expect("type");
+    let out = read_until(&mut term, &format!("cli-{}-marker", n + 1), 15);
+    assert!(out.contains("25 90"), "moat shell: initial size in {out:?}");
+    assert!(out.contains(&format!("cli-{}-marker", n + 1)), "{out:?}");
+    let ws = libc::winsize {
+        ws_row: 31,
+        ws_col: 111,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a valid winsize; the kernel sends SIGWINCH to the CLI.
+    unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) };
+    let mut seen = String::new();
+    assert!(
+        wait_until(10, || {
+            let _ = write!(term, "stty size\r");
+            seen = read_until(&mut term, "31 111", 1);
+            seen.contains("31 111")
+        }),
+        "moat shell: size after the terminal's resize: {seen:?}"
+    );
+    write!(term, "exit 7\r").expect("type");
+    let t = Instant::now();
+    let status = loop {
+        // Keep the pty drained so the CLI never blocks on its output.
+        read_until(&mut term, "\u{0}", 0);
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("moat shell did not end after `exit 7`");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(7), "moat shell's exit code");
+}
+
 #[test]
 fn interactive_sessions_local_and_remote() {
     let Some(client) = incus() else { return };
@@ -146,6 +265,16 @@ fn interactive_sessions_local_and_remote() {
     let started = Instant::now();
     shell_marker_exit(&d, &ctx, "local", 7);
     eprintln!("tty shell session: {:?}", started.elapsed());
+    match moat_bin() {
+        Some(moat) => {
+            let started = Instant::now();
+            cli_shell_on_a_pty(&moat, &t.root());
+            eprintln!("moat shell on a pty: {:?}", started.elapsed());
+        }
+        None => eprintln!(
+            "SKIP (moat shell on a pty): no up-to-date moat binary; `cargo build -p moat-cli`"
+        ),
+    }
 
     // 2. Plain streams: stdin piped to cat, then EOF; exit 0.
     let s = e
