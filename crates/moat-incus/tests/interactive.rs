@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 const PROJECT: &str = r#"
 schema_version: 1
 project: incusinteractive
-addressing: { base: "10.187", zone_step: 1 }
+addressing: { base: "10.176", zone_step: 1 }
 defaults:
   driver: { container: incus }
 domains:
