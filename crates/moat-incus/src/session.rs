@@ -409,7 +409,15 @@ fn relay(mut local: UnixStream, mut chans: Vec<Chan>, console: bool) {
             }
         }
     }
-    let _ = local.shutdown(std::net::Shutdown::Both);
+    // Input the process never read must not stay queued: closing a Unix
+    // socket with unread data makes the caller's next read fail with
+    // ECONNRESET instead of the end of output. No more input (the caller's
+    // writes now fail with EPIPE), drop what is queued, then end the output.
+    let _ = local.shutdown(std::net::Shutdown::Read);
+    if local.set_nonblocking(true).is_ok() {
+        while matches!(local.read(&mut buf), Ok(n) if n > 0) {}
+    }
+    let _ = local.shutdown(std::net::Shutdown::Write);
 }
 
 /// The caller's handle on a running session.
