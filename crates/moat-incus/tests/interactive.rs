@@ -1,6 +1,6 @@
 //! Interactive sessions of Incus machines against the local incusd (root;
 //! skipped without it): a login shell on a tty (marker, exit code), plain
-//! streams (stdin piped to `cat`, EOF, stderr merged), a resize seen by
+//! streams (stdin piped to `cat`, EOF, stderr merged, input left unread), a resize seen by
 //! `stty size`, a signal ending `sleep`, the console (output written to
 //! /dev/console, input read from it, the console log), a missing command,
 //! and a tty session through the HTTPS listener with a client certificate;
@@ -288,6 +288,41 @@ fn interactive_sessions_local_and_remote() {
     s.close_stdin().expect("close stdin");
     assert_eq!(read_to_end(&mut st, 10), "", "nothing after EOF");
     assert_eq!(wait(s, 15), 0, "cat ends with 0 on EOF");
+
+    // A process that ends before reading all its input: the caller sees the
+    // end of output, not an error (unread input is dropped).
+    let s = e
+        .exec_session(MACHINE, &argv(&["head", "-c", "5"]), false, None)
+        .expect("head");
+    let mut st = stream(&s);
+    st.set_write_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    // Like `yes |`: writes until the pipe breaks (EPIPE once the session ended).
+    let writer = {
+        let mut w = st.try_clone().expect("dup");
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(10) && w.write_all(&[b'z'; 4096]).is_ok() {}
+        })
+    };
+    // Read only once the session is over and its socket closed.
+    writer.join().expect("writer");
+    std::thread::sleep(Duration::from_millis(300));
+    let (t0, mut out, mut buf) = (Instant::now(), Vec::new(), [0u8; 4096]);
+    while t0.elapsed() < Duration::from_secs(10) {
+        match st.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading a session whose process left input unread: {e}"),
+        }
+    }
+    assert_eq!(out, b"zzzzz");
+    assert_eq!(wait(s, 15), 0);
 
     // stdout and stderr merged, the exit code kept.
     let s = e
