@@ -532,6 +532,78 @@ impl SessionProcess for IncusProcess {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tungstenite::protocol::Role;
+
+    /// A websocket pair over a Unix socket pair: the relay's client side
+    /// (non-blocking, as `open` sets it) and a plain server side for the test.
+    fn ws_pair() -> (Chan, WebSocket<UnixStream>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let client = WebSocket::from_raw_socket(Stream::Unix(a), Role::Client, None);
+        let server = WebSocket::from_raw_socket(b, Role::Server, None);
+        let chan = Chan {
+            ws: client,
+            dir: Dir::Both,
+            open: true,
+            pending: false,
+        };
+        (chan, server)
+    }
+
+    /// Messages the server side receives until a barrier (or the end).
+    fn until_barrier(server: &mut WebSocket<UnixStream>) -> (Vec<u8>, bool) {
+        let mut data = Vec::new();
+        loop {
+            match server.read() {
+                Ok(Message::Binary(b)) => data.extend_from_slice(&b),
+                Ok(Message::Text(t)) if t.is_empty() => return (data, true),
+                Ok(_) => {}
+                Err(_) => return (data, false),
+            }
+        }
+    }
+
+    #[test]
+    fn pty_relay_answers_the_barrier_and_ends() {
+        let (mut chan, mut server) = ws_pair();
+        chan.dir = Dir::Both;
+        let (mut caller, ours) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || relay(ours, vec![chan], false));
+        caller.write_all(b"typed").unwrap();
+        server.send(Message::binary(b"output".to_vec())).unwrap();
+        // Incus's end of output; the relay must answer with its own barrier.
+        server.send(Message::text("")).unwrap();
+        let (typed, barrier) = until_barrier(&mut server);
+        assert_eq!((typed.as_slice(), barrier), (&b"typed"[..], true));
+        let mut out = Vec::new();
+        caller.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"output");
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn streams_relay_sends_eof_as_a_barrier_and_merges_output() {
+        let (mut stdin, mut s0) = ws_pair();
+        let (mut stdout, mut s1) = ws_pair();
+        let (mut stderr, mut s2) = ws_pair();
+        stdin.dir = Dir::In;
+        stdout.dir = Dir::Out;
+        stderr.dir = Dir::Out;
+        let (mut caller, ours) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || relay(ours, vec![stdin, stdout, stderr], false));
+        caller.write_all(b"input").unwrap();
+        caller.shutdown(std::net::Shutdown::Write).unwrap();
+        let (got, barrier) = until_barrier(&mut s0);
+        assert_eq!((got.as_slice(), barrier), (&b"input"[..], true));
+        s1.send(Message::binary(b"out ".to_vec())).unwrap();
+        s1.send(Message::text("")).unwrap();
+        s2.send(Message::binary(b"err".to_vec())).unwrap();
+        s2.send(Message::text("")).unwrap();
+        let mut out = Vec::new();
+        caller.read_to_end(&mut out).unwrap();
+        assert_eq!(out, b"out err");
+        t.join().unwrap();
+    }
 
     #[test]
     fn exec_body_tty_login_and_streams() {
