@@ -4,8 +4,8 @@
 //! `stty size`, a signal ending `sleep`, the console (output written to
 //! /dev/console, input read from it, the console log), a missing command,
 //! and a tty session through the HTTPS listener with a client certificate;
-//! `moat shell` itself on a pty (typing, SIGWINCH, exit code) when this
-//! build's `moat` binary is there.
+//! `moat shell` and `moat console` themselves on a pty (typing, SIGWINCH,
+//! exit code, Ctrl-]) when this build's `moat` binary is there.
 
 mod common;
 
@@ -146,50 +146,62 @@ fn moat_bin() -> Option<std::path::PathBuf> {
     (mtime(&bin)? >= newest_source).then_some(bin)
 }
 
-/// `moat shell` on a real terminal: a pty whose slave is the CLI's
-/// controlling terminal; typed input, a resize (SIGWINCH), the exit code.
-fn cli_shell_on_a_pty(moat: &std::path::Path, root: &std::path::Path) {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    use std::os::unix::process::CommandExt;
-    let (mut m, mut sl) = (-1, -1);
-    let ws = libc::winsize {
-        ws_row: 25,
-        ws_col: 90,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: openpty fills two fds; ws is a valid winsize.
-    let r = unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), &ws) };
-    assert_eq!(r, 0, "openpty");
-    // SAFETY: both fds were just returned by openpty and are owned here.
-    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
-    let mut cmd = Command::new(moat);
-    cmd.arg("--root")
-        .arg(root)
-        .args(["shell", MACHINE])
-        .env("TERM", "xterm")
-        .stdin(slave.try_clone().expect("dup"))
-        .stdout(slave.try_clone().expect("dup"))
-        .stderr(slave);
-    // SAFETY: setsid and ioctl are async-signal-safe; stdin is the slave.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
+/// The `moat` CLI running on a pty the test holds (the slave is its
+/// controlling terminal, as in a terminal emulator).
+struct Pty {
+    child: std::process::Child,
+    term: std::fs::File,
+}
+
+impl Pty {
+    fn spawn(moat: &std::path::Path, root: &std::path::Path, args: &[&str]) -> Pty {
+        use std::os::fd::{FromRawFd, OwnedFd};
+        use std::os::unix::process::CommandExt;
+        let (mut m, mut sl) = (-1, -1);
+        let ws = libc::winsize {
+            ws_row: 25,
+            ws_col: 90,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty fills two fds; ws is a valid winsize.
+        let r =
+            unsafe { libc::openpty(&mut m, &mut sl, std::ptr::null_mut(), std::ptr::null(), &ws) };
+        assert_eq!(r, 0, "openpty");
+        // SAFETY: both fds were just returned by openpty and are owned here.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(sl)) };
+        let mut cmd = Command::new(moat);
+        cmd.arg("--root")
+            .arg(root)
+            .args(args)
+            .env("TERM", "xterm")
+            .stdin(slave.try_clone().expect("dup"))
+            .stdout(slave.try_clone().expect("dup"))
+            .stderr(slave);
+        // SAFETY: setsid and ioctl are async-signal-safe; stdin is the slave.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("moat on a pty");
+        Pty {
+            child,
+            term: std::fs::File::from(master),
+        }
     }
-    let mut child = cmd.spawn().expect("moat shell");
-    let master_fd = master.as_raw_fd();
-    let mut term = std::fs::File::from(master);
-    let read_until = |term: &mut std::fs::File, want: &str, secs: u64| -> String {
+
+    fn read_until(&mut self, want: &str, secs: u64) -> String {
+        use std::os::fd::AsRawFd;
         let t = Instant::now();
         let mut out = Vec::new();
         let mut buf = [0u8; 4096];
         while t.elapsed() < Duration::from_secs(secs) {
             let mut pfd = libc::pollfd {
-                fd: master_fd,
+                fd: self.term.as_raw_fd(),
                 events: libc::POLLIN,
                 revents: 0,
             };
@@ -197,7 +209,7 @@ fn cli_shell_on_a_pty(moat: &std::path::Path, root: &std::path::Path) {
             if unsafe { libc::poll(&mut pfd, 1, 200) } <= 0 {
                 continue;
             }
-            match term.read(&mut buf) {
+            match self.term.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => out.extend_from_slice(&buf[..n]),
             }
@@ -206,10 +218,40 @@ fn cli_shell_on_a_pty(moat: &std::path::Path, root: &std::path::Path) {
             }
         }
         String::from_utf8_lossy(&out).into_owned()
-    };
+    }
+
+    /// The CLI's exit code (the pty kept drained meanwhile).
+    fn exit_code(&mut self, secs: u64) -> Option<i32> {
+        let t = Instant::now();
+        loop {
+            self.read_until("\u{0}", 0);
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st.code();
+            }
+            if t.elapsed() > Duration::from_secs(secs) {
+                let _ = self.child.kill();
+                panic!("moat did not end within {secs} s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Pty {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `moat shell` on a real terminal: typed input, a resize (SIGWINCH), the
+/// exit code.
+fn cli_shell_on_a_pty(moat: &std::path::Path, root: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let mut pty = Pty::spawn(moat, root, &["shell", MACHINE]);
     let n = random();
-    write!(term, "stty size; echo \"cli-$(({n}+1))-marker\"\r").expect("type");
-    let out = read_until(&mut term, &format!("cli-{}-marker", n + 1), 15);
+    write!(pty.term, "stty size; echo \"cli-$(({n}+1))-marker\"\r").expect("type");
+    let out = pty.read_until(&format!("cli-{}-marker", n + 1), 15);
     assert!(out.contains("25 90"), "moat shell: initial size in {out:?}");
     assert!(out.contains(&format!("cli-{}-marker", n + 1)), "{out:?}");
     let ws = libc::winsize {
@@ -219,31 +261,40 @@ fn cli_shell_on_a_pty(moat: &std::path::Path, root: &std::path::Path) {
         ws_ypixel: 0,
     };
     // SAFETY: TIOCSWINSZ reads a valid winsize; the kernel sends SIGWINCH to the CLI.
-    unsafe { libc::ioctl(master_fd, libc::TIOCSWINSZ, &ws) };
+    unsafe { libc::ioctl(pty.term.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
     let mut seen = String::new();
     assert!(
         wait_until(10, || {
-            let _ = write!(term, "stty size\r");
-            seen = read_until(&mut term, "31 111", 1);
+            let _ = write!(pty.term, "stty size\r");
+            seen = pty.read_until("31 111", 1);
             seen.contains("31 111")
         }),
         "moat shell: size after the terminal's resize: {seen:?}"
     );
-    write!(term, "exit 7\r").expect("type");
-    let t = Instant::now();
-    let status = loop {
-        // Keep the pty drained so the CLI never blocks on its output.
-        read_until(&mut term, "\u{0}", 0);
-        if let Some(st) = child.try_wait().expect("try_wait") {
-            break st;
-        }
-        if t.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
-            panic!("moat shell did not end after `exit 7`");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(7), "moat shell's exit code");
+    write!(pty.term, "exit 7\r").expect("type");
+    assert_eq!(pty.exit_code(15), Some(7), "moat shell's exit code");
+}
+
+/// `moat console` on a real terminal: a line the machine writes to
+/// /dev/console shows; Ctrl-] leaves with 0.
+fn cli_console_on_a_pty(moat: &std::path::Path, root: &std::path::Path, e: &moat_engine::Engine) {
+    let mut pty = Pty::spawn(moat, root, &["console", MACHINE]);
+    let out = pty.read_until("Ctrl-] leaves", 10);
+    assert!(out.contains("console"), "moat console: {out:?}");
+    let n = random();
+    let marker = format!("cli-console-{n}");
+    assert!(
+        wait_until(10, || {
+            let _ = e.exec(
+                MACHINE,
+                &argv(&["sh", "-c", &format!("echo {marker} >/dev/console")]),
+            );
+            pty.read_until(&marker, 1).contains(&marker)
+        }),
+        "moat console shows what the machine writes to /dev/console"
+    );
+    pty.term.write_all(&[0x1d]).expect("Ctrl-]");
+    assert_eq!(pty.exit_code(15), Some(0), "moat console's exit code");
 }
 
 #[test]
@@ -270,6 +321,9 @@ fn interactive_sessions_local_and_remote() {
             let started = Instant::now();
             cli_shell_on_a_pty(&moat, &t.root());
             eprintln!("moat shell on a pty: {:?}", started.elapsed());
+            let started = Instant::now();
+            cli_console_on_a_pty(&moat, &t.root(), &e);
+            eprintln!("moat console on a pty: {:?}", started.elapsed());
         }
         None => eprintln!(
             "SKIP (moat shell on a pty): no up-to-date moat binary; `cargo build -p moat-cli`"
