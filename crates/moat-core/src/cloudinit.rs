@@ -331,6 +331,12 @@ fn mac_string(mac: &[u8; 6]) -> String {
 /// The default network-config (version 2) for a machine's NIC: matched by
 /// MAC (the guest may name it anything), static address, default route and
 /// DNS through the domain gateway.
+///
+/// The default route is `gateway4`, not `routes: [{to: 0.0.0.0/0}]`: Debian's
+/// cloud-init renders a route for ifupdown as `post-up route add ... || true`,
+/// and `route` (net-tools) is not in a minimal image, so a Debian VM got no
+/// default route at all; `gateway4` becomes ifupdown's own `gateway` line
+/// (and networkd's `Gateway=`, netplan's deprecated-but-supported key).
 pub fn default_network_config(nic: &SeedNic) -> Value {
     serde_json::json!({
         "version": 2,
@@ -338,7 +344,7 @@ pub fn default_network_config(nic: &SeedNic) -> Value {
             "eth0": {
                 "match": { "macaddress": mac_string(&nic.mac) },
                 "addresses": [format!("{}/{}", nic.address, nic.prefix_len)],
-                "routes": [{ "to": "0.0.0.0/0", "via": nic.gateway.to_string() }],
+                "gateway4": nic.gateway.to_string(),
                 "nameservers": {
                     "addresses": nic.nameservers.iter().map(|a| a.to_string()).collect::<Vec<_>>()
                 }
@@ -562,7 +568,8 @@ mod tests {
             "{net}"
         );
         assert!(net.contains("10.120.0.5/24"), "{net}");
-        assert!(net.contains("via: 10.120.0.254"), "{net}");
+        assert!(net.contains("gateway4: 10.120.0.254"), "{net}");
+        assert!(!net.contains("routes"), "{net}");
         // The rendered text parses back to what was meant.
         let back = parse_cloud_config(&s.user_data).unwrap().unwrap();
         assert_eq!(back["write_files"][0]["content"], json!("hello\nworld\n"));

@@ -1,8 +1,9 @@
-//! The microVM network through `moat apply`: a busybox microVM and a
-//! container of one domain reach each other, the microVM cannot reach
-//! another domain, and an address the microVM was not given does not get
-//! through the bridge. Needs root, QEMU, mkfs.ext4, busybox and a kernel
-//! (cached in /var/tmp/moat-test-kernels, fetched once when missing).
+//! The VM network through `moat apply`: a busybox microVM (and, second
+//! test, a full Debian VM) and a container of one domain reach each other,
+//! the VM cannot reach another domain, and an address the VM was not given
+//! does not get through the bridge. Needs root, QEMU, mkfs.ext4, busybox and
+//! a kernel (cached in /var/tmp/moat-test-kernels, fetched once when
+//! missing); the full VM needs the Debian disk that tests/vm.rs caches.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -169,6 +170,30 @@ impl Drop for Root {
     }
 }
 
+/// A fresh root with the built binaries, or `None` (a SKIP line printed)
+/// when the host cannot run these tests.
+fn new_root() -> Option<Root> {
+    if let Some(why) = needs() {
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    let bins = match ensure_bins() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("SKIP: {e}");
+            return None;
+        }
+    };
+    let r = Root {
+        dir: tempfile::tempdir().expect("tempdir"),
+        bins,
+        ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_default(),
+    };
+    // QEMU runs as moat-qemu: the root must be traversable.
+    std::fs::set_permissions(r.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    Some(r)
+}
+
 /// Packets counted by the rule of `moat_<tag>` (nft family `family`) whose comment is `comment`.
 fn counter(family: &str, tag: &str, comment: &str) -> u64 {
     let o = Command::new("nft")
@@ -194,17 +219,7 @@ fn ping(target: &str) -> String {
 
 #[test]
 fn microvm_and_container_of_one_domain_talk_other_domain_and_spoofing_do_not() {
-    if let Some(why) = needs() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    let bins = match ensure_bins() {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("SKIP: {e}");
-            return;
-        }
-    };
+    let Some(r) = new_root() else { return };
     let kernel = match test_kernel() {
         Ok(k) => k,
         Err(e) => {
@@ -213,13 +228,6 @@ fn microvm_and_container_of_one_domain_talk_other_domain_and_spoofing_do_not() {
         }
     };
     let t0 = Instant::now();
-    let r = Root {
-        dir: tempfile::tempdir().expect("tempdir"),
-        bins,
-        ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_default(),
-    };
-    // QEMU runs as moat-qemu: the root must be traversable.
-    std::fs::set_permissions(r.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let proj = r.dir.path().join("project");
     std::fs::create_dir_all(&proj).expect("project dir");
     let base = free_base();
@@ -352,3 +360,211 @@ domains:
     r.ok(&["destroy", "--all", "--force"]);
     eprintln!("whole test: {:?}", t0.elapsed());
 }
+
+/// The newest Debian VM disk in the cache that `tests/vm.rs` fills
+/// (`debian_vm_disk`; cargo runs that test binary before this one).
+fn cached_debian_disk() -> Option<PathBuf> {
+    std::fs::read_dir("/var/tmp/moat-test-vmdisk")
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "qcow2")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("bookworm-"))
+        })
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+}
+
+/// The same checks for a full VM (q35, the Debian disk of `moat image build
+/// --vm`, its address from the network-config moat writes into the cloud-init
+/// seed): it has no `moat exec`, so cloud-init runs the guest's side (an ICMP
+/// echo in python3, written by `write_files`) and prints the results on the
+/// serial console; the container's side runs through `moat exec`.
+#[test]
+fn full_vm_and_container_of_one_domain_talk_other_domain_and_spoofing_do_not() {
+    if std::env::var_os("MOAT_TEST_QUICK").is_some() {
+        eprintln!("SKIP: MOAT_TEST_QUICK is set (a Debian VM under TCG takes minutes)");
+        return;
+    }
+    let Some(disk) = cached_debian_disk() else {
+        eprintln!(
+            "SKIP: no cached Debian VM disk in /var/tmp/moat-test-vmdisk (tests/vm.rs builds it)"
+        );
+        return;
+    };
+    let Some(r) = new_root() else { return };
+    let t0 = Instant::now();
+    // The VM image is there already: apply builds nothing.
+    let vmdir = r.dir.path().join("root/images/vm");
+    std::fs::create_dir_all(&vmdir).expect("images/vm");
+    let st = Command::new("cp")
+        .args(["--reflink=auto", "--sparse=always"])
+        .arg(&disk)
+        .arg(vmdir.join("debian%2Fbookworm.qcow2"))
+        .status()
+        .expect("cp");
+    assert!(st.success(), "copying {}", disk.display());
+
+    let base = free_base();
+    let (a, b) = (base + 1, base + 2);
+    let (vm_ip, cta_ip, ctb_ip, spoof) = (
+        format!("10.{a}.0.20"),
+        format!("10.{a}.0.10"),
+        format!("10.{b}.0.10"),
+        format!("10.{a}.0.250"),
+    );
+    let script = format!(
+        "#!/bin/sh\n\
+         P='python3 /root/ping.py'\n\
+         IF=$(ip -o -4 addr show | awk '$4 ~ /^{vm_ip}\\// {{print $2}}')\n\
+         echo VMNET-UP if=$IF; ip -4 route | sed 's/^/VMNET-ROUTE /'\n\
+         for i in $(seq 30); do $P {cta_ip} && break; sleep 1; done\n\
+         if $P {cta_ip}; then echo VMNET-SAME=ok; else echo VMNET-SAME=fail; fi\n\
+         if $P {ctb_ip}; then echo VMNET-OTHER=reached; else echo VMNET-OTHER=blocked; fi\n\
+         ip addr add {spoof}/32 dev $IF\n\
+         if $P {cta_ip} {spoof}; then echo VMNET-SPOOF=reached; else echo VMNET-SPOOF=blocked; fi\n\
+         ip addr del {spoof}/32 dev $IF\n\
+         if $P {cta_ip}; then echo VMNET-AFTER=ok; else echo VMNET-AFTER=fail; fi\n\
+         echo VMNET-DONE\n"
+    );
+    let cloud_init = serde_json::json!({
+        "user-data": {
+            "write_files": [
+                {"path": "/root/ping.py", "content": PING_PY},
+                {"path": "/root/vmnet.sh", "content": script, "permissions": "0755"}
+            ],
+            "runcmd": ["sh -c '/root/vmnet.sh > /dev/ttyS0 2>&1'"]
+        }
+    });
+    let proj = r.dir.path().join("project");
+    std::fs::create_dir_all(&proj).expect("project dir");
+    let project = format!(
+        r#"schema_version: 1
+project: vmnetfull
+addressing: {{base: "10.{base}", zone_step: 1}}
+domains:
+  va:
+    trust_level: trusted
+    egress: none
+    machines:
+      vm:
+        type: vm
+        image: debian/bookworm
+        accel: tcg
+        memory: 1GiB
+        cpus: 2
+        ip: {vm_ip}
+        cloud_init: {cloud_init}
+      ct: {{ command: ["sleep", "100000"], ip: {cta_ip} }}
+  vb:
+    trust_level: semi-trusted
+    egress: none
+    machines:
+      ct: {{ command: ["sleep", "100000"], ip: {ctb_ip} }}
+"#
+    );
+    std::fs::write(proj.join("moat.yml"), project).expect("write project");
+    let f = proj.to_str().expect("utf-8 path");
+    let plan = r.ok(&["-f", f, "plan"]);
+    assert!(!plan.contains("ensure image debian/bookworm"), "{plan}");
+    r.ok(&["-f", f, "apply"]);
+    eprintln!("apply: {:?}", t0.elapsed());
+    let st: serde_json::Value =
+        serde_json::from_str(&r.ok(&["-f", f, "status", "--json"])).expect("status json");
+    let tag = st["root_tag"].as_str().expect("root_tag").to_string();
+    let between = || counter("inet", &tag, "between domains");
+    let spoofed = || counter("bridge", &tag, "spoofed or not IPv4");
+    let (between0, spoofed0) = (between(), spoofed());
+
+    let serial = || {
+        std::fs::read_to_string(r.dir.path().join("root/qemu/va-vm/console.log"))
+            .unwrap_or_default()
+    };
+    let wait_for = |marker: &str, secs: u64| {
+        let t = Instant::now();
+        while !serial().contains(marker) {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "no {marker} on the VM's console after {secs} s:\n{}",
+                serial()
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    };
+    wait_for("VMNET-UP", 900);
+    eprintln!("VM up: {:?}", t0.elapsed());
+    // The container's side: it reaches the VM at its allocated address.
+    let (code, out) = r.sh("va-ct", &format!("ping -c 3 -W 3 {vm_ip} >/dev/null 2>&1"));
+    assert_eq!(
+        code,
+        0,
+        "container → full VM {vm_ip} failed: {out}\n{}",
+        serial()
+    );
+    wait_for("VMNET-DONE", 300);
+    let log = serial();
+    let guest = &log[log.find("VMNET-UP").unwrap_or(0)..];
+    // The address and the default route come from the seed's network-config.
+    assert!(
+        guest.contains(&format!("VMNET-ROUTE default via 10.{a}.0.254")),
+        "{guest}"
+    );
+    assert!(guest.contains("VMNET-SAME=ok"), "{guest}");
+    assert!(guest.contains("VMNET-OTHER=blocked"), "{guest}");
+    assert!(guest.contains("VMNET-SPOOF=blocked"), "{guest}");
+    assert!(guest.contains("VMNET-AFTER=ok"), "{guest}");
+    let rules = || {
+        let o = Command::new("nft")
+            .args(["list", "table", "inet", &format!("moat_{tag}")])
+            .output()
+            .expect("nft");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(
+        between() > between0,
+        "the cross-domain ping was not dropped between domains:\n{guest}\n{}",
+        rules()
+    );
+    assert!(
+        spoofed() > spoofed0,
+        "the bridge did not drop the spoofed source"
+    );
+    eprintln!("checks done: {:?}", t0.elapsed());
+    r.ok(&["destroy", "--all", "--force"]);
+    eprintln!("whole test: {:?}", t0.elapsed());
+}
+
+/// An ICMP echo (raw socket) for the guest, which has python3 (cloud-init's)
+/// but no ping: `ping.py DST [SRC]` exits 0 when DST answers, binding SRC as
+/// the source address when given.
+const PING_PY: &str = r#"import os, socket, struct, sys, time
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xFFFF)
+    s += s >> 16
+    return ~s & 0xFFFF
+def ping(dst, src, tries=3, wait=2.0):
+    ident = os.getpid() & 0xFFFF
+    for seq in range(tries):
+        try:
+            s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            if src:
+                s.bind((src, 0))
+            s.settimeout(wait)
+            data = b"moat"
+            h = struct.pack("!BBHHH", 8, 0, 0, ident, seq)
+            h = struct.pack("!BBHHH", 8, 0, csum(h + data), ident, seq)
+            s.sendto(h + data, (dst, 0))
+            end = time.time() + wait
+            while time.time() < end:
+                r, a = s.recvfrom(1024)
+                if a[0] == dst and r[20] == 0 and struct.unpack("!H", r[24:26])[0] == ident:
+                    return True
+        except OSError as e:
+            print("ping", dst, "from", src or "-", ":", e, file=sys.stderr)
+    return False
+sys.exit(0 if ping(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None) else 1)
+"#;
