@@ -464,9 +464,9 @@ impl IncusDriver {
     }
 
     /// Creates the per-member pending networks a cluster needs before the
-    /// network itself. A domain whose machines span members would need an OVN
-    /// network to be one L2 segment; moat creates one bridge per member (same
-    /// subnet, not connected) and says so. Not run here: single-member only.
+    /// network itself ([`mapping::NetworkKind::BridgePerMember`]: one bridge
+    /// per member, same subnet, not connected; with OVN the domain gets one
+    /// OVN network instead). Run here on a single-member cluster only.
     fn cluster_pending(
         c: &Client,
         members: &[String],
@@ -860,10 +860,26 @@ impl Driver for IncusDriver {
             }
             None => {
                 let members = Self::members(&c).map_err(err)?;
-                if !members.is_empty() {
-                    Self::cluster_pending(&c, &members, &net.bridge).map_err(err)?;
+                let ovn = members.len() > 1 && Self::is_ovn_capable(&c);
+                match mapping::network_kind(members.len(), ovn) {
+                    // Not run on this host (no OVN): the bodies are unit-tested only.
+                    mapping::NetworkKind::Ovn => {
+                        let acl = mapping::ovn_acl_body(tag, net);
+                        match c.call("POST", "/1.0/network-acls", Some(&acl)) {
+                            Ok(_) => {}
+                            Err(e) if e.to_string().contains("already exists") => {}
+                            Err(e) => return Err(err(e)),
+                        }
+                        let ovn = mapping::ovn_network_body(tag, net, mapping::OVN_UPLINK);
+                        c.call("POST", "/1.0/networks", Some(&ovn)).map_err(err)?;
+                    }
+                    kind => {
+                        if kind == mapping::NetworkKind::BridgePerMember {
+                            Self::cluster_pending(&c, &members, &net.bridge).map_err(err)?;
+                        }
+                        c.call("POST", "/1.0/networks", Some(&body)).map_err(err)?;
+                    }
                 }
-                c.call("POST", "/1.0/networks", Some(&body)).map_err(err)?;
             }
         }
         self.ensure_project(&c, tag, &net.domain).map_err(err)?;
@@ -981,6 +997,12 @@ impl Driver for IncusDriver {
             }
         }
         c.call("DELETE", &path, None).map_err(err)?;
+        // An OVN domain's ACL goes with its network.
+        if net["type"].as_str() == Some("ovn") {
+            if let Some(acl) = net["config"]["security.acls"].as_str() {
+                let _ = c.call("DELETE", &format!("/1.0/network-acls/{}", enc(acl)), None);
+            }
+        }
         Ok(true)
     }
 

@@ -91,6 +91,74 @@ pub fn network_body(tag: &str, net: &DomainNetwork) -> Value {
     })
 }
 
+/// The uplink network an OVN network needs (`network:`), by the name
+/// Incus's OVN documentation gives it. Not configurable yet.
+pub const OVN_UPLINK: &str = "UPLINK";
+
+/// What a domain's network is on a server ([`network_kind`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkKind {
+    /// One Linux bridge (a standalone server); moat's nftables isolate it.
+    Bridge,
+    /// A cluster without OVN: the bridge exists on every member (created
+    /// pending per member first), each member's copy a separate L2 segment.
+    BridgePerMember,
+    /// A cluster with OVN: one network across members, isolated by an Incus
+    /// network ACL (moat's nftables do not see OVN traffic).
+    Ovn,
+}
+
+/// The network a domain gets on a server with `members` cluster members
+/// (0: not clustered) that can (`ovn`) or cannot run OVN networks.
+pub fn network_kind(members: usize, ovn: bool) -> NetworkKind {
+    match (members, ovn) {
+        (0, _) => NetworkKind::Bridge,
+        (1, _) | (_, false) => NetworkKind::BridgePerMember,
+        _ => NetworkKind::Ovn,
+    }
+}
+
+/// Name of the network ACL isolating a domain's OVN network.
+pub fn ovn_acl_name(tag: &str, domain: &str) -> String {
+    format!("moat-{tag}-{domain}")
+}
+
+/// The ACL of a domain's OVN network: traffic within the domain's subnet
+/// (its machines and its gateway) is allowed; the network's default action
+/// drops the rest, other domains and the uplink included. Cross-domain
+/// `policies:` are not mapped to ACL rules (an OVN domain is closed).
+pub fn ovn_acl_body(tag: &str, net: &DomainNetwork) -> Value {
+    let subnet = net.subnet.trunc().to_string();
+    json!({
+        "name": ovn_acl_name(tag, &net.domain),
+        "description": format!("moat domain {}: only its own subnet", net.domain),
+        "ingress": [{"action": "allow", "source": subnet, "state": "enabled",
+                     "description": "within the domain"}],
+        "egress": [{"action": "allow", "destination": subnet, "state": "enabled",
+                    "description": "within the domain"}],
+        "config": { ROOT: tag, DOMAIN: net.domain },
+    })
+}
+
+/// A domain's OVN network (same name, gateway and DHCP range as its bridge
+/// would have), on `uplink`, closed by [`ovn_acl_body`].
+pub fn ovn_network_body(tag: &str, net: &DomainNetwork, uplink: &str) -> Value {
+    let mut c = network_config(tag, net);
+    // Bridge-only keys.
+    c.remove("ipv4.firewall");
+    c.remove("raw.dnsmasq");
+    c.insert("network".into(), uplink.into());
+    c.insert("security.acls".into(), ovn_acl_name(tag, &net.domain));
+    c.insert("security.acls.default.ingress.action".into(), "drop".into());
+    c.insert("security.acls.default.egress.action".into(), "drop".into());
+    json!({
+        "name": net.bridge,
+        "type": "ovn",
+        "description": format!("moat domain {} (OVN, across cluster members)", net.domain),
+        "config": c,
+    })
+}
+
 pub fn project_body(tag: &str, domain: &str) -> Value {
     json!({
         "name": project_name(tag, domain),
@@ -401,6 +469,36 @@ mod tests {
         assert_eq!(r.1, "10.100.20.249".parse::<Ipv4Addr>().unwrap());
         let r = dhcp_range(&net(&[]));
         assert_eq!(r.0, "10.100.20.1".parse::<Ipv4Addr>().unwrap());
+    }
+
+    #[test]
+    fn network_kind_by_cluster_and_ovn() {
+        assert_eq!(network_kind(0, false), NetworkKind::Bridge);
+        assert_eq!(network_kind(0, true), NetworkKind::Bridge);
+        assert_eq!(network_kind(1, true), NetworkKind::BridgePerMember);
+        assert_eq!(network_kind(3, false), NetworkKind::BridgePerMember);
+        assert_eq!(network_kind(3, true), NetworkKind::Ovn);
+    }
+
+    #[test]
+    fn ovn_network_is_closed_by_its_acl() {
+        let n = net(&[1]);
+        let b = ovn_network_body("abc", &n, OVN_UPLINK);
+        assert_eq!(b["type"], "ovn");
+        assert_eq!(b["name"], n.bridge.as_str());
+        let c = &b["config"];
+        assert_eq!(c["network"], "UPLINK");
+        assert_eq!(c["ipv4.address"], "10.100.20.254/24");
+        assert_eq!(c["ipv4.nat"], "false");
+        assert_eq!(c["security.acls"], "moat-abc-pro");
+        assert_eq!(c["security.acls.default.ingress.action"], "drop");
+        assert_eq!(c["security.acls.default.egress.action"], "drop");
+        assert!(c.get("ipv4.firewall").is_none() && c.get("raw.dnsmasq").is_none());
+        let a = ovn_acl_body("abc", &n);
+        assert_eq!(a["name"], "moat-abc-pro");
+        assert_eq!(a["ingress"][0]["source"], "10.100.20.0/24");
+        assert_eq!(a["egress"][0]["destination"], "10.100.20.0/24");
+        assert_eq!(a["ingress"].as_array().unwrap().len(), 1);
     }
 
     #[test]
