@@ -95,10 +95,6 @@ impl Rng {
     }
 }
 
-/// `net.ipv4.ip_forward` as found before the first lab, restored after the last.
-static FORWARD: Mutex<(usize, Option<String>)> = Mutex::new((0, None));
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
-
 /// Second octets in use by the labs of this process.
 static BASES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
@@ -142,6 +138,8 @@ struct Lab {
     sfx: String,
     net: u32,
     sup: PathBuf,
+    /// ip_forward comes back after the last lab (dropped after `drop` ran).
+    _forward: common::ForwardHold,
 }
 
 impl Lab {
@@ -152,13 +150,6 @@ impl Lab {
         let _ = std::fs::remove_dir_all(&base);
         let proj = base.join("p");
         std::fs::create_dir_all(&proj).expect("create the test folder");
-        {
-            let mut f = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
-            if f.0 == 0 {
-                f.1 = std::fs::read_to_string(IP_FORWARD).ok();
-            }
-            f.0 += 1;
-        }
         Lab {
             root: base.join("r"),
             proj,
@@ -166,6 +157,7 @@ impl Lab {
             sfx: radix36(pid.wrapping_mul(31).wrapping_add(n * 7919) % 46_656, 3),
             net: free_base(),
             sup: common::supervisor().unwrap_or_default(),
+            _forward: common::ForwardHold::new(),
         }
     }
 
@@ -375,13 +367,6 @@ impl Drop for Lab {
             self.sweep();
         }
         let _ = std::fs::remove_dir_all(&self.base);
-        let mut f = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
-        f.0 -= 1;
-        if f.0 == 0 {
-            if let Some(v) = f.1.take() {
-                let _ = std::fs::write(IP_FORWARD, v.trim());
-            }
-        }
         let mut taken = BASES.lock().unwrap_or_else(|p| p.into_inner());
         taken.retain(|b| *b != self.net);
     }

@@ -10,6 +10,8 @@
 //! also when the test fails. Tests run one at a time (a global mutex): they
 //! share two cores and `net.ipv4.ip_forward`.
 
+mod common;
+
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -166,10 +168,9 @@ struct Guard {
     netns: Option<String>,
     /// Run `moat destroy --all --force` before sweeping.
     destroy_on_drop: bool,
-    ip_forward: Option<String>,
+    /// ip_forward comes back after the last guard (dropped after `drop` ran).
+    _forward: common::ForwardHold,
 }
-
-const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
 impl Guard {
     fn new() -> Guard {
@@ -190,7 +191,7 @@ impl Guard {
             extra_machines: Vec::new(),
             netns: None,
             destroy_on_drop: false,
-            ip_forward: std::fs::read_to_string(IP_FORWARD).ok(),
+            _forward: common::ForwardHold::new(),
         }
     }
 
@@ -434,9 +435,6 @@ impl Drop for Guard {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
         let _ = std::fs::remove_dir_all(&self.base);
-        if let Some(v) = &self.ip_forward {
-            let _ = std::fs::write(IP_FORWARD, v);
-        }
     }
 }
 

@@ -107,7 +107,38 @@ fn free_base() -> u32 {
 struct Root {
     dir: tempfile::TempDir,
     bins: PathBuf,
-    ip_forward: String,
+    /// ip_forward comes back after the last root (dropped after `drop` ran).
+    _forward: ForwardHold,
+}
+
+/// `net.ipv4.ip_forward` (apply turns it on) as it was before this test
+/// process's first holder, written back when the last holder goes: the two
+/// tests run in parallel, and a save/restore per test left it on.
+struct ForwardHold;
+
+static FORWARD: std::sync::Mutex<(usize, Option<String>)> = std::sync::Mutex::new((0, None));
+
+impl ForwardHold {
+    fn new() -> ForwardHold {
+        let mut f = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 == 0 {
+            f.1 = std::fs::read_to_string(IP_FORWARD).ok();
+        }
+        f.0 += 1;
+        ForwardHold
+    }
+}
+
+impl Drop for ForwardHold {
+    fn drop(&mut self) {
+        let mut f = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
+        f.0 -= 1;
+        if f.0 == 0 {
+            if let Some(v) = f.1.take() {
+                let _ = std::fs::write(IP_FORWARD, v.trim());
+            }
+        }
+    }
 }
 
 impl Root {
@@ -164,9 +195,6 @@ impl Drop for Root {
         for p in mounts {
             let _ = Command::new("umount").arg("-l").arg(&p).status();
         }
-        if !self.ip_forward.is_empty() {
-            let _ = std::fs::write(IP_FORWARD, self.ip_forward.trim());
-        }
     }
 }
 
@@ -187,7 +215,7 @@ fn new_root() -> Option<Root> {
     let r = Root {
         dir: tempfile::tempdir().expect("tempdir"),
         bins,
-        ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_default(),
+        _forward: ForwardHold::new(),
     };
     // QEMU runs as moat-qemu: the root must be traversable.
     std::fs::set_permissions(r.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -40,18 +40,54 @@ pub fn supervisor() -> Option<PathBuf> {
 pub struct Root {
     pub dir: tempfile::TempDir,
     pub sup: PathBuf,
-    /// `net.ipv4.ip_forward` before the test (apply turns it on): restored on drop.
-    ip_forward: String,
+    _forward: ForwardHold,
 }
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+/// `net.ipv4.ip_forward` (apply turns it on) as it was before this test
+/// process's first holder, written back when the last holder goes. Tests
+/// run on parallel threads: a save/restore per test let one test restore the
+/// value under another's apply, or leave it on after both.
+pub struct ForwardHold;
+
+static FORWARD: std::sync::Mutex<(usize, Option<String>)> = std::sync::Mutex::new((0, None));
+
+impl ForwardHold {
+    pub fn new() -> ForwardHold {
+        let mut f = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 == 0 {
+            f.1 = std::fs::read_to_string(IP_FORWARD).ok();
+        }
+        f.0 += 1;
+        ForwardHold
+    }
+}
+
+impl Default for ForwardHold {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for ForwardHold {
+    fn drop(&mut self) {
+        let mut f = FORWARD.lock().unwrap_or_else(|p| p.into_inner());
+        f.0 -= 1;
+        if f.0 == 0 {
+            if let Some(v) = f.1.take() {
+                let _ = std::fs::write(IP_FORWARD, v.trim());
+            }
+        }
+    }
+}
 
 impl Root {
     pub fn new(sup: PathBuf) -> Root {
         Root {
             dir: tempfile::tempdir().expect("tempdir"),
             sup,
-            ip_forward: std::fs::read_to_string(IP_FORWARD).unwrap_or_default(),
+            _forward: ForwardHold::new(),
         }
     }
 
@@ -96,9 +132,6 @@ impl Drop for Root {
         m.sort_by_key(|p| std::cmp::Reverse(p.len()));
         for p in m {
             let _ = Command::new("umount").arg("-l").arg(&p).status();
-        }
-        if !self.ip_forward.is_empty() {
-            let _ = std::fs::write(IP_FORWARD, self.ip_forward.trim());
         }
     }
 }
