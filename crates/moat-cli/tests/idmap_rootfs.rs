@@ -6,7 +6,6 @@
 
 mod common;
 
-use common::{is_root, supervisor, Root};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -47,15 +46,9 @@ fn not_root_owned(dir: &Path) -> Vec<String> {
 
 #[test]
 fn two_machines_share_an_idmapped_image_layer() {
-    if !is_root() {
-        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
-        return;
-    }
-    let Some(sup) = supervisor() else {
-        eprintln!("SKIP: moat-supervisor could not be built");
+    let Some(r) = common::root_or_skip() else {
         return;
     };
-    let r = Root::new(sup);
     for n in ["ida", "idb"] {
         r.ok(&["run", "-d", "--name", n, "busybox", "--", "sleep", "1000"]);
     }

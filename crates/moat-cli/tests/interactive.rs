@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{is_root, supervisor, Root};
+use common::Root;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
@@ -140,15 +140,9 @@ fn wait_exit(child: &mut std::process::Child) -> Option<i32> {
 
 #[test]
 fn shell_and_exec_through_a_pty() {
-    if !is_root() {
-        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
-        return;
-    }
-    let Some(sup) = supervisor() else {
-        eprintln!("SKIP: moat-supervisor could not be built");
+    let Some(r) = common::root_or_skip() else {
         return;
     };
-    let r = Root::new(sup);
     r.ok(&[
         "run", "-d", "--name", "tt", "busybox", "--", "sleep", "100000",
     ]);
@@ -215,15 +209,9 @@ fn shell_and_exec_through_a_pty() {
 /// machine is gone afterwards.
 #[test]
 fn run_t_gives_pid_1_a_terminal() {
-    if !is_root() {
-        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
-        return;
-    }
-    let Some(sup) = supervisor() else {
-        eprintln!("SKIP: moat-supervisor could not be built");
+    let Some(r) = common::root_or_skip() else {
         return;
     };
-    let r = Root::new(sup);
     let mut term = Term::new(30, 100);
     let before = term.lflag();
     let mut run = term.spawn(

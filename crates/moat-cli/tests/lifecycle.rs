@@ -4,21 +4,14 @@
 
 mod common;
 
-use common::{is_root, supervisor, Root};
 use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn run_exec_snapshot_clone_destroy() {
-    if !is_root() {
-        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
-        return;
-    }
-    let Some(sup) = supervisor() else {
-        eprintln!("SKIP: moat-supervisor could not be built");
+    let Some(r) = common::root_or_skip() else {
         return;
     };
-    let r = Root::new(sup);
 
     // Foreground run: output on our stdout/stderr, the workload's exit status.
     let o = r.moat(&[

@@ -37,6 +37,20 @@ pub fn supervisor() -> Option<PathBuf> {
 }
 
 /// A root of its own; `Drop` destroys what it holds and unmounts leftovers.
+/// A fresh root for a test that runs containers, or `None` after a SKIP
+/// line when this host cannot (not root, no supervisor).
+pub fn root_or_skip() -> Option<Root> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (containers, mounts, cgroups)");
+        return None;
+    }
+    let Some(sup) = supervisor() else {
+        eprintln!("SKIP: moat-supervisor could not be built");
+        return None;
+    };
+    Some(Root::new(sup))
+}
+
 pub struct Root {
     pub dir: tempfile::TempDir,
     pub sup: PathBuf,
