@@ -64,20 +64,28 @@ impl moat_driver::SessionProcess for RunConsole {
     }
     fn wait(&mut self) -> std::io::Result<i32> {
         loop {
-            match self.dir.state() {
-                MachineState::Stopped {
-                    exit_code,
-                    exit_signal,
-                } => return Ok(exit_code.or(exit_signal.map(|s| 128 + s)).unwrap_or(0)),
-                MachineState::Crashed { reason } => {
-                    let st = self.dir.read_status();
-                    return st
-                        .and_then(|s| s.exit_code.or(s.exit_signal.map(|x| 128 + x)))
-                        .ok_or_else(|| std::io::Error::other(reason));
-                }
-                _ => std::thread::sleep(Duration::from_millis(5)),
+            match pid1_exit(&self.dir) {
+                Some(r) => return r.map_err(std::io::Error::other),
+                None => std::thread::sleep(Duration::from_millis(5)),
             }
         }
+    }
+}
+
+/// How PID 1 of a run ended: `None` while it runs, its exit code (128+N for
+/// signal N), or why it failed when the supervisor recorded no code.
+fn pid1_exit(dir: &MachineDir) -> Option<std::result::Result<i32, String>> {
+    match dir.state() {
+        MachineState::Stopped {
+            exit_code,
+            exit_signal,
+        } => Some(Ok(exit_code.or(exit_signal.map(|s| 128 + s)).unwrap_or(0))),
+        MachineState::Crashed { reason } => Some(
+            dir.read_status()
+                .and_then(|s| s.exit_code.or(s.exit_signal.map(|x| 128 + x)))
+                .ok_or(reason),
+        ),
+        _ => None,
     }
 }
 
@@ -332,27 +340,16 @@ impl Engine {
         let status = loop {
             pump(&dir.stdout_log(), &mut out_pos, &mut stdout);
             pump(&dir.stderr_log(), &mut err_pos, &mut stderr);
-            match dir.state() {
-                MachineState::Stopped {
-                    exit_code,
-                    exit_signal,
-                } => {
-                    break exit_code.or(exit_signal.map(|s| 128 + s)).unwrap_or(0);
-                }
-                MachineState::Crashed { reason } => {
-                    let st = dir.read_status();
-                    match st.and_then(|s| s.exit_code.or(s.exit_signal.map(|x| 128 + x))) {
-                        Some(code) => break code,
-                        None => {
-                            if opts.rm {
-                                let _ = d.destroy(&host.ctx, &name);
-                                let _ = self.forget_run(&host, &state, &name, opts);
-                            }
-                            return Err(EngineError::Failed(format!("{name}: {reason}")));
-                        }
+            match pid1_exit(&dir) {
+                Some(Ok(code)) => break code,
+                Some(Err(reason)) => {
+                    if opts.rm {
+                        let _ = d.destroy(&host.ctx, &name);
+                        let _ = self.forget_run(&host, &state, &name, opts);
                     }
+                    return Err(EngineError::Failed(format!("{name}: {reason}")));
                 }
-                _ => {}
+                None => {}
             }
             std::thread::sleep(sleep);
             // Short polls at first (fast commands), then back off.
