@@ -132,6 +132,9 @@ pub struct HostExecutor;
 impl Executor for HostExecutor {
     fn run(&self, cmd: &Cmd) -> Result<Output, HostError> {
         tracing::debug!(argv = ?cmd.argv(), "run");
+        if let Some(output) = sysctl_in_process(cmd) {
+            return finish(cmd, output);
+        }
         let spawn_err = |source| HostError::Spawn {
             program: cmd.program.clone(),
             argv: cmd.display(),
@@ -159,16 +162,58 @@ impl Executor for HostExecutor {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         };
-        if !output.success() && !cmd.allow_failure {
-            tracing::debug!(argv = ?cmd.argv(), status = output.status, stderr = %output.stderr.trim(), "failed");
-            return Err(HostError::Failed {
-                argv: cmd.display(),
-                status: output.status,
-                stderr: output.stderr.trim().to_string(),
-            });
-        }
-        Ok(output)
+        finish(cmd, output)
     }
+}
+
+fn finish(cmd: &Cmd, output: Output) -> Result<Output, HostError> {
+    if !output.success() && !cmd.allow_failure {
+        tracing::debug!(argv = ?cmd.argv(), status = output.status, stderr = %output.stderr.trim(), "failed");
+        return Err(HostError::Failed {
+            argv: cmd.display(),
+            status: output.status,
+            stderr: output.stderr.trim().to_string(),
+        });
+    }
+    Ok(output)
+}
+
+/// `sysctl -n KEY` and `sysctl -q -w KEY=VALUE` done the way procps does
+/// them (the key's dots become slashes under /proc/sys), without starting a
+/// process: a `run --domain` or an apply makes several per machine, and each
+/// fork+exec of sysctl costs milliseconds. Other forms run the real program.
+fn sysctl_in_process(cmd: &Cmd) -> Option<Output> {
+    if cmd.program != "sysctl" || cmd.stdin.is_some() {
+        return None;
+    }
+    let args: Vec<&str> = cmd.args.iter().map(String::as_str).collect();
+    let (key, value) = match args.as_slice() {
+        ["-n", key] => (*key, None),
+        ["-q", "-w", kv] => {
+            let (k, v) = kv.split_once('=')?;
+            (k, Some(v))
+        }
+        _ => return None,
+    };
+    if key.is_empty() || key.contains(['/', ' ']) || key.starts_with('.') {
+        return None;
+    }
+    let path = std::path::PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+    let failed = |verb: &str, e: std::io::Error| Output {
+        status: 255,
+        stdout: String::new(),
+        stderr: format!("sysctl: cannot {verb} {}: {e}\n", path.display()),
+    };
+    Some(match value {
+        None => match std::fs::read_to_string(&path) {
+            Ok(v) => Output::ok(v),
+            Err(e) => failed("read", e),
+        },
+        Some(v) => match std::fs::write(&path, v) {
+            Ok(()) => Output::ok(""),
+            Err(e) => failed("set", e),
+        },
+    })
 }
 
 /// Fake executor for unit tests: records every command and answers with
@@ -271,6 +316,30 @@ mod tests {
             .run(&Cmd::new("sh").args(["-c", "exit 4"]).allow_failure())
             .unwrap();
         assert_eq!(out.status, 4);
+    }
+
+    #[test]
+    fn simple_sysctl_reads_and_writes_run_in_process() {
+        let out = HostExecutor
+            .run(&Cmd::new("sysctl").args(["-n", "kernel.ostype"]))
+            .unwrap();
+        assert_eq!(out.stdout.trim(), "Linux");
+        let err = HostExecutor
+            .run(&Cmd::new("sysctl").args(["-n", "kernel.moat-no-such-key"]))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("sysctl -n kernel.moat-no-such-key"), "{msg}");
+        assert!(msg.contains("/proc/sys/kernel/moat-no-such-key"), "{msg}");
+        let out = HostExecutor
+            .run(
+                &Cmd::new("sysctl")
+                    .args(["-q", "-w", "kernel.moat-no-such-key=1"])
+                    .allow_failure(),
+            )
+            .unwrap();
+        assert!(!out.success());
+        assert!(sysctl_in_process(&Cmd::new("sysctl").args(["-a"])).is_none());
+        assert!(sysctl_in_process(&Cmd::new("sysctl").args(["-n", "../etc"])).is_none());
     }
 
     #[test]
