@@ -1,5 +1,6 @@
 //! Ad-hoc machines through the CLI, as root: `run` (foreground exit status,
-//! `--rm`, `-d`), `exec`, `logs`, `stop`/`start`, `snapshot`, `restore`,
+//! `--rm`, `-d`), `exec`, `logs`, `stop`/`start`, `snapshot` (of a running
+//! and of a stopped machine), `restore`,
 //! `clone`, `destroy`, and that nothing of the root is left afterwards.
 
 mod common;
@@ -70,17 +71,53 @@ fn run_exec_snapshot_clone_destroy() {
     let o = r.moat(&["exec", "src", "--", "sh", "-c", "exit 7"]);
     assert_eq!(o.status.code(), Some(7));
     assert!(r.ok(&["logs", "src"]).contains("started"));
-    r.ok(&["exec", "src", "--", "sh", "-c", "echo v1 > /data.txt"]);
+    // A file written, an image file deleted (a whiteout in the writable
+    // layer), a new folder: all three must survive a snapshot of the live machine.
+    r.ok(&[
+        "exec",
+        "src",
+        "--",
+        "sh",
+        "-c",
+        "echo v1 > /data.txt; rm /bin/vi; mkdir /d; echo x > /d/f",
+    ]);
 
-    // Snapshots need a stopped machine; restore brings the files back.
-    let o = r.moat(&["snapshot", "create", "src", "s1"]);
+    // A running machine is snapshotted frozen, then thawed: it goes on.
+    r.ok(&["snapshot", "create", "src", "s1"]);
+    assert!(r.ok(&["snapshot", "ls", "src"]).contains("s1"));
+    let st: serde_json::Value = serde_json::from_str(&r.ok(&["status", "--json"])).unwrap();
+    let src = st["machines"]
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["name"] == "src"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(src["state"], "running", "{st}");
+    let cg = std::fs::read_dir("/sys/fs/cgroup/freezer")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("src/freezer.state"))
+        .find(|p| p.exists());
+    if let Some(cg) = cg {
+        assert_eq!(std::fs::read_to_string(cg).unwrap().trim(), "THAWED");
+    }
+    r.ok(&[
+        "exec",
+        "src",
+        "--",
+        "sh",
+        "-c",
+        "echo v2 > /data.txt; rm -r /d",
+    ]);
+    // Restoring needs it stopped.
+    let o = r.moat(&["snapshot", "restore", "src", "s1"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("moat stop src"));
     r.ok(&["stop", "src", "-t", "2"]);
-    r.ok(&["snapshot", "create", "src", "s1"]);
-    assert!(r.ok(&["snapshot", "ls", "src"]).contains("s1"));
+    // A stopped machine: constant time.
+    r.ok(&["snapshot", "create", "src", "s2"]);
     r.ok(&["start", "src"]);
-    r.ok(&["exec", "src", "--", "sh", "-c", "echo v2 > /data.txt"]);
+    assert_eq!(r.ok(&["exec", "src", "--", "cat", "/data.txt"]), "v2\n");
     r.ok(&["stop", "src", "-t", "2"]);
 
     // A clone has the source's files as they are now; the source is unchanged.
@@ -89,7 +126,12 @@ fn run_exec_snapshot_clone_destroy() {
     r.ok(&["start", "src"]);
     r.ok(&["start", "copy"]);
     assert_eq!(r.ok(&["exec", "src", "--", "cat", "/data.txt"]), "v1\n");
+    assert_eq!(r.ok(&["exec", "src", "--", "cat", "/d/f"]), "x\n");
+    let o = r.moat(&["exec", "src", "--", "test", "-e", "/bin/vi"]);
+    assert_eq!(o.status.code(), Some(1), "the deleted /bin/vi came back");
     assert_eq!(r.ok(&["exec", "copy", "--", "cat", "/data.txt"]), "v2\n");
+    let o = r.moat(&["exec", "copy", "--", "test", "-e", "/d"]);
+    assert_eq!(o.status.code(), Some(1));
 
     // Destroy: no machine, mount, process or cgroup of this root is left.
     r.ok(&["destroy", "--all", "--force"]);

@@ -28,6 +28,26 @@ fn incus_snapshot((name, created): (String, u64)) -> SnapshotInfo {
     }
 }
 
+/// The machine folder of `name` when it is a running built-in (native)
+/// container on an image-store root.
+fn running_native(
+    host: &crate::host::Host,
+    name: &str,
+) -> Option<moat_runtime::machine::MachineDir> {
+    if moat_driver::nspawn::NspawnDriver::record(&host.ctx, name).is_some()
+        || !MachineFs::exists(&host.images, name)
+    {
+        return None;
+    }
+    let dir = moat_runtime::machine::MachineDir::new(host.ctx.root.join("machines").join(name));
+    (dir.config_path().exists()
+        && matches!(
+            dir.state(),
+            moat_runtime::machine::MachineState::Running { .. }
+        ))
+    .then_some(dir)
+}
+
 fn img(e: moat_image::ImageError) -> EngineError {
     EngineError::Failed(e.to_string())
 }
@@ -120,9 +140,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Snapshot a stopped machine's files (constant time: its writable layer is
-    /// frozen into a shared read-only layer). Running machines are refused: a
-    /// copy of a live overlay upper layer loses overlayfs metadata.
+    /// Snapshot a machine's files. Stopped: constant time (its writable layer
+    /// becomes a shared read-only layer). A running built-in container: its
+    /// processes are frozen (cgroup freezer) while its writable layer is copied
+    /// into a new read-only layer (time grows with what it changed), then
+    /// thawed, so the snapshot is crash-consistent. Other running machines
+    /// (nspawn) are refused.
     pub fn snapshot_create(&self, machine: &str, name: &str) -> Result<SnapshotInfo> {
         // Full VMs: qcow2 internal snapshots, of running VMs too (with memory).
         if moat_qemu::vm::is_vm(&self.ctx(), machine) {
@@ -139,6 +162,16 @@ impl Engine {
             ));
         }
         let host = self.host()?;
+        if let Some(dir) = running_native(&host, machine) {
+            let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
+            let frozen = moat_runtime::machine::freeze(&dir, std::time::Duration::from_secs(10))
+                .map_err(|e| EngineError::Failed(format!("{machine}: {e}")))?;
+            let made = fs.snapshot_create(name).map_err(img);
+            frozen
+                .thaw()
+                .map_err(|e| EngineError::Failed(format!("{machine}: {e}")))?;
+            return made;
+        }
         self.require_stopped(&host, machine, "snapshot it")?;
         let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
         fs.unmount().map_err(img)?;

@@ -87,6 +87,58 @@ fn container_dirs(cgroup: &str) -> Vec<PathBuf> {
     }
 }
 
+/// Freeze (`frozen`) or thaw every process of the container's cgroup
+/// (`cgroup` as for [`container_dirs`]), subtree included, and wait until the
+/// kernel reports it done: v2 `cgroup.freeze` / `cgroup.events`, v1 the
+/// freezer hierarchy's `freezer.state` (FREEZING until every task stopped).
+pub fn set_frozen(cgroup: &str, frozen: bool, timeout: std::time::Duration) -> io::Result<()> {
+    let rel = cgroup.trim_start_matches('/');
+    let (file, value, done): (PathBuf, &str, Box<dyn Fn() -> bool>) = match layout() {
+        Layout::Unified => {
+            let dir = Path::new(ROOT).join(rel);
+            let events = dir.join("cgroup.events");
+            let want = if frozen { "frozen 1" } else { "frozen 0" };
+            (
+                dir.join("cgroup.freeze"),
+                if frozen { "1" } else { "0" },
+                Box::new(move || {
+                    fs::read_to_string(&events).is_ok_and(|e| e.lines().any(|l| l == want))
+                }),
+            )
+        }
+        Layout::Legacy => {
+            let mnt = v1_mounts()
+                .into_iter()
+                .find(|m| {
+                    m.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.split(',').any(|c| c == "freezer"))
+                })
+                .ok_or_else(|| io::Error::other("no v1 freezer hierarchy is mounted"))?;
+            let state = mnt.join(rel).join("freezer.state");
+            let want = if frozen { "FROZEN" } else { "THAWED" };
+            (
+                state.clone(),
+                want,
+                Box::new(move || fs::read_to_string(&state).is_ok_and(|s| s.trim() == want)),
+            )
+        }
+    };
+    fs::write(&file, value)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{} did not reach '{value}' in {timeout:?}", file.display()),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Ok(())
+}
+
 fn chown_delegated(dir: &Path, id: u32) -> io::Result<()> {
     chown(dir, Some(id), Some(id))?;
     for f in [

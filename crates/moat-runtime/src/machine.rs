@@ -598,3 +598,53 @@ pub fn destroy(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> 
     cleanup_dead(dir)?;
     fs::remove_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))
 }
+
+/// A running machine whose processes are frozen (cgroup freezer) until
+/// [`Frozen::thaw`] or drop: its files hold still while they are copied.
+#[must_use = "the machine thaws when this is dropped"]
+pub struct Frozen {
+    cgroup: Option<String>,
+}
+
+impl Frozen {
+    /// Thaw now, reporting a failure (drop thaws too, silently).
+    pub fn thaw(mut self) -> Result<(), RuntimeError> {
+        match self.cgroup.take() {
+            Some(cg) => thaw_cgroup(&cg),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(cg) = self.cgroup.take() {
+            let _ = thaw_cgroup(&cg);
+        }
+    }
+}
+
+fn thaw_cgroup(cg: &str) -> Result<(), RuntimeError> {
+    crate::cgroups::set_frozen(cg, false, Duration::from_secs(10)).map_err(|e| RuntimeError::Sys {
+        container: cg.to_string(),
+        op: "thaw the cgroup",
+        source: e,
+    })
+}
+
+/// Freeze every process of the running machine in `dir` (its container's
+/// cgroup, subtree included). A task that cannot stop within `timeout`
+/// (stuck in uninterruptible I/O) fails the freeze, and the machine is thawed.
+pub fn freeze(dir: &MachineDir, timeout: Duration) -> Result<Frozen, RuntimeError> {
+    let cfg = dir.read_config()?;
+    let cg = cfg.container.cgroup_path();
+    if let Err(e) = crate::cgroups::set_frozen(&cg, true, timeout) {
+        let _ = thaw_cgroup(&cg);
+        return Err(RuntimeError::Sys {
+            container: cfg.container.name.clone(),
+            op: "freeze the cgroup",
+            source: e,
+        });
+    }
+    Ok(Frozen { cgroup: Some(cg) })
+}
