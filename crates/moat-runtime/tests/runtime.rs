@@ -266,6 +266,61 @@ fn restart_policy_on_failure_restarts_n_times() {
 }
 
 #[test]
+fn freeze_stops_every_process_until_thawed() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("freeze");
+    // Two processes (a child loop and PID 1's loop) each add a line every 10 ms.
+    let mut spec = ContainerSpec::new(
+        &name,
+        &fx.rootfs,
+        sh("(while :; do echo c >> /tmp/ticks; usleep 10000; done) & \
+            while :; do echo p >> /tmp/ticks; usleep 10000; done"),
+    );
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 300;
+    machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    let ticks = || {
+        std::fs::read_to_string(fx.rootfs.join("tmp/ticks"))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks() < 4 {
+        assert!(Instant::now() < deadline, "the loops never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let frozen = machine::freeze(&dir, Duration::from_secs(10)).expect("freeze");
+    let at_freeze = ticks();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ticks(), at_freeze, "a process ran while frozen");
+    assert!(matches!(dir.state(), MachineState::Running { .. }));
+    frozen.thaw().expect("thaw");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks() < at_freeze + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the loops did not go on after thaw"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Dropping the guard thaws too (a failed snapshot must not leave it frozen).
+    drop(machine::freeze(&dir, Duration::from_secs(10)).expect("freeze again"));
+    let n = ticks();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ticks() < n + 4 {
+        assert!(Instant::now() < deadline, "still frozen after drop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    machine::stop(&dir, Duration::from_secs(2)).expect("stop");
+}
+
+#[test]
 fn supervisor_killed_is_reported_crashed_and_repaired() {
     if !can_run() {
         return;
