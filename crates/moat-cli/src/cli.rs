@@ -96,7 +96,7 @@ pub enum Command {
     /// Convert another tool's configuration folder into a moat project
     #[command(subcommand)]
     Import(crate::import::ImportCmd),
-    /// Attach to a full VM's serial console (or an Incus machine's console), or open a VM's display (--gui)
+    /// Attach to a full VM's serial console, an Incus machine's console, or the terminal of a container started with `run -t` (Ctrl-] leaves); or open a VM's display (--gui)
     Console(ConsoleArgs),
     /// Inspect domain networks and the firewall
     #[command(subcommand)]
@@ -237,7 +237,7 @@ pub struct RunArgs {
     /// Machine name (default: generated)
     #[arg(long)]
     pub name: Option<String>,
-    /// Allocate a terminal
+    /// Allocate a terminal (with -d: attach to it later with `moat console NAME`)
     #[arg(short = 't', long)]
     pub tty: bool,
     /// Driver: `native` (container, default) or `qemu` (the image as a microVM)
@@ -252,7 +252,7 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct ConsoleArgs {
-    /// Machine full name (`<domain>-<machine>`) of a running `type: vm` or Incus machine
+    /// Machine full name (`<domain>-<machine>`) of a running `type: vm` or Incus machine, or of a container started with `moat run -t [-d]`
     pub machine: String,
     /// Open the SPICE display (`display: spice`) with remote-viewer, or print its URI
     #[arg(long)]

@@ -3,7 +3,8 @@
 //! `moat console --gui MACHINE`: its SPICE display (`display: spice`),
 //! opened with `remote-viewer` when installed, else the URI is printed.
 //! An Incus machine's console comes through the Incus driver's websocket
-//! session and is relayed the same way.
+//! session and is relayed the same way; a built-in container started with
+//! `moat run -t [-d]` gives PID 1's terminal (the supervisor's pty master).
 
 use crate::cli::{Cli, ConsoleArgs};
 use crate::exit;
@@ -38,6 +39,9 @@ pub fn spice_uri(sock: &std::path::Path) -> String {
 pub fn run(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<u8, CliError> {
     let ctx = ctx(cli);
     let name = &a.machine;
+    if let Some(code) = native_console(cli, out, a)? {
+        return Ok(code);
+    }
     let Some(vr) = moat_qemu::vm::read_vm_record(&ctx, name) else {
         if let Some(code) = incus_console(out, &ctx, a)? {
             return Ok(code);
@@ -91,6 +95,35 @@ pub fn run(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<u8, CliError> {
         source: e,
     })?;
     Ok(exit::OK)
+}
+
+/// PID 1's terminal of a built-in container started with `moat run -t`
+/// (`-d` too): relayed until Ctrl-] (the machine goes on) or until PID 1
+/// ends (its exit code is returned). `None` when `a.machine` is no built-in
+/// container of this root.
+fn native_console(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<Option<u8>, CliError> {
+    let eng = crate::run::engine(cli)?;
+    let Some(mut session) = eng.native_console(&a.machine)? else {
+        return Ok(None);
+    };
+    if a.gui {
+        return Err(CliError::Other(format!(
+            "{} is a container: it has a terminal, no display (drop --gui)",
+            a.machine
+        )));
+    }
+    out.info(&format!(
+        "connected to {}'s terminal; Ctrl-] leaves (the machine goes on)",
+        a.machine
+    ));
+    let code = crate::tty::relay_until(&mut session, Some(ESCAPE)).map_err(|e| CliError::Io {
+        what: format!("terminal of {}", a.machine),
+        source: e,
+    })?;
+    Ok(Some(match code {
+        Some(c) => c.clamp(0, 255) as u8,
+        None => exit::OK,
+    }))
 }
 
 /// An Incus machine's console (the pty its init writes to), through Incus's

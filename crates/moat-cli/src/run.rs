@@ -94,7 +94,7 @@ fn project_path(cli: &Cli) -> Result<PathBuf, CliError> {
     ))
 }
 
-fn engine(cli: &Cli) -> Result<moat_engine::Engine, CliError> {
+pub(crate) fn engine(cli: &Cli) -> Result<moat_engine::Engine, CliError> {
     Ok(moat_engine::Engine::open(moat_engine::Config::for_root(
         &cli.root,
     ))?)

@@ -98,6 +98,12 @@ fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// returns its exit code. Raw mode is set on our terminal when the session
 /// has a tty and stdin is a terminal.
 pub fn relay(session: &mut ExecSession) -> io::Result<i32> {
+    relay_until(session, None).map(|c| c.unwrap_or(0))
+}
+
+/// [`relay`], and when `detach` (a byte such as Ctrl-]) is typed, stop
+/// relaying and return `None`: the process goes on (`moat console`).
+pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<Option<i32>> {
     let _raw = if session.tty { RawMode::enter(0) } else { None };
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the array.
@@ -154,8 +160,8 @@ pub fn relay(session: &mut ExecSession) -> io::Result<i32> {
         if pfd[0].revents != 0 {
             match read(io_fd, &mut buf) {
                 // EIO: the pty's last slave was closed (the process ended).
-                Ok(0) => break Ok(()),
-                Err(e) if e.raw_os_error() == Some(libc::EIO) => break Ok(()),
+                Ok(0) => break Ok(false),
+                Err(e) if e.raw_os_error() == Some(libc::EIO) => break Ok(false),
                 Err(e) => break Err(e),
                 Ok(n) => {
                     if let Err(e) = write_all(1, &buf[..n]) {
@@ -178,8 +184,13 @@ pub fn relay(session: &mut ExecSession) -> io::Result<i32> {
                     let _ = session.close_stdin();
                 }
                 Ok(n) => {
+                    let chunk = &buf[..n];
+                    let at = detach.and_then(|d| chunk.iter().position(|&b| b == d));
                     // The process may be gone already: its output decides.
-                    let _ = write_all(io_fd, &buf[..n]);
+                    let _ = write_all(io_fd, &chunk[..at.unwrap_or(n)]);
+                    if at.is_some() {
+                        break Ok(true);
+                    }
                 }
             }
         }
@@ -189,8 +200,10 @@ pub fn relay(session: &mut ExecSession) -> io::Result<i32> {
         unsafe { libc::signal(libc::SIGWINCH, libc::SIG_DFL) };
         WINCH_PIPE.store(-1, Ordering::Relaxed);
     }
-    result?;
-    session.wait()
+    if result? {
+        return Ok(None);
+    }
+    session.wait().map(Some)
 }
 
 /// `moat exec -t/-i` and `moat shell` (empty `argv`: the login shell):

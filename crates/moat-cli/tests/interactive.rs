@@ -247,8 +247,33 @@ fn run_t_gives_pid_1_a_terminal() {
     assert!(!r.path().join("machines/rt").exists());
     assert!(r.mounts().is_empty(), "{:?}", r.mounts());
 
-    // Without a terminal on our side it still runs (sizes 0x0), and -t with -d is refused.
-    let o = r.moat(&["run", "-t", "-d", "busybox", "--", "true"]);
+    // -t -d: PID 1's terminal waits for `moat console`; Ctrl-] leaves it
+    // running, and the next console finds the same shell. (--rm with it is refused.)
+    let o = r.moat(&["run", "-t", "-d", "--rm", "busybox", "--", "true"]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("run -t needs the foreground"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("drop --rm"));
+    assert_eq!(
+        r.ok(&["run", "-t", "-d", "--name", "td", "busybox", "--", "sh"])
+            .trim(),
+        "td"
+    );
+    let mut term = Term::new(30, 100);
+    let mut con = term.spawn(&r, &["console", "td"]);
+    term.type_line("X=kept-$((3*3)); echo one-$((1+1))");
+    let p = term.expect(0, "one-2");
+    term.master.write_all(&[0x1d]).unwrap();
+    assert_eq!(wait_exit(&mut con), Some(0), "Ctrl-] leaves with 0");
+    assert_eq!(term.lflag(), before, "terminal settings restored");
+    r.ok(&["exec", "td", "--", "true"]);
+    let mut con = term.spawn(&r, &["console", "td"]);
+    term.type_line("echo again-$X");
+    let p = term.expect(p, "again-kept-9");
+    term.type_line("exit 4");
+    let _ = p;
+    assert_eq!(wait_exit(&mut con), Some(4), "PID 1's exit code");
+    let o = r.moat(&["console", "td"]);
+    assert!(!o.status.success(), "console of a stopped machine");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not running"));
+    r.ok(&["destroy", "td", "--force"]);
+    assert!(r.mounts().is_empty(), "{:?}", r.mounts());
 }

@@ -72,6 +72,45 @@ impl moat_driver::SessionProcess for RunConsole {
     }
 }
 
+/// PID 1's terminal master from the supervisor, twice (relay, session).
+fn console_fds(
+    dir: &MachineDir,
+) -> std::result::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), String> {
+    moat_runtime::machine::attach_console(dir)
+        .map_err(|e| e.to_string())
+        .and_then(|m| m.try_clone().map(|io| (io, m)).map_err(|e| e.to_string()))
+}
+
+impl Engine {
+    /// A session on PID 1's terminal of built-in container `name` started
+    /// with `run -t` (`-d` included), for `moat console`: `None` when `name`
+    /// is no such machine of this root.
+    pub fn native_console(&self, name: &str) -> Result<Option<moat_driver::ExecSession>> {
+        let dir = MachineDir::new(self.ctx().root.join("machines").join(name));
+        let Ok(cfg) = dir.read_config() else {
+            return Ok(None);
+        };
+        if !cfg.container.terminal {
+            return Err(EngineError::Failed(format!(
+                "{name} has no terminal (it was not started with `moat run -t`); \
+                 `moat shell {name}` opens a shell in it"
+            )));
+        }
+        if !matches!(dir.state(), MachineState::Running { .. }) {
+            return Err(EngineError::Failed(format!(
+                "{name} is not running; `moat start {name}` first"
+            )));
+        }
+        let (io, master) =
+            console_fds(&dir).map_err(|e| EngineError::Failed(format!("{name}: {e}")))?;
+        Ok(Some(moat_driver::ExecSession {
+            io,
+            tty: true,
+            process: Box::new(RunConsole { dir, master }),
+        }))
+    }
+}
+
 /// How PID 1 of a run ended: `None` while it runs, its exit code (128+N for
 /// signal N), or why it failed when the supervisor recorded no code.
 fn pid1_exit(dir: &MachineDir) -> Option<std::result::Result<i32, String>> {
@@ -166,10 +205,10 @@ impl Engine {
                 "run -t works with the native driver only, not '{dname}'"
             )));
         }
-        if opts.tty.is_some() && opts.detach {
+        if opts.tty.is_some() && opts.detach && opts.rm {
             return Err(EngineError::Failed(
-                "run -t needs the foreground (there is no attach to a detached terminal); \
-                 drop -d, or use `moat run -d` then `moat exec -t`"
+                "run -t -d --rm: a detached terminal is for `moat console` later; \
+                 drop --rm (then `moat destroy` it), or drop -d"
                     .into(),
             ));
         }
@@ -286,10 +325,7 @@ impl Engine {
             });
         }
         if opts.tty.is_some() {
-            let attached = moat_runtime::machine::attach_console(&dir)
-                .map_err(|e| e.to_string())
-                .and_then(|m| m.try_clone().map(|io| (io, m)).map_err(|e| e.to_string()));
-            let (io, master) = match attached {
+            let (io, master) = match console_fds(&dir) {
                 Ok(fds) => fds,
                 Err(e) => {
                     let _ = d.stop(&host.ctx, &name, Duration::from_secs(1));
