@@ -265,7 +265,31 @@ fn run_t_gives_pid_1_a_terminal() {
     assert_eq!(wait_exit(&mut con), Some(0), "Ctrl-] leaves with 0");
     assert_eq!(term.lflag(), before, "terminal settings restored");
     r.ok(&["exec", "td", "--", "true"]);
+    // The supervisor drains the terminal while nobody is attached: a flood
+    // does not block PID 1, and it all lands in the logs.
+    r.ok(&[
+        "exec",
+        "td",
+        "--",
+        "sh",
+        "-c",
+        "for i in $(seq 1 2000); do echo flood-$i-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx; done > /proc/1/fd/1",
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !r.ok(&["logs", "td"]).contains("flood-2000-") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood is not in the logs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        r.ok(&["logs", "td"]).contains("one-2"),
+        "terminal output is logged"
+    );
+    // A new console first gets the tail of what was printed (the flood's end).
     let mut con = term.spawn(&r, &["console", "td"]);
+    let p = term.expect(p, "flood-2000-");
     term.type_line("echo again-$X");
     let p = term.expect(p, "again-kept-9");
     term.type_line("exit 4");

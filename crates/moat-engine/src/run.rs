@@ -72,13 +72,12 @@ impl moat_driver::SessionProcess for RunConsole {
     }
 }
 
-/// PID 1's terminal master from the supervisor, twice (relay, session).
+/// PID 1's terminal from the supervisor: the relayed socket and the master
+/// (for the window size and ^D).
 fn console_fds(
     dir: &MachineDir,
 ) -> std::result::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), String> {
-    moat_runtime::machine::attach_console(dir)
-        .map_err(|e| e.to_string())
-        .and_then(|m| m.try_clone().map(|io| (io, m)).map_err(|e| e.to_string()))
+    moat_runtime::machine::attach_console(dir).map_err(|e| e.to_string())
 }
 
 impl Engine {

@@ -446,26 +446,30 @@ pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// The master of PID 1's terminal (a machine whose spec has `terminal`),
-/// received from the supervisor; reading it gives EIO once PID 1 is gone.
-pub fn attach_console(dir: &MachineDir) -> Result<OwnedFd, RuntimeError> {
+/// PID 1's terminal (a machine whose spec has `terminal`) from its
+/// supervisor: a socket relayed to the terminal (reads give its output, from
+/// the last few KiB of what it printed before; end of file once PID 1 is
+/// gone; writes are its input), and a copy of the pty master, for its window
+/// size only. One client at a time; closing the socket detaches.
+pub fn attach_console(dir: &MachineDir) -> Result<(OwnedFd, OwnedFd), RuntimeError> {
     let sock = dir.socket_path();
     let mut s = UnixStream::connect(&sock).map_err(|e| RuntimeError::io(&sock, e))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(|e| RuntimeError::io(&sock, e))?;
     s.write_all(b"attach\n")
         .map_err(|e| RuntimeError::io(&sock, e))?;
-    match sys::recv_fd(&s).map_err(|e| RuntimeError::io(&sock, e))? {
-        Some(fd) => Ok(fd),
-        None => {
-            // No fd: the supervisor answered with an error line (its first
-            // byte went with the failed receive).
-            let mut rest = String::new();
-            let _ = BufReader::new(s).read_line(&mut rest);
-            let why = rest.trim().trim_start_matches("rr ");
-            Err(dir.err(format!("cannot attach to the terminal: {why}")))
-        }
+    let mut fds = sys::recv_fds(&s).map_err(|e| RuntimeError::io(&sock, e))?;
+    if fds.len() == 2 {
+        let master = fds.pop().expect("two fds");
+        let io = fds.pop().expect("two fds");
+        return Ok((io, master));
     }
+    // No fds: the supervisor answered with an error line (its first byte
+    // went with the failed receive).
+    let mut rest = String::new();
+    let _ = BufReader::new(s).read_line(&mut rest);
+    let why = rest.trim().trim_start_matches("rr ");
+    Err(dir.err(format!("cannot attach to the terminal: {why}")))
 }
 
 /// Sends `sig` to the container's PID 1 through the supervisor.

@@ -107,8 +107,9 @@ pub struct ContainerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub userns_path: Option<PathBuf>,
     /// PID 1 gets a terminal (a pty in the container's own devpts, its
-    /// controlling terminal and stdio) whose master the supervisor keeps and
-    /// hands to `moat run -t` (see `machine::attach_console`).
+    /// controlling terminal and stdio) whose master the supervisor keeps,
+    /// drains into the logs and relays to `moat run -t` / `moat console`
+    /// (see `machine::attach_console`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub terminal: bool,
 }

@@ -3,7 +3,9 @@
 //! One process per running machine, detached from whoever launched it
 //! (fork + setsid), single-threaded, driven by poll(2) over: a self-pipe fed
 //! by SIGCHLD/SIGTERM/SIGINT handlers, the request socket, and the two pipes
-//! carrying the container's stdout/stderr into rotating log files.
+//! carrying the container's stdout/stderr into rotating log files. A machine
+//! with a terminal (`run -t`) adds its pty master, drained into the stdout
+//! log, and the attached client's socket (`attach`), relayed both ways.
 //!
 //! ```text
 //!  Starting ──create──▶ Created ──start──▶ Running ──PID 1 ends──┬─▶ Exited   (policy says no)
@@ -20,9 +22,9 @@ use crate::machine::{MachineDir, Phase, RestartPolicy, Status, SupervisorConfig}
 use crate::spec::{ContainerKind, ContainerSpec};
 use crate::sys::{self, ExitStatus};
 use std::fs;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -121,8 +123,51 @@ struct Supervisor {
     stop_requested: bool,
     kill_at: Option<Instant>,
     start_requested: bool,
-    /// PID 1's terminal master (`ContainerSpec::terminal`), for `attach`.
+    /// PID 1's terminal master (`ContainerSpec::terminal`): drained into
+    /// the stdout log, relayed to the attached client.
     console: Option<OwnedFd>,
+    /// The attached terminal client (`attach`): our end of its socket pair.
+    client: Option<UnixStream>,
+    /// The terminal's last output, replayed to a client when it attaches.
+    replay: Vec<u8>,
+}
+
+/// How much of the terminal's output a newly attached client gets first (the
+/// prompt printed before `run -t` attached, the screen's tail on re-attach).
+const REPLAY_BYTES: usize = 4096;
+
+/// Writes all of `data` to the non-blocking `fd`, waiting up to `timeout`
+/// for room each time it is full.
+fn write_fd_all(fd: i32, mut data: &[u8], timeout: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: write from a live slice.
+        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        if n > 0 {
+            data = &data[n as usize..];
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: poll over one live pollfd.
+                let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
+                if r <= 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "peer does not read",
+                    ));
+                }
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn now_secs() -> u64 {
@@ -216,6 +261,8 @@ impl Supervisor {
             kill_at: None,
             start_requested: false,
             console: None,
+            client: None,
+            replay: Vec::new(),
         })
     }
 
@@ -278,6 +325,8 @@ impl Supervisor {
             }
             let run_start = Instant::now();
             let exit = self.wait_init_exit();
+            // The terminal's last output (its client then sees the end).
+            self.on_console();
             self.drain_logs();
             if self.cfg.process.is_none() {
                 if let Err(e) = container::delete(&name, &root, true) {
@@ -354,6 +403,9 @@ impl Supervisor {
         };
         let created = container::create(&self.cfg.container, &self.dir.container_paths(), stdio)?;
         self.console = created.console;
+        if let Some(m) = &self.console {
+            set_nonblock(m);
+        }
         self.init = Some(created.pid);
         self.init_exit = None;
         self.status.pid = Some(created.pid);
@@ -394,27 +446,19 @@ impl Supervisor {
         let timeout = deadline
             .map(|d| d.saturating_duration_since(Instant::now()).as_millis() as i32 + 1)
             .unwrap_or(-1);
+        let pfd = |fd: i32| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // A negative fd is skipped by poll(2).
         let mut fds = [
-            libc::pollfd {
-                fd: self.sig_r.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.listener.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.out_r.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.err_r.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
+            pfd(self.sig_r.as_raw_fd()),
+            pfd(self.listener.as_raw_fd()),
+            pfd(self.out_r.as_raw_fd()),
+            pfd(self.err_r.as_raw_fd()),
+            pfd(self.console.as_ref().map_or(-1, |m| m.as_raw_fd())),
+            pfd(self.client.as_ref().map_or(-1, |c| c.as_raw_fd())),
         ];
         // SAFETY: fds is a valid array of pollfd for its length.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
@@ -423,6 +467,12 @@ impl Supervisor {
         }
         if fds[2].revents != 0 || fds[3].revents != 0 {
             self.drain_logs();
+        }
+        if fds[4].revents != 0 {
+            self.on_console();
+        }
+        if fds[5].revents != 0 {
+            self.on_client();
         }
         if fds[0].revents != 0 {
             self.on_signals();
@@ -509,20 +559,104 @@ impl Supervisor {
                     Err(_) => "err bad signal number".into(),
                 },
                 (Some("status"), _) => serde_json::to_string(&self.status).unwrap_or_default(),
-                // The terminal's master, as an SCM_RIGHTS fd (no answer line).
-                (Some("attach"), _) => match &self.console {
-                    Some(m) => match crate::sys::send_fd(&stream, m) {
-                        Ok(()) => continue,
-                        Err(e) => format!("err sending the terminal: {e}"),
-                    },
-                    None => {
-                        "err this machine has no terminal (it was not started by `run -t`)".into()
-                    }
+                // The terminal: a socket relayed to it and a copy of the
+                // master (for its size), as SCM_RIGHTS fds (no answer line).
+                (Some("attach"), _) => match self.attach(&stream) {
+                    Ok(()) => continue,
+                    Err(e) => format!("err {e}"),
                 },
                 _ => "err unknown request".into(),
             };
             let mut w = &stream;
             let _ = w.write_all(format!("{answer}\n").as_bytes());
+        }
+    }
+
+    /// Hands the terminal to the client on `stream`: one client at a time.
+    fn attach(&mut self, stream: &UnixStream) -> Result<(), String> {
+        let Some(master) = &self.console else {
+            return Err("this machine has no terminal (it was not started by `run -t`)".into());
+        };
+        if self.client.is_some() {
+            return Err(
+                "its terminal is attached already (another `moat console` or `run -t`); \
+                 leave that one first (Ctrl-])"
+                    .into(),
+            );
+        }
+        let (mine, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+        sys::send_fds(stream, &[theirs.as_raw_fd(), master.as_raw_fd()])
+            .map_err(|e| format!("sending the terminal: {e}"))?;
+        mine.set_nonblocking(true).map_err(|e| e.to_string())?;
+        if write_fd_all(mine.as_raw_fd(), &self.replay, Duration::from_secs(2)).is_ok() {
+            self.client = Some(mine);
+        }
+        Ok(())
+    }
+
+    /// Terminal output: into the stdout log, the replay tail and the client.
+    /// EIO (or end of file) means the last holder of the slave closed it
+    /// (PID 1 ended): the terminal and its client go.
+    fn on_console(&mut self) {
+        let Some(fd) = self.console.as_ref().map(|m| m.as_raw_fd()) else {
+            return;
+        };
+        let mut buf = vec![0u8; 16 * 1024];
+        let gone = loop {
+            // SAFETY: buf is valid for buf.len() bytes; fd is the non-blocking master we own.
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n == 0 {
+                break true;
+            }
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => break false,
+                    _ => break true,
+                }
+            }
+            let data = &buf[..n as usize];
+            if let Err(e) = self.out_log.write_all(data) {
+                eprintln!("moat-supervisor: writing a log: {e}");
+            }
+            self.replay.extend_from_slice(data);
+            let excess = self.replay.len().saturating_sub(REPLAY_BYTES);
+            self.replay.drain(..excess);
+            if let Some(c) = &self.client {
+                if write_fd_all(c.as_raw_fd(), data, Duration::from_secs(2)).is_err() {
+                    self.client = None;
+                }
+            }
+        };
+        if gone {
+            self.console = None;
+            self.client = None;
+        }
+    }
+
+    /// Input from the attached client to the terminal; end of file = detached.
+    fn on_client(&mut self) {
+        let Some(c) = &self.client else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        let n = match (&*c).read(&mut buf) {
+            Ok(0) => {
+                self.client = None;
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return,
+            Err(_) => {
+                self.client = None;
+                return;
+            }
+        };
+        if let Some(m) = &self.console {
+            // Input the process does not read within the timeout is dropped.
+            let _ = write_fd_all(m.as_raw_fd(), &buf[..n], Duration::from_secs(2));
         }
     }
 

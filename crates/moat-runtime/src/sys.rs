@@ -250,19 +250,28 @@ pub fn set_winsize(fd: &impl std::os::fd::AsRawFd, rows: u16, cols: u16) -> io::
     Ok(())
 }
 
-/// Sends one fd over a Unix socket (SCM_RIGHTS) with a one-byte payload.
+/// Sends `fd` over the Unix socket `sock` (SCM_RIGHTS, with one data byte).
 pub fn send_fd(sock: &impl std::os::fd::AsRawFd, fd: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    send_fds(sock, &[fd.as_raw_fd()])
+}
+
+/// Sends `fds` (at most [`MAX_FDS`]) in one SCM_RIGHTS message with one data byte.
+pub fn send_fds(sock: &impl std::os::fd::AsRawFd, fds: &[i32]) -> io::Result<()> {
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(io::Error::other("send_fds: 1 to MAX_FDS descriptors"));
+    }
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
+    let data_len = std::mem::size_of_val(fds) as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
     let mut cbuf = vec![0u8; space];
     // SAFETY: msghdr is plain data; every pointer set below outlives the call,
-    // and the cmsg header is written inside `cbuf` (CMSG_FIRSTHDR of a buffer
-    // of CMSG_SPACE bytes is non-null).
+    // and the cmsg header and its data are written inside `cbuf` (CMSG_FIRSTHDR
+    // of a buffer of CMSG_SPACE(data_len) bytes is non-null and has room).
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
@@ -272,8 +281,11 @@ pub fn send_fd(sock: &impl std::os::fd::AsRawFd, fd: &impl std::os::fd::AsRawFd)
         let c = libc::CMSG_FIRSTHDR(&msg);
         (*c).cmsg_level = libc::SOL_SOCKET;
         (*c).cmsg_type = libc::SCM_RIGHTS;
-        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd.as_raw_fd());
+        (*c).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+        let data = libc::CMSG_DATA(c).cast::<i32>();
+        for (i, fd) in fds.iter().enumerate() {
+            std::ptr::write_unaligned(data.add(i), *fd);
+        }
         if libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -281,19 +293,30 @@ pub fn send_fd(sock: &impl std::os::fd::AsRawFd, fd: &impl std::os::fd::AsRawFd)
     Ok(())
 }
 
+/// Most descriptors [`send_fds`] sends and [`recv_fds`] takes in one message.
+pub const MAX_FDS: usize = 4;
+
 /// Receives one fd sent with [`send_fd`]; `Ok(None)` when the peer closed
 /// the socket without sending one.
 pub fn recv_fd(sock: &impl std::os::fd::AsRawFd) -> io::Result<Option<OwnedFd>> {
+    Ok(recv_fds(sock)?.into_iter().next())
+}
+
+/// Receives the fds of one [`send_fds`] message (empty when the peer closed
+/// the socket, or sent data without descriptors).
+pub fn recv_fds(sock: &impl std::os::fd::AsRawFd) -> io::Result<Vec<OwnedFd>> {
     let mut byte = [0u8; 1];
     let mut iov = libc::iovec {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
+    let max = (MAX_FDS * std::mem::size_of::<i32>()) as u32;
     // SAFETY: CMSG_SPACE is a pure size computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let space = unsafe { libc::CMSG_SPACE(max) } as usize;
     let mut cbuf = vec![0u8; space];
-    // SAFETY: as in send_fd; the kernel fills at most `space` control bytes,
-    // and a received SCM_RIGHTS fd is new and ours.
+    // SAFETY: as in send_fds; the kernel fills at most `space` control bytes,
+    // the data length comes from its cmsg header, and every received
+    // SCM_RIGHTS fd is new and ours.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
         msg.msg_iov = &mut iov;
@@ -311,10 +334,14 @@ pub fn recv_fd(sock: &impl std::os::fd::AsRawFd) -> io::Result<Option<OwnedFd>> 
         }
         let c = libc::CMSG_FIRSTHDR(&msg);
         if n == 0 || c.is_null() || (*c).cmsg_type != libc::SCM_RIGHTS {
-            return Ok(None);
+            return Ok(Vec::new());
         }
-        let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>());
-        Ok(Some(OwnedFd::from_raw_fd(fd)))
+        let header = libc::CMSG_LEN(0) as usize;
+        let count = ((*c).cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<i32>();
+        let data = libc::CMSG_DATA(c).cast::<i32>();
+        Ok((0..count.min(MAX_FDS))
+            .map(|i| OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))))
+            .collect())
     }
 }
 
