@@ -336,13 +336,35 @@ pub fn attach(mount: &OwnedFd, target: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Where a successful [`probe`] is remembered for the running kernel (the
+/// boot id): every supervisor start asked again, at about 2 ms each.
+const PROBE_CACHE: &str = "/run/moat/idmap-probe-ok";
+
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
 /// Can this kernel build an overlay from idmapped lower layers passed by fd?
-/// Tried once per process on a tiny overlay in a temporary folder below
-/// `scratch` (nothing is attached; the folder is removed).
+/// Tried on a tiny overlay in a temporary folder below `scratch` (nothing is
+/// attached; the folder is removed), once per process, and a success once per
+/// boot (the kernel cannot change without one): later supervisors read
+/// [`PROBE_CACHE`].
 pub fn probe(scratch: &Path) -> Result<(), String> {
     static RESULT: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
     RESULT
         .get_or_init(|| {
+            let boot = boot_id();
+            if boot.is_some()
+                && fs::read_to_string(PROBE_CACHE)
+                    .ok()
+                    .map(|c| c.trim().to_string())
+                    == boot
+            {
+                return Ok(());
+            }
             let dir = scratch.join(format!(".idmap-probe-{}", std::process::id()));
             let r = (|| -> io::Result<()> {
                 let layout = OverlayLayout {
@@ -361,6 +383,16 @@ pub fn probe(scratch: &Path) -> Result<(), String> {
                     .map(drop)
             })();
             let _ = fs::remove_dir_all(&dir);
+            if let (Ok(()), Some(b)) = (&r, &boot) {
+                let cache = Path::new(PROBE_CACHE);
+                if let Some(parent) = cache.parent() {
+                    let _ = fs::create_dir_all(parent);
+                }
+                let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+                if fs::write(&tmp, b).is_ok() {
+                    let _ = fs::rename(&tmp, cache);
+                }
+            }
             r.map_err(|e| e.to_string())
         })
         .clone()
