@@ -102,7 +102,8 @@ pub fn run(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<u8, CliError> {
 /// ends (its exit code is returned). `None` when `a.machine` is no built-in
 /// container of this root.
 fn native_console(cli: &Cli, out: &Output, a: &ConsoleArgs) -> Result<Option<u8>, CliError> {
-    let eng = crate::run::engine(cli)?;
+    // Read-only: a VM's or an Incus machine's console must not create the root.
+    let eng = moat_engine::Engine::open_readonly(moat_engine::Config::for_root(&cli.root))?;
     let Some(mut session) = eng.native_console(&a.machine)? else {
         return Ok(None);
     };

@@ -104,7 +104,7 @@ pub fn relay(session: &mut ExecSession) -> io::Result<i32> {
 /// [`relay`], and when `detach` (a byte such as Ctrl-]) is typed, stop
 /// relaying and return `None`: the process goes on (`moat console`).
 pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<Option<i32>> {
-    let _raw = if session.tty { RawMode::enter(0) } else { None };
+    let raw = if session.tty { RawMode::enter(0) } else { None };
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
@@ -181,7 +181,11 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
             match read(0, &mut buf) {
                 Ok(0) | Err(_) => {
                     stdin_open = false;
-                    let _ = session.close_stdin();
+                    // A console leaves the process alone; a session's
+                    // process gets the end of its input.
+                    if detach.is_none() {
+                        let _ = session.close_stdin();
+                    }
                 }
                 Ok(n) => {
                     let chunk = &buf[..n];
@@ -200,6 +204,8 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
         unsafe { libc::signal(libc::SIGWINCH, libc::SIG_DFL) };
         WINCH_PIPE.store(-1, Ordering::Relaxed);
     }
+    // The caller's terminal is itself again while we wait for the exit code.
+    drop(raw);
     if result? {
         return Ok(None);
     }

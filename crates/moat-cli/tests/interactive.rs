@@ -247,6 +247,23 @@ fn run_t_gives_pid_1_a_terminal() {
     assert!(!r.path().join("machines/rt").exists());
     assert!(r.mounts().is_empty(), "{:?}", r.mounts());
 
+    // Piped input and its end go through the same relay, in order: `cat`
+    // gets every line before the ^D that ends it (five times over).
+    for i in 0..5 {
+        let o = r.moat_input(
+            &["run", "-t", "--rm", "busybox", "--", "cat"],
+            &format!("piped-{i}-a\npiped-{i}-b\n"),
+        );
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{out} {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains(&format!("piped-{i}-b")), "input lost: {out:?}");
+    }
+
     // -t -d: PID 1's terminal waits for `moat console`; Ctrl-] leaves it
     // running, and the next console finds the same shell. (--rm with it is refused.)
     let o = r.moat(&["run", "-t", "-d", "--rm", "busybox", "--", "true"]);

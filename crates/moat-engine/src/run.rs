@@ -47,7 +47,10 @@ pub struct RunOutcome {
 #[derive(Debug)]
 struct RunConsole {
     dir: MachineDir,
+    /// The pty master, for the window size only.
     master: std::os::fd::OwnedFd,
+    /// A copy of the relayed socket: ^D goes after the input before it.
+    input: std::os::fd::OwnedFd,
 }
 
 impl moat_driver::SessionProcess for RunConsole {
@@ -55,8 +58,9 @@ impl moat_driver::SessionProcess for RunConsole {
         moat_runtime::sys::set_winsize(&self.master, rows, cols)
     }
     fn close_stdin(&self) -> std::io::Result<()> {
-        // The terminal's EOF character (VEOF, ^D by default).
-        let mut f = std::fs::File::from(self.master.try_clone()?);
+        // The terminal's EOF character (VEOF, ^D by default), through the
+        // supervisor's relay so that it follows the input sent before it.
+        let mut f = std::fs::File::from(self.input.try_clone()?);
         f.write_all(&[4])
     }
     fn signal(&self, sig: i32) -> std::io::Result<()> {
@@ -102,10 +106,13 @@ impl Engine {
         }
         let (io, master) =
             console_fds(&dir).map_err(|e| EngineError::Failed(format!("{name}: {e}")))?;
+        let input = io
+            .try_clone()
+            .map_err(|e| EngineError::Failed(format!("{name}: {e}")))?;
         Ok(Some(moat_driver::ExecSession {
             io,
             tty: true,
-            process: Box::new(RunConsole { dir, master }),
+            process: Box::new(RunConsole { dir, master, input }),
         }))
     }
 }
@@ -335,12 +342,17 @@ impl Engine {
                     return Err(EngineError::Failed(format!("{name}: {e}")));
                 }
             };
+            let input = match io.try_clone() {
+                Ok(i) => i,
+                Err(e) => return Err(EngineError::Failed(format!("{name}: {e}"))),
+            };
             let session = moat_driver::ExecSession {
                 io,
                 tty: true,
                 process: Box::new(RunConsole {
                     dir: MachineDir::new(dir.dir.clone()),
                     master,
+                    input,
                 }),
             };
             return Ok(RunOutcome {

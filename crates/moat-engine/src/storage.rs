@@ -163,14 +163,15 @@ impl Engine {
         }
         let host = self.host()?;
         if let Some(dir) = running_native(&host, machine) {
+            // Frozen under the store lock (a second snapshot waits for the
+            // lock, not inside a freeze), thawed when the copy is saved.
             let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;
-            let frozen = moat_runtime::machine::freeze(&dir, std::time::Duration::from_secs(10))
-                .map_err(|e| EngineError::Failed(format!("{machine}: {e}")))?;
-            let made = fs.snapshot_create(name).map_err(img);
-            frozen
-                .thaw()
-                .map_err(|e| EngineError::Failed(format!("{machine}: {e}")))?;
-            return made;
+            return fs
+                .snapshot_create_held(name, || {
+                    moat_runtime::machine::freeze(&dir, std::time::Duration::from_secs(10))
+                        .map_err(|e| e.to_string())
+                })
+                .map_err(img);
         }
         self.require_stopped(&host, machine, "snapshot it")?;
         let mut fs = MachineFs::open(&host.images, machine).map_err(img)?;

@@ -140,8 +140,11 @@ impl Executor for HostExecutor {
             argv: cmd.display(),
             source,
         };
+        // Messages in English whatever the host's locale: callers match
+        // some of them ("File exists", "Cannot find device").
         let mut child = Command::new(&cmd.program)
             .args(&cmd.args)
+            .env("LC_ALL", "C")
             .stdin(if cmd.stdin.is_some() {
                 Stdio::piped()
             } else {

@@ -455,6 +455,18 @@ impl MachineFs {
     /// Save the current rootfs as snapshot `name`. Stopped machine: constant time (freeze).
     /// Mounted machine: upper/ is copied into a new read-only layer (time grows with the changes).
     pub fn snapshot_create(&mut self, name: &str) -> Result<SnapshotInfo> {
+        self.snapshot_create_held(name, || Ok(()))
+    }
+
+    /// [`Self::snapshot_create`] of a machine that is running: `hold` is
+    /// called once the store is locked and the name checked, right before the
+    /// files are read, and what it returns (a frozen machine) is dropped once
+    /// they are saved; its error aborts with nothing changed.
+    pub fn snapshot_create_held<G>(
+        &mut self,
+        name: &str,
+        hold: impl FnOnce() -> std::result::Result<G, String>,
+    ) -> Result<SnapshotInfo> {
         check_simple_name("snapshot", name)?;
         let mounted = self.is_mounted()?;
         let _l = self.store.lock()?;
@@ -464,6 +476,11 @@ impl MachineFs {
                 snapshot: name.to_string(),
             });
         }
+        let _held = hold().map_err(|e| ImageError::Io {
+            op: "hold still for a snapshot:",
+            path: self.dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
         let sd = self.dir.join("snapshots");
         fs::create_dir_all(&sd).ctx("create directory", &sd)?;
         let layers = if self.state.backend == Backend::Btrfs {

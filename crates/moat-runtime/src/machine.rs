@@ -605,30 +605,40 @@ pub fn destroy(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> 
 
 /// A running machine whose processes are frozen (cgroup freezer) until
 /// [`Frozen::thaw`] or drop: its files hold still while they are copied.
+/// SIGINT, SIGTERM and SIGHUP are blocked in the calling thread meanwhile
+/// (delivered after the thaw), so a ^C cannot leave the machine frozen; a
+/// supervisor asked to stop thaws its machine first (a SIGKILL of the caller).
 #[must_use = "the machine thaws when this is dropped"]
 pub struct Frozen {
     cgroup: Option<String>,
+    old_mask: libc::sigset_t,
 }
 
 impl Frozen {
     /// Thaw now, reporting a failure (drop thaws too, silently).
     pub fn thaw(mut self) -> Result<(), RuntimeError> {
-        match self.cgroup.take() {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), RuntimeError> {
+        let r = match self.cgroup.take() {
             Some(cg) => thaw_cgroup(&cg),
-            None => Ok(()),
-        }
+            None => return Ok(()),
+        };
+        // SAFETY: restores the mask saved by `freeze` for this thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old_mask, std::ptr::null_mut()) };
+        r
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if let Some(cg) = self.cgroup.take() {
-            let _ = thaw_cgroup(&cg);
-        }
+        let _ = self.release();
     }
 }
 
-fn thaw_cgroup(cg: &str) -> Result<(), RuntimeError> {
+/// Thaws the cgroup `cg` (a path such as `/moat-x/name`).
+pub fn thaw_cgroup(cg: &str) -> Result<(), RuntimeError> {
     crate::cgroups::set_frozen(cg, false, Duration::from_secs(10)).map_err(|e| RuntimeError::Sys {
         container: cg.to_string(),
         op: "thaw the cgroup",
@@ -642,13 +652,29 @@ fn thaw_cgroup(cg: &str) -> Result<(), RuntimeError> {
 pub fn freeze(dir: &MachineDir, timeout: Duration) -> Result<Frozen, RuntimeError> {
     let cfg = dir.read_config()?;
     let cg = cfg.container.cgroup_path();
+    // SAFETY: sigset_t values filled by sigemptyset/sigaddset and
+    // pthread_sigmask; only this thread's mask changes.
+    let old_mask = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        old
+    };
+    let frozen = Frozen {
+        cgroup: Some(cg.clone()),
+        old_mask,
+    };
     if let Err(e) = crate::cgroups::set_frozen(&cg, true, timeout) {
-        let _ = thaw_cgroup(&cg);
+        drop(frozen);
         return Err(RuntimeError::Sys {
             container: cfg.container.name.clone(),
             op: "freeze the cgroup",
             source: e,
         });
     }
-    Ok(Frozen { cgroup: Some(cg) })
+    Ok(frozen)
 }

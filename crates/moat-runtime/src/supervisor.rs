@@ -136,9 +136,11 @@ struct Supervisor {
 /// prompt printed before `run -t` attached, the screen's tail on re-attach).
 const REPLAY_BYTES: usize = 4096;
 
-/// Writes all of `data` to the non-blocking `fd`, waiting up to `timeout`
-/// for room each time it is full.
-fn write_fd_all(fd: i32, mut data: &[u8], timeout: Duration) -> io::Result<()> {
+/// Writes `data` to the non-blocking `fd`, waiting at most `wait` in all
+/// for room when it is full. `Ok(false)`: the time ran out and the rest was
+/// not written (the peer does not read); `Err`: the peer is gone.
+fn write_within(fd: i32, mut data: &[u8], wait: Duration) -> io::Result<bool> {
+    let deadline = Instant::now() + wait;
     while !data.is_empty() {
         // SAFETY: write from a live slice.
         let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
@@ -150,25 +152,27 @@ fn write_fd_all(fd: i32, mut data: &[u8], timeout: Duration) -> io::Result<()> {
         match e.kind() {
             io::ErrorKind::Interrupted => continue,
             io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
                 let mut p = libc::pollfd {
                     fd,
                     events: libc::POLLOUT,
                     revents: 0,
                 };
-                // SAFETY: poll over one live pollfd.
-                let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
-                if r <= 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "peer does not read",
-                    ));
-                }
+                // SAFETY: poll over one live pollfd; EINTR loops back here.
+                unsafe { libc::poll(&mut p, 1, left.as_millis() as i32 + 1) };
             }
             _ => return Err(e),
         }
     }
-    Ok(())
+    Ok(true)
 }
+
+/// At most this much terminal output is taken per poll round, so a process
+/// that prints without pause cannot starve requests and signals.
+const CONSOLE_BYTES_PER_ROUND: usize = 256 * 1024;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -509,6 +513,15 @@ impl Supervisor {
             return;
         }
         self.stop_requested = true;
+        // A snapshot's freeze whose caller died (SIGKILL) must not keep the
+        // machine from stopping: frozen tasks do not act on signals.
+        if self.cfg.process.is_none() {
+            let _ = crate::cgroups::set_frozen(
+                &self.cfg.container.cgroup_path(),
+                false,
+                Duration::from_secs(2),
+            );
+        }
         if self.init.is_some() {
             if self.status.phase == Phase::Created {
                 let _ = self.kill_init(libc::SIGKILL);
@@ -588,7 +601,7 @@ impl Supervisor {
         sys::send_fds(stream, &[theirs.as_raw_fd(), master.as_raw_fd()])
             .map_err(|e| format!("sending the terminal: {e}"))?;
         mine.set_nonblocking(true).map_err(|e| e.to_string())?;
-        if write_fd_all(mine.as_raw_fd(), &self.replay, Duration::from_secs(2)).is_ok() {
+        if write_within(mine.as_raw_fd(), &self.replay, Duration::ZERO).is_ok() {
             self.client = Some(mine);
         }
         Ok(())
@@ -602,7 +615,11 @@ impl Supervisor {
             return;
         };
         let mut buf = vec![0u8; 16 * 1024];
+        let mut taken = 0;
         let gone = loop {
+            if taken >= CONSOLE_BYTES_PER_ROUND {
+                break false;
+            }
             // SAFETY: buf is valid for buf.len() bytes; fd is the non-blocking master we own.
             let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
             if n == 0 {
@@ -617,14 +634,17 @@ impl Supervisor {
                 }
             }
             let data = &buf[..n as usize];
+            taken += data.len();
             if let Err(e) = self.out_log.write_all(data) {
                 eprintln!("moat-supervisor: writing a log: {e}");
             }
             self.replay.extend_from_slice(data);
             let excess = self.replay.len().saturating_sub(REPLAY_BYTES);
             self.replay.drain(..excess);
+            // A client that does not keep up misses output (the log has
+            // it); only a closed one is dropped.
             if let Some(c) = &self.client {
-                if write_fd_all(c.as_raw_fd(), data, Duration::from_secs(2)).is_err() {
+                if write_within(c.as_raw_fd(), data, Duration::ZERO).is_err() {
                     self.client = None;
                 }
             }
@@ -655,8 +675,9 @@ impl Supervisor {
             }
         };
         if let Some(m) = &self.console {
-            // Input the process does not read within the timeout is dropped.
-            let _ = write_fd_all(m.as_raw_fd(), &buf[..n], Duration::from_secs(2));
+            // Input the process does not take within 100 ms is dropped (its
+            // terminal's input buffer is full): the supervisor must not stall.
+            let _ = write_within(m.as_raw_fd(), &buf[..n], Duration::from_millis(100));
         }
     }
 

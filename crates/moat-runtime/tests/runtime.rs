@@ -317,7 +317,17 @@ fn freeze_stops_every_process_until_thawed() {
         assert!(Instant::now() < deadline, "still frozen after drop");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // A caller killed while the machine is frozen (its guard never runs):
+    // stop still works, the supervisor thaws first.
+    std::mem::forget(machine::freeze(&dir, Duration::from_secs(10)).expect("freeze"));
+    let t = Instant::now();
     machine::stop(&dir, Duration::from_secs(2)).expect("stop");
+    assert!(
+        !matches!(dir.state(), MachineState::Running { .. }),
+        "{:?}",
+        dir.state()
+    );
+    eprintln!("stop of a frozen machine: {:?}", t.elapsed());
 }
 
 #[test]

@@ -118,6 +118,26 @@ impl Root {
             .output()
             .expect("run moat")
     }
+    /// `moat ARGS` with `input` on its stdin (a pipe).
+    #[allow(dead_code)]
+    pub fn moat_input(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .arg("--root")
+            .arg(self.path())
+            .args(args)
+            .env("MOAT_SUPERVISOR", &self.sup)
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run moat");
+        if let Some(mut i) = child.stdin.take() {
+            let _ = i.write_all(input.as_bytes());
+        }
+        child.wait_with_output().expect("wait moat")
+    }
     pub fn ok(&self, args: &[&str]) -> String {
         let o = self.moat(args);
         assert!(
