@@ -119,16 +119,39 @@ impl StateStore {
             .conn
             .busy_timeout(Duration::from_secs(10))
             .map_err(|e| store.sql("setting the busy timeout", e))?;
-        store
-            .conn
-            .pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| store.sql("enabling WAL", e))?;
+        store.enable_wal()?;
         store
             .conn
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| store.sql("setting synchronous", e))?;
         store.migrate()?;
         Ok(store)
+    }
+
+    /// WAL mode (kept in the file). Switching needs the file to itself and
+    /// SQLite does not wait for that (the busy timeout does not apply): when
+    /// another process is opening the same new root, retry for a while.
+    fn enable_wal(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mode: String = self
+                .conn
+                .pragma_query_value(None, "journal_mode", |r| r.get(0))
+                .map_err(|e| self.sql("reading the journal mode", e))?;
+            if mode.eq_ignore_ascii_case("wal") {
+                return Ok(());
+            }
+            match self.conn.pragma_update(None, "journal_mode", "WAL") {
+                Ok(()) => return Ok(()),
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(self.sql("enabling WAL", e)),
+            }
+        }
     }
 
     /// The database file.
@@ -190,12 +213,25 @@ impl StateStore {
             what: what.to_string(),
             source,
         };
+        // IMMEDIATE: the write lock first, then the version read again, so
+        // two processes opening a new root at once (a daemon and a CLI) do
+        // not both run the same migration ("table ... already exists").
         let tx = self
             .conn
-            .transaction()
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| sql_err("starting the migration", e))?;
         tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
             .map_err(|e| sql_err("creating schema_version", e))?;
+        let found: i64 = tx
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
+            .optional()
+            .map(|v| v.unwrap_or(0))
+            .map_err(|e| sql_err("reading the schema version", e))?;
+        if found >= SCHEMA_VERSION {
+            return tx
+                .commit()
+                .map_err(|e| sql_err("committing the migration", e));
+        }
         for (i, m) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             tx.execute_batch(m)
                 .map_err(|e| sql_err(&format!("migration to schema {}", i + 1), e))?;
@@ -468,6 +504,30 @@ impl StateStore {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn concurrent_opens_of_a_new_root_migrate_once() {
+        // A daemon and a CLI opening a fresh root at the same moment: both
+        // must get a usable store (this failed with "table subnets already
+        // exists" before the migration took the write lock first).
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    let p = dir.path().to_path_buf();
+                    let b = barrier.clone();
+                    std::thread::spawn(move || {
+                        b.wait();
+                        StateStore::open(&p).map(|s| s.schema_version().unwrap())
+                    })
+                })
+                .collect();
+            for h in handles {
+                assert_eq!(h.join().unwrap().unwrap(), SCHEMA_VERSION);
+            }
+        }
+    }
 
     #[test]
     fn allocations_round_trip() {
