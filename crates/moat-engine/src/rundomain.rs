@@ -119,7 +119,7 @@ impl Engine {
             .map_err(state_err)?
             .iter()
             .any(|x| x.kind == "network" && !x.pending && x.domain.as_deref() == Some(domain));
-        if !applied || !link_is_up(&net.bridge) {
+        if !applied || !link_is_up(&net.bridge, &moat_core::naming::if_alias(&self.root_str)) {
             return Err(EngineError::Failed(format!(
                 "domain '{domain}' is not applied yet (bridge {} is missing); run `moat apply` first",
                 net.bridge
@@ -225,16 +225,19 @@ impl Engine {
     }
 }
 
-/// Whether network interface `name` exists and is administratively up
-/// (`IFF_UP` in its sysfs flags). One file read: a full `observe` of the
-/// host's bridges and tables costs three processes on every `run --domain`.
-fn link_is_up(name: &str) -> bool {
+/// Whether network interface `name` exists, is a bridge, carries this
+/// root's ownership mark (`alias`) and is administratively up (`IFF_UP`).
+/// A few sysfs reads: a full `observe` of the host's bridges and tables
+/// costs three processes on every `run --domain`.
+fn link_is_up(name: &str, alias: &str) -> bool {
     const IFF_UP: u32 = 0x1;
     if name.is_empty() || name.contains('/') {
         return false;
     }
-    std::fs::read_to_string(format!("/sys/class/net/{name}/flags"))
-        .ok()
-        .and_then(|f| u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).ok())
-        .is_some_and(|f| f & IFF_UP != 0)
+    let dir = std::path::Path::new("/sys/class/net").join(name);
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    dir.join("bridge").is_dir()
+        && read("ifalias").trim() == alias
+        && u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16)
+            .is_ok_and(|f| f & IFF_UP != 0)
 }

@@ -170,9 +170,10 @@ fn write_within(fd: i32, mut data: &[u8], wait: Duration) -> io::Result<bool> {
     Ok(true)
 }
 
-/// At most this much terminal output is taken per poll round, so a process
-/// that prints without pause cannot starve requests and signals.
-const CONSOLE_BYTES_PER_ROUND: usize = 256 * 1024;
+/// At most this much output (terminal, stdout, stderr each) is taken per
+/// poll round, so a process that prints without pause cannot starve
+/// requests and signals.
+const OUTPUT_BYTES_PER_ROUND: usize = 256 * 1024;
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -331,7 +332,8 @@ impl Supervisor {
             let exit = self.wait_init_exit();
             // The terminal's last output (its client then sees the end).
             self.on_console();
-            self.drain_logs();
+            // All that is left (a pipe may hold up to 1 MiB), within reason.
+            self.drain_logs(16 << 20);
             if self.cfg.process.is_none() {
                 if let Err(e) = container::delete(&name, &root, true) {
                     eprintln!("moat-supervisor: {e}");
@@ -470,7 +472,7 @@ impl Supervisor {
             return;
         }
         if fds[2].revents != 0 || fds[3].revents != 0 {
-            self.drain_logs();
+            self.drain_logs(OUTPUT_BYTES_PER_ROUND);
         }
         if fds[4].revents != 0 {
             self.on_console();
@@ -617,7 +619,7 @@ impl Supervisor {
         let mut buf = vec![0u8; 16 * 1024];
         let mut taken = 0;
         let gone = loop {
-            if taken >= CONSOLE_BYTES_PER_ROUND {
+            if taken >= OUTPUT_BYTES_PER_ROUND {
                 break false;
             }
             // SAFETY: buf is valid for buf.len() bytes; fd is the non-blocking master we own.
@@ -681,18 +683,22 @@ impl Supervisor {
         }
     }
 
-    fn drain_logs(&mut self) {
+    fn drain_logs(&mut self, cap: usize) {
         let mut buf = vec![0u8; 16 * 1024];
         for (fd, log) in [
             (&self.out_r, &mut self.out_log),
             (&self.err_r, &mut self.err_log),
         ] {
-            loop {
+            // Capped per round (as the terminal): a process that writes
+            // without pause must not starve requests and signals.
+            let mut taken = 0;
+            while taken < cap {
                 // SAFETY: buf is valid for buf.len() bytes; fd is a non-blocking pipe we own.
                 let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n <= 0 {
                     break;
                 }
+                taken += n as usize;
                 if let Err(e) = log.write_all(&buf[..n as usize]) {
                     eprintln!("moat-supervisor: writing a log: {e}");
                 }
