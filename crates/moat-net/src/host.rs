@@ -225,6 +225,20 @@ impl<E: Executor> NetHost<E> {
         Ok(())
     }
 
+    /// A new host interface `hif` becomes a port of `bridge`: IPv6 off
+    /// first (no link-local address, no IPv6 stack on it), then the
+    /// ownership alias, the bridge and up.
+    fn enslave(&self, what: &str, hif: &str, alias: &str, bridge: &str) -> Result<(), NetError> {
+        self.sysctl_set(what, &format!("net.ipv6.conf.{hif}.disable_ipv6"), "1")?;
+        self.run(
+            what,
+            Cmd::new("ip").args([
+                "link", "set", "dev", hif, "alias", alias, "master", bridge, "up",
+            ]),
+        )?;
+        Ok(())
+    }
+
     /// Give a machine its NIC: a veth pair whose host side `nic.host_if`
     /// (alias `alias`, IPv6 off) is a port of `net.bridge`, and whose other
     /// side is created directly inside `netns` as `eth0` with the machine's
@@ -252,21 +266,7 @@ impl<E: Executor> NetHost<E> {
                 "netns", &ns,
             ]),
         )?;
-        self.sysctl_set(&what, &format!("net.ipv6.conf.{hif}.disable_ipv6"), "1")?;
-        self.run(
-            &what,
-            Cmd::new("ip").args([
-                "link",
-                "set",
-                "dev",
-                hif,
-                "alias",
-                alias,
-                "master",
-                &net.bridge,
-                "up",
-            ]),
-        )?;
+        self.enslave(&what, hif, alias, &net.bridge)?;
         let inside = format!(
             "addr add {}/{} dev eth0\nlink set dev eth0 up\nlink set dev lo up\nroute replace default via {} dev eth0\n",
             nic.ip,
@@ -305,21 +305,7 @@ impl<E: Executor> NetHost<E> {
             hif,
             Cmd::new("ip").args(["tuntap", "add", "dev", hif, "mode", "tap"]),
         )?;
-        self.sysctl_set(&what, &format!("net.ipv6.conf.{hif}.disable_ipv6"), "1")?;
-        self.run(
-            &what,
-            Cmd::new("ip").args([
-                "link",
-                "set",
-                "dev",
-                hif,
-                "alias",
-                alias,
-                "master",
-                &net.bridge,
-                "up",
-            ]),
-        )?;
+        self.enslave(&what, hif, alias, &net.bridge)?;
         Ok(())
     }
 
