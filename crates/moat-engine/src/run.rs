@@ -76,12 +76,17 @@ impl moat_driver::SessionProcess for RunConsole {
     }
 }
 
-/// PID 1's terminal from the supervisor: the relayed socket and the master
-/// (for the window size and ^D).
-fn console_fds(
-    dir: &MachineDir,
-) -> std::result::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd), String> {
-    moat_runtime::machine::attach_console(dir).map_err(|e| e.to_string())
+/// A session on PID 1's terminal of the machine in `dir`: the socket the
+/// supervisor relays, the pty master (window size) and a copy of the socket
+/// (^D after the input).
+fn console_session(dir: MachineDir) -> std::result::Result<moat_driver::ExecSession, String> {
+    let (io, master) = moat_runtime::machine::attach_console(&dir).map_err(|e| e.to_string())?;
+    let input = io.try_clone().map_err(|e| e.to_string())?;
+    Ok(moat_driver::ExecSession {
+        io,
+        tty: true,
+        process: Box::new(RunConsole { dir, master, input }),
+    })
 }
 
 impl Engine {
@@ -104,16 +109,9 @@ impl Engine {
                 "{name} is not running; `moat start {name}` first"
             )));
         }
-        let (io, master) =
-            console_fds(&dir).map_err(|e| EngineError::Failed(format!("{name}: {e}")))?;
-        let input = io
-            .try_clone()
-            .map_err(|e| EngineError::Failed(format!("{name}: {e}")))?;
-        Ok(Some(moat_driver::ExecSession {
-            io,
-            tty: true,
-            process: Box::new(RunConsole { dir, master, input }),
-        }))
+        console_session(dir)
+            .map(Some)
+            .map_err(|e| EngineError::Failed(format!("{name}: {e}")))
     }
 }
 
@@ -331,8 +329,8 @@ impl Engine {
             });
         }
         if opts.tty.is_some() {
-            let (io, master) = match console_fds(&dir) {
-                Ok(fds) => fds,
+            let session = match console_session(MachineDir::new(dir.dir.clone())) {
+                Ok(session) => session,
                 Err(e) => {
                     let _ = d.stop(&host.ctx, &name, Duration::from_secs(1));
                     if opts.rm {
@@ -341,19 +339,6 @@ impl Engine {
                     }
                     return Err(EngineError::Failed(format!("{name}: {e}")));
                 }
-            };
-            let input = match io.try_clone() {
-                Ok(i) => i,
-                Err(e) => return Err(EngineError::Failed(format!("{name}: {e}"))),
-            };
-            let session = moat_driver::ExecSession {
-                io,
-                tty: true,
-                process: Box::new(RunConsole {
-                    dir: MachineDir::new(dir.dir.clone()),
-                    master,
-                    input,
-                }),
             };
             return Ok(RunOutcome {
                 name,

@@ -638,7 +638,7 @@ impl Drop for Frozen {
 }
 
 /// Thaws the cgroup `cg` (a path such as `/moat-x/name`).
-pub fn thaw_cgroup(cg: &str) -> Result<(), RuntimeError> {
+fn thaw_cgroup(cg: &str) -> Result<(), RuntimeError> {
     crate::cgroups::set_frozen(cg, false, Duration::from_secs(10)).map_err(|e| RuntimeError::Sys {
         container: cg.to_string(),
         op: "thaw the cgroup",
