@@ -518,6 +518,7 @@ pub fn firewall_diff(old: &str, new: &str) -> Vec<String> {
                     && !l.starts_with("table ")
                     && !l.starts_with("chain ")
                     && !l.starts_with("comment ")
+                    && !l.contains(" comment \"moat ")
                     && !l.starts_with('#')
             })
             .collect()

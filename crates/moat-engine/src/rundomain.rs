@@ -181,11 +181,14 @@ impl Engine {
         })
     }
 
-    /// One atomic `nft -f` of the ruleset of `resolved`, as apply does.
+    /// The ruleset of `resolved`, in one atomic `nft -f`: in place from the
+    /// ruleset applied last when only machine ports changed (the usual case:
+    /// this machine's anti-spoofing entries), else replaced as apply does.
     fn apply_rules(&self, host: &crate::host::Host, resolved: &Resolved) -> Result<()> {
         let rules = moat_net::render(resolved, moat_net::RenderOptions::default());
+        let old = std::fs::read_to_string(self.applied_rules_path()).ok();
         host.net
-            .apply_ruleset(&rules)
+            .update_ruleset(old.as_deref(), &rules)
             .map_err(|e| EngineError::Failed(format!("{e}; `moat apply` repairs the firewall")))?;
         let _ = std::fs::write(self.applied_rules_path(), rules.body);
         Ok(())

@@ -135,6 +135,9 @@ impl Executor for HostExecutor {
         if let Some(output) = sysctl_in_process(cmd) {
             return finish(cmd, output);
         }
+        if let Some(output) = nft_elements_in_process(cmd) {
+            return finish(cmd, output);
+        }
         let spawn_err = |source| HostError::Spawn {
             program: cmd.program.clone(),
             argv: cmd.display(),
@@ -215,6 +218,24 @@ fn sysctl_in_process(cmd: &Cmd) -> Option<Output> {
         Some(v) => match std::fs::write(&path, v) {
             Ok(()) => Output::ok(""),
             Err(e) => failed("set", e),
+        },
+    })
+}
+
+/// `nft -f -` of a script that only adds and deletes set elements, over
+/// netlink in this process (see [`crate::nfnl`]): the same transaction,
+/// without waiting for the kernel's clean-up when the socket closes.
+fn nft_elements_in_process(cmd: &Cmd) -> Option<Output> {
+    if cmd.program != "nft" || cmd.args != ["-f", "-"] {
+        return None;
+    }
+    let script = std::str::from_utf8(cmd.stdin.as_deref()?).ok()?;
+    Some(match crate::nfnl::run_script(script)? {
+        Ok(()) => Output::ok(""),
+        Err(e) => Output {
+            status: 1,
+            stdout: String::new(),
+            stderr: format!("Error: Could not process rule: {e}\n"),
         },
     })
 }

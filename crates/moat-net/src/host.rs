@@ -5,7 +5,7 @@
 //! use the recording fake). Commands are idempotent where the kernel allows;
 //! `ensure_*` read the host first and only change what differs.
 
-use crate::render::{delete_script, Ruleset, HASH_COMMENT_PREFIX};
+use crate::render::{delete_script, update_script, Ruleset, HASH_COMMENT_PREFIX};
 use crate::NetError;
 use ipnet::Ipv4Net;
 use moat_core::model::{ResolvedNetwork, ResolvedNic};
@@ -34,6 +34,14 @@ impl NetnsTarget {
             NetnsTarget::Path(p) => p.display().to_string(),
         }
     }
+}
+
+/// What [`NetHost::update_ruleset`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Updated {
+    pub applied: Applied,
+    /// Only set elements changed (no table replaced).
+    pub in_place: bool,
 }
 
 /// What [`NetHost::apply_ruleset`] changed besides the tables.
@@ -348,6 +356,43 @@ impl<E: Executor> NetHost<E> {
         })
     }
 
+    /// Bring the tables from `old_body` (the ruleset applied last, when
+    /// known) to `rs`: in place when only machine ports differ (see
+    /// [`update_script`]), else by replacing both tables as
+    /// [`Self::apply_ruleset`] does. The in-place transaction refuses to run
+    /// unless the live tables are `old_body`'s, so a stale `old_body` only
+    /// costs the full replacement.
+    pub fn update_ruleset(
+        &self,
+        old_body: Option<&str>,
+        rs: &Ruleset,
+    ) -> Result<Updated, NetError> {
+        if let Some(script) = old_body.and_then(|o| update_script(o, rs)) {
+            let out = self.run(
+                &format!("updating nftables table {}", rs.table),
+                Cmd::new("nft")
+                    .args(["-f", "-"])
+                    .stdin(script)
+                    .allow_failure(),
+            )?;
+            if out.success() {
+                let previous_ip_forward = self.set_ip_forward(true)?;
+                return Ok(Updated {
+                    applied: Applied {
+                        previous_ip_forward,
+                    },
+                    in_place: true,
+                });
+            }
+            // Refused: the live tables are not `old_body`'s (edited by hand,
+            // or an apply ended before recording what it applied).
+        }
+        Ok(Updated {
+            applied: self.apply_ruleset(rs)?,
+            in_place: false,
+        })
+    }
+
     /// Remove both tables of a root (absent is fine).
     pub fn remove_ruleset(&self, root_tag: &str) -> Result<(), NetError> {
         self.run(
@@ -436,12 +481,14 @@ impl<E: Executor> NetHost<E> {
         if !out.success() {
             return Ok(None);
         }
-        // `nft -j` (1.0.6) leaves table comments out: read the text form.
+        // The `state` element's comment (or, from older versions, the
+        // table's): `moat HASH RULES`. Read from the text form.
+        let marker = format!("comment \"{HASH_COMMENT_PREFIX}");
         let comment = out
             .stdout
             .lines()
-            .find_map(|l| l.trim().strip_prefix("comment \""))
-            .and_then(|c| c.trim_end_matches('"').strip_prefix(HASH_COMMENT_PREFIX))
+            .find_map(|l| l.split_once(&marker).map(|(_, c)| c))
+            .and_then(|c| c.split('"').next())
             .map(str::to_string);
         let Some(comment) = comment else {
             return Ok(Some("unknown".into()));

@@ -18,8 +18,8 @@ pub mod fixture;
 pub mod host;
 pub mod render;
 
-pub use host::{Applied, NetHost, NetnsTarget};
-pub use render::{delete_script, render, RenderOptions, Ruleset};
+pub use host::{Applied, NetHost, NetnsTarget, Updated};
+pub use render::{delete_script, render, update_script, RenderOptions, Ruleset};
 
 use moat_host::exec::HostError;
 use std::path::PathBuf;

@@ -39,7 +39,8 @@ pub struct Ruleset {
     pub table: String,
     /// The two table definitions, `nft -f` syntax, hash comment included.
     pub body: String,
-    /// SHA-256 (hex) of the definitions; stored as the inet table's comment so
+    /// SHA-256 (hex) of the definitions; stored in the inet table's `state`
+    /// set (see [`update_script`]) so
     /// [`crate::NetHost::observe`] can read it back.
     pub hash: String,
     /// Number of rules in all chains (set elements not counted).
@@ -81,9 +82,134 @@ pub fn delete_script(root_tag: &str) -> String {
     )
 }
 
-/// Comment prefix of the inet table, followed by the ruleset hash and the
-/// number of rules in both tables.
+/// Comment prefix of the inet table's `state` element, followed by the
+/// ruleset hash and the number of rules in both tables.
 pub const HASH_COMMENT_PREFIX: &str = "moat ";
+
+/// Where the `state` set goes in the inet table; hashed in this form.
+const STATE_PLACEHOLDER: &str = "\t@STATE@\n";
+
+/// The bridge table's sets that hold one entry per machine port: the only
+/// part of the ruleset [`update_script`] changes in place.
+const PORT_SETS: [&str; 4] = ["ports", "ip_ok", "mac_ok", "dhcp_ok"];
+
+/// The inet table's `state` set: one element whose key is the first 15 hex
+/// digits of the ruleset hash (an `ifname` holds 15 characters) and whose
+/// comment carries the whole hash and the rule count. Unlike a table
+/// comment, an element can be replaced in a transaction, and deleting it by
+/// its key fails unless the live ruleset is the one that key names.
+fn state_set(hash: &str, rules: usize) -> String {
+    format!(
+        "\tset state {{\n\t\ttype ifname\n\t\telements = {{ \"{}\" comment \"{HASH_COMMENT_PREFIX}{hash} {rules}\" }}\n\t}}\n",
+        state_key(hash)
+    )
+}
+
+fn state_key(hash: &str) -> &str {
+    &hash[..15.min(hash.len())]
+}
+
+/// What an in-place update needs of a rendered body: its `state` key, its
+/// per-port set elements, and everything else (which must not change).
+struct Parts<'a> {
+    key: Option<&'a str>,
+    elements: BTreeMap<&'a str, std::collections::BTreeSet<&'a str>>,
+    skeleton: Vec<&'a str>,
+}
+
+fn parts(body: &str) -> Parts<'_> {
+    let mut p = Parts {
+        key: None,
+        elements: BTreeMap::new(),
+        skeleton: Vec::new(),
+    };
+    let mut bridge = false;
+    let mut set: Option<&str> = None;
+    let mut in_elements = false;
+    for line in body.lines() {
+        let t = line.trim();
+        if let Some(rest) = t.strip_prefix("table ") {
+            bridge = rest.starts_with("bridge ");
+        } else if let Some(name) = t.strip_prefix("set ") {
+            set = Some(name.trim_end_matches(" {"));
+        } else if t == "}" && !in_elements {
+            set = None;
+        }
+        let port_set = set.filter(|s| bridge && PORT_SETS.contains(s));
+        if let (Some(s), true) = (port_set, in_elements) {
+            if t == "}" {
+                in_elements = false;
+            } else {
+                p.elements
+                    .entry(s)
+                    .or_default()
+                    .insert(t.trim_end_matches(','));
+            }
+            continue;
+        }
+        if port_set.is_some() && t == "elements = {" {
+            in_elements = true;
+            continue;
+        }
+        if !bridge && set == Some("state") && t.starts_with("elements = { \"") {
+            p.key = t
+                .strip_prefix("elements = { \"")
+                .and_then(|r| r.split('"').next());
+            continue;
+        }
+        p.skeleton.push(line);
+    }
+    p
+}
+
+/// One `nft -f` transaction turning the live ruleset `old_body` (what was
+/// applied last) into `new` by changing only per-port set elements, or
+/// `None` when more than those differs. It starts by deleting the `state`
+/// element by its key, which fails (and so aborts the whole transaction)
+/// unless the live ruleset is `old_body`'s; the caller then replaces the
+/// tables. Adding or removing a machine this way changes no chain, so the
+/// kernel registers no hook and waits for no RCU grace period: a few
+/// milliseconds instead of about twenty.
+pub fn update_script(old_body: &str, new: &Ruleset) -> Option<String> {
+    let (o, n) = (parts(old_body), parts(&new.body));
+    let key = o.key?;
+    if o.skeleton != n.skeleton || n.key.is_none() {
+        return None;
+    }
+    let t = &new.table;
+    let mut s = format!(
+        "delete element inet {t} state {{ \"{key}\" }}\nadd element inet {t} state {{ \"{}\" comment \"{HASH_COMMENT_PREFIX}{} {}\" }}\n",
+        state_key(&new.hash),
+        new.hash,
+        new.rule_count
+    );
+    let empty = std::collections::BTreeSet::new();
+    for set in PORT_SETS {
+        let (before, after) = (
+            o.elements.get(set).unwrap_or(&empty),
+            n.elements.get(set).unwrap_or(&empty),
+        );
+        let gone: Vec<&str> = before.difference(after).copied().collect();
+        if !gone.is_empty() {
+            let _ = writeln!(
+                s,
+                "delete element bridge {t} {set} {{ {} }}",
+                gone.join(", ")
+            );
+        }
+    }
+    for set in PORT_SETS {
+        let (before, after) = (
+            o.elements.get(set).unwrap_or(&empty),
+            n.elements.get(set).unwrap_or(&empty),
+        );
+        let added: Vec<&str> = after.difference(before).copied().collect();
+        if !added.is_empty() {
+            let _ = writeln!(s, "add element bridge {t} {set} {{ {} }}", added.join(", "));
+        }
+    }
+    Some(s)
+}
 
 struct Net<'a> {
     bridge: &'a str,
@@ -287,7 +413,7 @@ pub fn render(resolved: &Resolved, opts: RenderOptions) -> Ruleset {
     };
 
     let _ = writeln!(b, "table inet {table} {{");
-    b.push_str("\t@COMMENT@\n");
+    b.push_str(STATE_PLACEHOLDER);
     set(&mut b, "bridges", "ifname", &[], &bridges);
     set(&mut b, "intra", "ifname . ifname", &[], &intra);
     set(&mut b, "dns", "ifname . ipv4_addr", &[], &dns);
@@ -386,10 +512,7 @@ pub fn render(resolved: &Resolved, opts: RenderOptions) -> Ruleset {
     b.push_str("}\n");
 
     let hash = hex::encode(Sha256::digest(b.as_bytes()));
-    let body = b.replace(
-        "@COMMENT@",
-        &format!("comment \"{HASH_COMMENT_PREFIX}{hash} {rules}\""),
-    );
+    let body = b.replace(STATE_PLACEHOLDER, &state_set(&hash, rules));
     Ruleset {
         root_tag: tag.clone(),
         table,
@@ -556,6 +679,76 @@ mod tests {
             .body
             .contains(&format!("comment \"moat {} {}\"", a.hash, a.rule_count)));
         assert!(a.summary().contains("rules"));
+    }
+
+    #[test]
+    fn machines_coming_and_going_update_in_place() {
+        let with = |machines: &[&str], dhcp: bool| {
+            // The last domain grows, so no other port is renumbered.
+            let domains = [
+                DomainSpec::new("a", &["m1"]),
+                DomainSpec::new("b", machines).dhcp(dhcp),
+            ];
+            render(
+                &fixture::resolved("/update/root", 233, &domains, vec![]),
+                RenderOptions::default(),
+            )
+        };
+        let (one, two) = (with(&["m1"], true), with(&["m1", "m2"], true));
+        let up = update_script(&one.body, &two).expect("only ports differ");
+        let t = &two.table;
+        let lines: Vec<&str> = up.lines().collect();
+        // The compare-and-swap comes first: the old key, then the new one.
+        assert_eq!(
+            lines[0],
+            format!(
+                "delete element inet {t} state {{ \"{}\" }}",
+                &one.hash[..15]
+            )
+        );
+        assert!(lines[1].contains(&format!(
+            "\"{}\" comment \"moat {} ",
+            &two.hash[..15],
+            two.hash
+        )));
+        // m2's entries in the four port sets, nothing deleted.
+        assert_eq!(lines.len(), 6, "{up}");
+        for set in ["ports", "ip_ok", "mac_ok", "dhcp_ok"] {
+            assert!(
+                up.contains(&format!("add element bridge {t} {set} {{ \"")),
+                "{set}: {up}"
+            );
+        }
+        assert!(!up.contains("delete element bridge"));
+        // Back again: the same entries deleted, nothing added.
+        let down = update_script(&two.body, &one).expect("only ports differ");
+        assert_eq!(down.matches("delete element bridge").count(), 4, "{down}");
+        assert!(!down.contains("add element bridge"));
+        // Unchanged: only the state element is swapped.
+        assert_eq!(update_script(&two.body, &two).unwrap().lines().count(), 2);
+
+        // Anything but ports (here: DHCP of a domain, a set of the inet
+        // table) needs the tables replaced.
+        assert_eq!(update_script(&one.body, &with(&["m1"], false)), None);
+        // So does a policy.
+        let mut r = fixture::resolved(
+            "/update/root",
+            233,
+            &[
+                DomainSpec::new("a", &["m1"]),
+                DomainSpec::new("b", &["m1"]).dhcp(true),
+            ],
+            vec![policy(dom("a"), dom("b"), Ports::All, Protocol::Tcp, false)],
+        );
+        assert_eq!(
+            update_script(&one.body, &render(&r, RenderOptions::default())),
+            None
+        );
+        r.project.policies.clear();
+        assert!(update_script(&one.body, &render(&r, RenderOptions::default())).is_some());
+        // A body without a state element (older versions) cannot be swapped.
+        let old = one.body.replace("set state", "set other");
+        assert_eq!(update_script(&old, &two), None);
     }
 
     #[test]

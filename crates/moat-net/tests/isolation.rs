@@ -677,6 +677,71 @@ fn showcase_policies_hold() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// `run --domain` and `destroy` of a machine change only the bridge table's
+/// port sets: `update_ruleset` does that in place, and falls back to
+/// replacing the tables when its base is not what is live.
+#[test]
+fn machine_ports_update_in_place() {
+    need_root!();
+    let _g = serial();
+    let mut env = Env::new(|root| {
+        fixture::resolved(root, 248, &[DomainSpec::new("a", &["m1", "m2"])], vec![])
+    });
+    env.server(Some("a-m2"), &[]);
+    let table = moat_core::naming::nft_table(env.tag());
+    let both = env.ruleset();
+    let mut r = env.resolved.clone();
+    let port = r.nics.remove("a-m2").expect("a-m2").host_if;
+    let one = moat_net::render(&r, moat_net::RenderOptions::default());
+    let hash = |env: &Env| env.host.observe(env.tag()).expect("observe").1;
+    let to_m2 = |env: &Env| env.probe1(Some("a-m1"), Probe::new("m1->m2", "tcp", env.ip("a-m2")));
+    assert!(to_m2(&env), "a-m1 -> a-m2 before");
+
+    // a-m2 leaves: its port entries go, in place; its replies are now spoofed.
+    let u = env
+        .host
+        .update_ruleset(Some(&both.body), &one)
+        .expect("update");
+    assert!(u.in_place);
+    assert_eq!(hash(&env), Some(one.hash.clone()));
+    assert!(!to_m2(&env), "a-m2's port is unknown now");
+    // And comes back.
+    let u = env
+        .host
+        .update_ruleset(Some(&one.body), &both)
+        .expect("update");
+    assert!(u.in_place);
+    assert_eq!(hash(&env), Some(both.hash.clone()));
+    assert!(to_m2(&env), "a-m1 -> a-m2 again");
+
+    // A stale base (what the live tables were before): the swap is refused
+    // and the tables replaced.
+    let u = env
+        .host
+        .update_ruleset(Some(&one.body), &both)
+        .expect("update");
+    assert!(!u.in_place);
+    assert_eq!(hash(&env), Some(both.hash.clone()));
+    // An entry deleted by hand: the in-place delete fails, whole, and the
+    // tables are replaced.
+    sh(&[
+        "nft",
+        "delete",
+        "element",
+        "bridge",
+        &table,
+        "ports",
+        &format!("{{ \"{port}\" }}"),
+    ]);
+    let u = env
+        .host
+        .update_ruleset(Some(&both.body), &one)
+        .expect("update");
+    assert!(!u.in_place);
+    assert_eq!(hash(&env), Some(one.hash.clone()));
+    assert!(!to_m2(&env));
+}
+
 #[test]
 fn cleanup_root_leaves_nothing() {
     need_root!();

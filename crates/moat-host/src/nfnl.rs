@@ -1,0 +1,463 @@
+//! `nft -f -` of set-element changes, done in-process over netlink.
+//!
+//! moat adds and removes a machine's anti-spoofing entries with a script of
+//! `add element` / `delete element` lines (see moat-net's `update_script`).
+//! Run by the `nft` program, such a transaction costs more than its work: the
+//! kernel flushes the transaction clean-up (an RCU grace period, 10 to 15 ms
+//! here) when a netfilter netlink socket that committed is closed, and `nft`
+//! closes its socket before it exits. [`run_script`] sends the same
+//! transaction as one netlink batch, waits for the kernel's answer, and
+//! leaves the last close of the socket to a short-lived grandchild process,
+//! so the caller does not wait for the grace period.
+//!
+//! Only what moat writes is understood: lines of the form
+//! `add|delete element FAMILY TABLE SET { ELEM, ... }` with `inet` or
+//! `bridge` tables, elements made of `"ifname"`, MAC and IPv4 address fields
+//! joined by ` . `, and an optional `comment "..."`. Anything else returns
+//! `None` and the real `nft` runs.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+const NETLINK_NETFILTER: i32 = 12;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFNL_MSG_BATCH_BEGIN: u16 = 16;
+const NFNL_MSG_BATCH_END: u16 = 17;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+const NLM_F_CREATE: u16 = 0x400;
+const NLMSG_ERROR: u16 = 2;
+const NLA_F_NESTED: u16 = 0x8000;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_SET_ELEM_USERDATA: u16 = 6;
+const NFTA_DATA_VALUE: u16 = 1;
+/// libnftnl's user-data type of an element comment.
+const UDATA_SET_ELEM_COMMENT: u8 = 0;
+const IFNAMSIZ: usize = 16;
+
+/// One `add element` / `delete element` line.
+#[derive(Debug, PartialEq, Eq)]
+struct Change {
+    add: bool,
+    family: u8,
+    table: String,
+    set: String,
+    /// Key bytes (fields padded to 4 bytes, as nftables concatenations are)
+    /// and comment.
+    elements: Vec<(Vec<u8>, Option<String>)>,
+}
+
+/// Parse a script of element changes; `None` when any line is something else.
+fn parse(script: &str) -> Option<Vec<Change>> {
+    let mut out = Vec::new();
+    for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (head, rest) = line.split_once('{')?;
+        let body = rest.trim_end().strip_suffix('}')?;
+        let words: Vec<&str> = head.split_whitespace().collect();
+        let [verb, "element", family, table, set] = words.as_slice() else {
+            return None;
+        };
+        let add = match *verb {
+            "add" => true,
+            "delete" => false,
+            _ => return None,
+        };
+        let family = match *family {
+            "inet" => libc::NFPROTO_INET as u8,
+            "bridge" => libc::NFPROTO_BRIDGE as u8,
+            _ => return None,
+        };
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() < 64
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        };
+        if !name_ok(table) || !name_ok(set) {
+            return None;
+        }
+        let mut elements = Vec::new();
+        for e in body.split(',').map(str::trim) {
+            let (key, comment) = match e.split_once(" comment ") {
+                Some((k, c)) => {
+                    let c = c.trim().strip_prefix('"')?.strip_suffix('"')?;
+                    if c.contains('"') || c.len() > 127 || (!add && !c.is_empty()) {
+                        return None;
+                    }
+                    (k, Some(c.to_string()))
+                }
+                None => (e, None),
+            };
+            let mut bytes = Vec::new();
+            for field in key.split(" . ").map(str::trim) {
+                bytes.extend(field_bytes(field)?);
+            }
+            if bytes.is_empty() {
+                return None;
+            }
+            elements.push((bytes, comment));
+        }
+        out.push(Change {
+            add,
+            family,
+            table: table.to_string(),
+            set: set.to_string(),
+            elements,
+        });
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// One key field: `"ifname"` (16 bytes), a MAC (6, padded to 8) or an IPv4
+/// address (4, network order).
+fn field_bytes(f: &str) -> Option<Vec<u8>> {
+    if let Some(name) = f.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['"', '*']) {
+            return None;
+        }
+        let mut b = name.as_bytes().to_vec();
+        b.resize(IFNAMSIZ, 0);
+        return Some(b);
+    }
+    if let Ok(ip) = f.parse::<Ipv4Addr>() {
+        return Some(ip.octets().to_vec());
+    }
+    let parts: Vec<&str> = f.split(':').collect();
+    if parts.len() == 6 {
+        let mut b = parts
+            .iter()
+            .map(|p| {
+                (p.len() == 2)
+                    .then(|| u8::from_str_radix(p, 16).ok())
+                    .flatten()
+            })
+            .collect::<Option<Vec<u8>>>()?;
+        b.resize(8, 0);
+        return Some(b);
+    }
+    None
+}
+
+/// Netlink message builder.
+struct Msg {
+    buf: Vec<u8>,
+    nests: Vec<usize>,
+}
+
+impl Msg {
+    fn new(ty: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
+        let mut buf = Vec::with_capacity(256);
+        buf.extend(0u32.to_ne_bytes()); // length, set by finish
+        buf.extend(ty.to_ne_bytes());
+        buf.extend(flags.to_ne_bytes());
+        buf.extend(seq.to_ne_bytes());
+        buf.extend(0u32.to_ne_bytes()); // port id: the kernel's
+        buf.push(family);
+        buf.push(0); // NFNETLINK_V0
+        buf.extend(res_id.to_be_bytes());
+        Msg {
+            buf,
+            nests: Vec::new(),
+        }
+    }
+
+    fn attr(&mut self, ty: u16, data: &[u8]) {
+        let len = 4 + data.len();
+        self.buf.extend((len as u16).to_ne_bytes());
+        self.buf.extend(ty.to_ne_bytes());
+        self.buf.extend(data);
+        self.pad();
+    }
+
+    fn strz(&mut self, ty: u16, s: &str) {
+        let mut d = s.as_bytes().to_vec();
+        d.push(0);
+        self.attr(ty, &d);
+    }
+
+    fn begin(&mut self, ty: u16) {
+        self.nests.push(self.buf.len());
+        self.buf.extend(0u16.to_ne_bytes());
+        self.buf.extend((ty | NLA_F_NESTED).to_ne_bytes());
+    }
+
+    fn end(&mut self) {
+        let at = self.nests.pop().expect("nested attribute begun");
+        let len = (self.buf.len() - at) as u16;
+        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
+    }
+
+    fn pad(&mut self) {
+        while !self.buf.len().is_multiple_of(4) {
+            self.buf.push(0);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        let len = self.buf.len() as u32;
+        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
+        self.buf
+    }
+}
+
+/// The whole transaction: batch begin, one message per change, batch end.
+/// Returns the bytes and how many acknowledgements to expect.
+fn batch(changes: &[Change], seq0: u32) -> (Vec<u8>, u32) {
+    let mut out = Msg::new(
+        NFNL_MSG_BATCH_BEGIN,
+        NLM_F_REQUEST,
+        seq0,
+        0,
+        NFNL_SUBSYS_NFTABLES,
+    )
+    .finish();
+    let mut seq = seq0;
+    for c in changes {
+        seq += 1;
+        let (ty, flags) = if c.add {
+            (NFT_MSG_NEWSETELEM, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE)
+        } else {
+            (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
+        };
+        let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | ty, flags, seq, c.family, 0);
+        m.strz(NFTA_SET_ELEM_LIST_TABLE, &c.table);
+        m.strz(NFTA_SET_ELEM_LIST_SET, &c.set);
+        m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
+        for (key, comment) in &c.elements {
+            m.begin(NFTA_LIST_ELEM);
+            m.begin(NFTA_SET_ELEM_KEY);
+            m.attr(NFTA_DATA_VALUE, key);
+            m.end();
+            if let Some(c) = comment {
+                let mut ud = vec![UDATA_SET_ELEM_COMMENT, (c.len() + 1) as u8];
+                ud.extend(c.as_bytes());
+                ud.push(0);
+                m.attr(NFTA_SET_ELEM_USERDATA, &ud);
+            }
+            m.end();
+        }
+        m.end();
+        out.extend(m.finish());
+    }
+    out.extend(
+        Msg::new(
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            seq + 1,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+        )
+        .finish(),
+    );
+    (out, changes.len() as u32)
+}
+
+/// Run `script` (what `nft -f -` would read) in-process; `None` when it is
+/// not a script of element changes. `Some(Err)` carries the kernel's error:
+/// the transaction was not applied, none of it.
+pub fn run_script(script: &str) -> Option<io::Result<()>> {
+    let changes = parse(script)?;
+    Some(commit(&changes))
+}
+
+fn commit(changes: &[Change]) -> io::Result<()> {
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_NETFILTER,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let timeout = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt with a valid timeval of the right size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let seq0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as u32)
+        .unwrap_or(1);
+    let (msg, acks) = batch(changes, seq0);
+    // SAFETY: sending a buffer we own, of its own length.
+    let n = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = read_acks(fd, seq0, acks);
+    close_later(sock);
+    result
+}
+
+/// Read one answer per change: the first error wins; after it, whatever is
+/// already queued is drained without waiting.
+fn read_acks(fd: i32, seq0: u32, acks: u32) -> io::Result<()> {
+    let mut buf = vec![0u8; 16384];
+    let mut seen = 0;
+    let mut error: Option<io::Error> = None;
+    while seen < acks {
+        let flags = if error.is_some() {
+            libc::MSG_DONTWAIT
+        } else {
+            0
+        };
+        // SAFETY: receiving into a buffer we own, of its own length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error.unwrap_or(e));
+        }
+        let mut at = 0usize;
+        let n = n as usize;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+            let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
+            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().expect("4 bytes"));
+            if len < 16 || at + len > n {
+                break;
+            }
+            if ty == NLMSG_ERROR && len >= 20 && seq > seq0 && seq <= seq0 + acks {
+                seen += 1;
+                let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
+                if code < 0 && error.is_none() {
+                    error = Some(io::Error::from_raw_os_error(-code));
+                }
+            }
+            at += (len + 3) & !3;
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Close the socket without waiting: the kernel flushes the committed
+/// transaction's clean-up (an RCU grace period) when the last reference to
+/// a netfilter socket goes. A grandchild holds a copy until this process
+/// has closed its own, then exits and takes the wait; its parent exits at
+/// once and is reaped here, the grandchild is re-parented to init.
+fn close_later(sock: OwnedFd) {
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 into a two-element array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return; // dropping `sock` closes it here: slower, still correct
+    }
+    // SAFETY: the pipe ends were just created and are owned here.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    // SAFETY: between fork and _exit the children only call async-signal-safe
+    // functions (fork, close, read, _exit) on descriptors they inherited.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        unsafe {
+            if libc::fork() != 0 {
+                libc::_exit(0);
+            }
+            libc::close(w.as_raw_fd());
+            let mut b = 0u8;
+            while libc::read(r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) < 0
+                && *libc::__errno_location() == libc::EINTR
+            {}
+            libc::_exit(0);
+        }
+    }
+    drop(sock);
+    drop(w);
+    drop(r);
+    if pid > 0 {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_what_moat_writes() {
+        let s = "delete element inet moat_7gn state { \"8295ba232613781\" }\n\
+                 add element inet moat_7gn state { \"0f0530bf4e4eaf8\" comment \"moat 0f05 25\" }\n\
+                 add element bridge moat_7gn ip_ok { \"mv7gn-2\" . 02:6d:fa:4f:8d:c1 . 10.233.0.2, \"mv7gn-3\" . 02:6d:6d:d6:b5:e2 . 10.233.1.1 }\n";
+        let c = parse(s).expect("parsed");
+        assert_eq!(c.len(), 3);
+        assert!(!c[0].add && c[1].add && c[2].add);
+        assert_eq!(c[0].family, libc::NFPROTO_INET as u8);
+        assert_eq!(c[2].family, libc::NFPROTO_BRIDGE as u8);
+        assert_eq!(c[0].elements[0].0.len(), 16);
+        assert_eq!(&c[0].elements[0].0[..15], b"8295ba232613781");
+        assert_eq!(c[1].elements[0].1.as_deref(), Some("moat 0f05 25"));
+        // ifname (16) . MAC (6 + 2 padding) . IPv4 (4)
+        let k = &c[2].elements[1].0;
+        assert_eq!(k.len(), 28);
+        assert_eq!(&k[16..24], &[2, 0x6d, 0x6d, 0xd6, 0xb5, 0xe2, 0, 0]);
+        assert_eq!(&k[24..], &[10, 233, 1, 1]);
+    }
+
+    #[test]
+    fn anything_else_goes_to_nft() {
+        for s in [
+            "",
+            "flush ruleset",
+            "add table inet t",
+            "add element ip t s { 1.2.3.4 }",
+            "add element inet t s { 1.2.3.4/24 }",
+            "add element inet t s { \"much-too-long-ifname\" }",
+            "add element inet t s { \"eth*\" }",
+            "add element inet t s { 10.0.0.1 : drop }",
+            "add element inet t; s { 1.2.3.4 }",
+            "delete element inet t s { \"a\" comment \"x\" }",
+        ] {
+            assert_eq!(parse(s), None, "{s}");
+        }
+    }
+
+    #[test]
+    fn batch_layout() {
+        let c = parse("delete element bridge t ports { \"mv0-1\" }").unwrap();
+        let (b, acks) = batch(&c, 100);
+        assert_eq!(acks, 1);
+        // begin (20) + message + end (20); lengths are 4-aligned and add up.
+        let mut at = 0;
+        let mut types = Vec::new();
+        while at < b.len() {
+            let len = u32::from_ne_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+            types.push(u16::from_ne_bytes(b[at + 4..at + 6].try_into().unwrap()));
+            assert!(len.is_multiple_of(4));
+            at += len;
+        }
+        assert_eq!(at, b.len());
+        assert_eq!(
+            types,
+            [
+                NFNL_MSG_BATCH_BEGIN,
+                (10 << 8) | NFT_MSG_DELSETELEM,
+                NFNL_MSG_BATCH_END
+            ]
+        );
+    }
+}
