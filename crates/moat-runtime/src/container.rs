@@ -107,6 +107,7 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         None => dev_null()?,
     };
     let err = lc_err(&spec.name, "create");
+    crate::cgroups::favor_dynmods();
     // A system container's init gets its own writable cgroup subtree.
     let delegate_to = match (spec.kind, spec.idmap, spec.privileged) {
         (ContainerKind::System, Some(r), false) => Some(r.host_id),

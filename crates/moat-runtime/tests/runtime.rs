@@ -78,6 +78,17 @@ fn app_container_exec_limits_hardening_logs_lifecycle() {
     let MachineState::Running { pid } = st else {
         panic!("not running: {st:?}")
     };
+    // The host's cgroup2 mount now favours dynamic changes (kernel 6.0+), so
+    // the next container's move into its cgroup waits for no grace period.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let major: u32 = kernel.split('.').next().unwrap().parse().unwrap();
+    for l in mountinfo.lines().filter(|l| l.contains(" - cgroup2 ")) {
+        let mnt = l.split_whitespace().nth(4).unwrap();
+        if major >= 6 && (mnt == "/sys/fs/cgroup" || mnt == "/sys/fs/cgroup/unified") {
+            assert!(l.contains("favordynmods"), "{l}");
+        }
+    }
 
     // exec returns the exit code
     assert_eq!(exec_ok(&dir, "exit 7").0, 7);
