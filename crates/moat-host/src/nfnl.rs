@@ -11,10 +11,15 @@
 //! so the caller does not wait for the grace period.
 //!
 //! Only what moat writes is understood: lines of the form
-//! `add|delete element FAMILY TABLE SET { ELEM, ... }` with `inet` or
-//! `bridge` tables, elements made of `"ifname"`, MAC and IPv4 address fields
-//! joined by ` . `, and an optional `comment "..."`. Anything else returns
-//! `None` and the real `nft` runs.
+//! `add|delete element FAMILY TABLE SET { ELEM, ... }` on moat's `inet` or
+//! `bridge` tables (`moat_*`) and sets whose key types are known
+//! ([`MOAT_SETS`]), elements made of `"ifname"`, MAC and IPv4 address
+//! fields joined by ` . ` in the set's order, and an optional
+//! `comment "..."`. Anything else returns `None` and the real `nft` runs.
+//!
+//! The grandchild keeps only the socket and a pipe (every other inherited
+//! descriptor is closed at once, so no lock or connection outlives its
+//! owner's use) and is re-parented to init, or to the nearest subreaper.
 
 use std::io;
 use std::net::Ipv4Addr;
@@ -41,7 +46,18 @@ const NFTA_DATA_VALUE: u16 = 1;
 /// libnftnl's user-data type of an element comment.
 const UDATA_SET_ELEM_COMMENT: u8 = 0;
 const IFNAMSIZ: usize = 16;
+const SOL_NETLINK: i32 = 270;
+const NETLINK_CAP_ACK: i32 = 10;
 
+/// moat's sets whose elements change in place, with the fields of their
+/// keys: `i` an `ifname`, `e` an `ether_addr`, `a` an `ipv4_addr`.
+const MOAT_SETS: [(&str, &str); 5] = [
+    ("state", "i"),
+    ("ports", "i"),
+    ("ip_ok", "iea"),
+    ("mac_ok", "ie"),
+    ("dhcp_ok", "ie"),
+];
 /// One `add element` / `delete element` line.
 #[derive(Debug, PartialEq, Eq)]
 struct Change {
@@ -79,9 +95,12 @@ fn parse(script: &str) -> Option<Vec<Change>> {
                 && s.len() < 64
                 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         };
-        if !name_ok(table) || !name_ok(set) {
+        if !name_ok(table) || !name_ok(set) || !table.starts_with("moat_") {
             return None;
         }
+        // The key is built from the syntax of its fields, so only sets whose
+        // type is known are taken: moat's own (moat-net's render.rs).
+        let fields = MOAT_SETS.iter().find(|(n, _)| n == set)?.1;
         let mut elements = Vec::new();
         for e in body.split(',').map(str::trim) {
             let (key, comment) = match e.split_once(" comment ") {
@@ -95,10 +114,13 @@ fn parse(script: &str) -> Option<Vec<Change>> {
                 None => (e, None),
             };
             let mut bytes = Vec::new();
+            let mut kinds = String::new();
             for field in key.split(" . ").map(str::trim) {
-                bytes.extend(field_bytes(field)?);
+                let (kind, b) = field_bytes(field)?;
+                kinds.push(kind);
+                bytes.extend(b);
             }
-            if bytes.is_empty() {
+            if kinds != fields {
                 return None;
             }
             elements.push((bytes, comment));
@@ -114,19 +136,19 @@ fn parse(script: &str) -> Option<Vec<Change>> {
     (!out.is_empty()).then_some(out)
 }
 
-/// One key field: `"ifname"` (16 bytes), a MAC (6, padded to 8) or an IPv4
-/// address (4, network order).
-fn field_bytes(f: &str) -> Option<Vec<u8>> {
+/// One key field and its kind: `"ifname"` (`i`, 16 bytes), a MAC (`e`, 6,
+/// padded to 8) or an IPv4 address (`a`, 4, network order).
+fn field_bytes(f: &str) -> Option<(char, Vec<u8>)> {
     if let Some(name) = f.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
         if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['"', '*']) {
             return None;
         }
         let mut b = name.as_bytes().to_vec();
         b.resize(IFNAMSIZ, 0);
-        return Some(b);
+        return Some(('i', b));
     }
     if let Ok(ip) = f.parse::<Ipv4Addr>() {
-        return Some(ip.octets().to_vec());
+        return Some(('a', ip.octets().to_vec()));
     }
     let parts: Vec<&str> = f.split(':').collect();
     if parts.len() == 6 {
@@ -139,7 +161,7 @@ fn field_bytes(f: &str) -> Option<Vec<u8>> {
             })
             .collect::<Option<Vec<u8>>>()?;
         b.resize(8, 0);
-        return Some(b);
+        return Some(('e', b));
     }
     None
 }
@@ -284,16 +306,29 @@ fn commit(changes: &[Change]) -> io::Result<()> {
         tv_sec: 5,
         tv_usec: 0,
     };
-    // SAFETY: setsockopt with a valid timeval of the right size.
-    unsafe {
+    let one: i32 = 1;
+    // SAFETY: setsockopt with valid values of the right sizes. Acks carry
+    // only the header of the request (NETLINK_CAP_ACK), so an error about a
+    // large request still fits the receive buffer.
+    let ok = unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&timeout as *const libc::timeval).cast(),
             std::mem::size_of::<libc::timeval>() as u32,
-        )
+        ) == 0
+            && libc::setsockopt(
+                fd,
+                SOL_NETLINK,
+                NETLINK_CAP_ACK,
+                (&one as *const i32).cast(),
+                std::mem::size_of::<i32>() as u32,
+            ) == 0
     };
+    if !ok {
+        return Err(io::Error::last_os_error());
+    }
     let seq0 = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as u32)
@@ -310,7 +345,8 @@ fn commit(changes: &[Change]) -> io::Result<()> {
 }
 
 /// Read one answer per change: the first error wins; after it, whatever is
-/// already queued is drained without waiting.
+/// already queued is drained without waiting. (The kernel processes the
+/// batch within `send`, so every answer is queued when this starts.)
 fn read_acks(fd: i32, seq0: u32, acks: u32) -> io::Result<()> {
     let mut buf = vec![0u8; 16384];
     let mut seen = 0;
@@ -339,11 +375,16 @@ fn read_acks(fd: i32, seq0: u32, acks: u32) -> io::Result<()> {
             if len < 16 || at + len > n {
                 break;
             }
-            if ty == NLMSG_ERROR && len >= 20 && seq > seq0 && seq <= seq0 + acks {
-                seen += 1;
+            if ty == NLMSG_ERROR && len >= 20 {
                 let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
+                // Any error counts, whatever it answers: a failed commit is
+                // reported against the batch's begin message (seq0), before
+                // the acks of the messages it threw away.
                 if code < 0 && error.is_none() {
                     error = Some(io::Error::from_raw_os_error(-code));
+                }
+                if seq > seq0 && seq <= seq0 + acks {
+                    seen += 1;
                 }
             }
             at += (len + 3) & !3;
@@ -376,7 +417,10 @@ fn close_later(sock: OwnedFd) {
             if libc::fork() != 0 {
                 libc::_exit(0);
             }
-            libc::close(w.as_raw_fd());
+            // Keep only the socket and the pipe's read end: an inherited
+            // copy of anything else (a locked apply.lock, a client's
+            // connection in the daemon) would outlive this process's use.
+            close_all_but(sock.as_raw_fd(), r.as_raw_fd());
             let mut b = 0u8;
             while libc::read(r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) < 0
                 && *libc::__errno_location() == libc::EINTR
@@ -390,8 +434,32 @@ fn close_later(sock: OwnedFd) {
     if pid > 0 {
         let mut status = 0;
         // SAFETY: waiting for our own child.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
+        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
     }
+}
+
+/// Close every descriptor but `a` and `b` (async-signal-safe: raw
+/// close_range(2) calls, with a bounded loop where it is missing).
+unsafe fn close_all_but(a: i32, b: i32) {
+    let close = |first: u32, last: u32| {
+        // SAFETY: close_range only closes descriptors of this process.
+        if unsafe { libc::syscall(libc::SYS_close_range, first, last, 0) } != 0 {
+            for fd in first..=last.min(4095) {
+                // SAFETY: as above, one descriptor at a time.
+                unsafe { libc::close(fd as i32) };
+            }
+        }
+    };
+    let mut next = 0u32;
+    for keep in [a.min(b) as u32, a.max(b) as u32] {
+        if keep > next {
+            close(next, keep - 1);
+        }
+        next = keep + 1;
+    }
+    close(next, u32::MAX);
 }
 
 #[cfg(test)]
@@ -430,7 +498,14 @@ mod tests {
             "add element inet t s { \"eth*\" }",
             "add element inet t s { 10.0.0.1 : drop }",
             "add element inet t; s { 1.2.3.4 }",
-            "delete element inet t s { \"a\" comment \"x\" }",
+            "delete element inet moat_t state { \"a\" comment \"x\" }",
+            // Not moat's: a table or set whose key type is not known.
+            "add element inet t ports { \"a\" }",
+            "add element inet moat_t other { \"a\" }",
+            // A key that does not fit the set's type.
+            "add element bridge moat_t mac_ok { 02:00:00:00:00:01 }",
+            "add element bridge moat_t ports { 10.0.0.1 }",
+            "add element bridge moat_t ip_ok { \"a\" . 10.0.0.1 . 02:00:00:00:00:01 }",
         ] {
             assert_eq!(parse(s), None, "{s}");
         }
@@ -438,7 +513,7 @@ mod tests {
 
     #[test]
     fn batch_layout() {
-        let c = parse("delete element bridge t ports { \"mv0-1\" }").unwrap();
+        let c = parse("delete element bridge moat_t ports { \"mv0-1\" }").unwrap();
         let (b, acks) = batch(&c, 100);
         assert_eq!(acks, 1);
         // begin (20) + message + end (20); lengths are 4-aligned and add up.

@@ -5,7 +5,7 @@
 //! use the recording fake). Commands are idempotent where the kernel allows;
 //! `ensure_*` read the host first and only change what differs.
 
-use crate::render::{delete_script, update_script, Ruleset, HASH_COMMENT_PREFIX};
+use crate::render::{count_elements, delete_script, update_script, Ruleset, HASH_COMMENT_PREFIX};
 use crate::NetError;
 use ipnet::Ipv4Net;
 use moat_core::model::{ResolvedNetwork, ResolvedNic};
@@ -502,8 +502,19 @@ impl<E: Executor> NetHost<E> {
                 .allow_failure(),
         )?;
         let live = count_rules(&out.stdout) + count_rules(&bridge.stdout);
-        if !bridge.success() || expected.parse::<usize>().ok() != Some(live) {
-            return Ok(Some(format!("drifted ({live} rules, {expected} expected)")));
+        let (rules, elements) = expected.split_once(' ').unwrap_or((expected, ""));
+        if !bridge.success() || rules.parse::<usize>().ok() != Some(live) {
+            return Ok(Some(format!("drifted ({live} rules, {rules} expected)")));
+        }
+        // Elements added or deleted by hand (a port let through, say): only
+        // tables that record their count (since 2026-11-22).
+        if let Ok(want) = elements.parse::<usize>() {
+            let live = count_elements(&out.stdout) + count_elements(&bridge.stdout);
+            if live != want {
+                return Ok(Some(format!(
+                    "drifted ({live} set elements, {want} expected)"
+                )));
+            }
         }
         Ok(Some(hash.to_string()))
     }

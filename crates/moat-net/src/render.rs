@@ -45,6 +45,8 @@ pub struct Ruleset {
     pub hash: String,
     /// Number of rules in all chains (set elements not counted).
     pub rule_count: usize,
+    /// Number of set and map elements ([`count_elements`]).
+    pub element_count: usize,
     /// Policies that were skipped, and why (unknown or disabled endpoints, ...).
     pub notes: Vec<String>,
 }
@@ -98,11 +100,47 @@ const PORT_SETS: [&str; 4] = ["ports", "ip_ok", "mac_ok", "dhcp_ok"];
 /// comment carries the whole hash and the rule count. Unlike a table
 /// comment, an element can be replaced in a transaction, and deleting it by
 /// its key fails unless the live ruleset is the one that key names.
-fn state_set(hash: &str, rules: usize) -> String {
+fn state_set(hash: &str, rules: usize, elements: usize) -> String {
     format!(
-        "\tset state {{\n\t\ttype ifname\n\t\telements = {{ \"{}\" comment \"{HASH_COMMENT_PREFIX}{hash} {rules}\" }}\n\t}}\n",
-        state_key(hash)
+        "\tset state {{\n\t\ttype ifname\n\t\telements = {{ \"{}\" comment \"{}\" }}\n\t}}\n",
+        state_key(hash),
+        state_comment(hash, rules, elements)
     )
+}
+
+/// `moat HASH RULES ELEMENTS`: what [`crate::NetHost::firewall_hash`] reads.
+fn state_comment(hash: &str, rules: usize, elements: usize) -> String {
+    format!("{HASH_COMMENT_PREFIX}{hash} {rules} {elements}")
+}
+
+/// Number of set and map elements in an nftables listing (moat's rendering
+/// or `nft list table`), the `state` set left out: counted in the same way
+/// on both sides, so an element added or deleted by hand shows as drift.
+pub fn count_elements(listing: &str) -> usize {
+    let mut n = 0;
+    let mut set = "";
+    let mut block: Option<String> = None;
+    for l in listing.lines().map(str::trim) {
+        if let Some(b) = block.as_mut() {
+            b.push_str(l);
+            b.push(' ');
+        } else if let Some(name) = l.strip_prefix("set ").or_else(|| l.strip_prefix("map ")) {
+            set = name.trim_end_matches(" {");
+            continue;
+        } else if let Some(rest) = l.strip_prefix("elements = {") {
+            block = Some(format!("{rest} "));
+        } else {
+            continue;
+        }
+        let b = block.as_deref().unwrap_or_default();
+        if let Some(inner) = b.trim_end().strip_suffix('}') {
+            if set != "state" {
+                n += inner.split(',').filter(|e| !e.trim().is_empty()).count();
+            }
+            block = None;
+        }
+    }
+    n
 }
 
 fn state_key(hash: &str) -> &str {
@@ -178,10 +216,9 @@ pub fn update_script(old_body: &str, new: &Ruleset) -> Option<String> {
     }
     let t = &new.table;
     let mut s = format!(
-        "delete element inet {t} state {{ \"{key}\" }}\nadd element inet {t} state {{ \"{}\" comment \"{HASH_COMMENT_PREFIX}{} {}\" }}\n",
+        "delete element inet {t} state {{ \"{key}\" }}\nadd element inet {t} state {{ \"{}\" comment \"{}\" }}\n",
         state_key(&new.hash),
-        new.hash,
-        new.rule_count
+        state_comment(&new.hash, new.rule_count, new.element_count)
     );
     let empty = std::collections::BTreeSet::new();
     for set in PORT_SETS {
@@ -512,13 +549,15 @@ pub fn render(resolved: &Resolved, opts: RenderOptions) -> Ruleset {
     b.push_str("}\n");
 
     let hash = hex::encode(Sha256::digest(b.as_bytes()));
-    let body = b.replace(STATE_PLACEHOLDER, &state_set(&hash, rules));
+    let element_count = count_elements(&b);
+    let body = b.replace(STATE_PLACEHOLDER, &state_set(&hash, rules, element_count));
     Ruleset {
         root_tag: tag.clone(),
         table,
         body,
         hash,
         rule_count: rules,
+        element_count,
         notes,
     }
 }
@@ -675,9 +714,14 @@ mod tests {
         r2.project.policies.pop();
         let b = render(&r2, RenderOptions::default());
         assert_ne!(a.hash, b.hash);
-        assert!(a
-            .body
-            .contains(&format!("comment \"moat {} {}\"", a.hash, a.rule_count)));
+        assert!(a.body.contains(&format!(
+            "comment \"moat {} {} {}\"",
+            a.hash, a.rule_count, a.element_count
+        )));
+        // small(): 2 bridges, 2 intra, 2 dns, 1 dhcp, 1 nat, 2 egress; 3
+        // ports in ports, ip_ok, mac_ok and 2 of them in dhcp_ok.
+        assert_eq!(a.element_count, 10 + 3 * 3 + 2);
+        assert_eq!(count_elements("set x {\n elements = { a, b,\n c }\n}\nset state {\n elements = { \"k\" comment \"moat h 1 2\" }\n}\nmap m {\n elements = { \"a\" : drop }\n}\n"), 4);
         assert!(a.summary().contains("rules"));
     }
 

@@ -99,48 +99,52 @@ pub fn favor_dynmods() {
 }
 
 /// `(mount point, mount flags, options)` of the remount that adds
-/// `favordynmods` to the cgroup2 mount under /sys/fs/cgroup, or `None` when
-/// there is none or it has the option already. The per-mount flags
-/// (`nosuid`, `nodev`, ...) are passed back, or a remount would drop them.
+/// `favordynmods` to the cgroup2 mount under /sys/fs/cgroup (the topmost one
+/// there), or `None` when there is none, it has the option already, or it is
+/// read-only here. A read-only view is left alone: a remount without
+/// `MS_BIND` reconfigures the superblock, which every mount namespace
+/// shares, and would make cgroupfs read-only for the whole host. The
+/// per-mount flags (`nosuid`, `nodev`, ...) are passed back, or a remount
+/// would drop them; a flag this code does not know means no remount.
 fn favordynmods_remount(mountinfo: &str) -> Option<(String, libc::c_ulong, String)> {
-    for l in mountinfo.lines() {
-        let Some((left, right)) = l.split_once(" - ") else {
-            continue;
-        };
-        let left: Vec<&str> = left.split_whitespace().collect();
-        let right: Vec<&str> = right.split_whitespace().collect();
-        let (Some(mnt), Some(mnt_opts), Some(&"cgroup2"), Some(super_opts)) =
-            (left.get(4), left.get(5), right.first(), right.get(2))
-        else {
-            continue;
-        };
-        if *mnt != ROOT && *mnt != "/sys/fs/cgroup/unified" {
-            continue;
+    const MS_NOSYMFOLLOW: libc::c_ulong = 256;
+    let l = mountinfo.lines().rev().find(|l| {
+        let mnt = l.split_whitespace().nth(4);
+        mnt == Some(ROOT) || mnt == Some("/sys/fs/cgroup/unified")
+    })?;
+    let (left, right) = l.split_once(" - ")?;
+    let left: Vec<&str> = left.split_whitespace().collect();
+    let right: Vec<&str> = right.split_whitespace().collect();
+    let (Some(mnt), Some(mnt_opts), Some(&"cgroup2"), Some(super_opts)) =
+        (left.get(4), left.get(5), right.first(), right.get(2))
+    else {
+        return None;
+    };
+    let mut opts: Vec<&str> = Vec::new();
+    for o in super_opts.split(',') {
+        match o {
+            "ro" | "favordynmods" => return None,
+            "rw" => {}
+            o => opts.push(o),
         }
-        let mut opts: Vec<&str> = super_opts
-            .split(',')
-            .filter(|o| *o != "rw" && *o != "ro")
-            .collect();
-        if opts.contains(&"favordynmods") {
-            return None;
-        }
-        opts.push("favordynmods");
-        let mut flags: libc::c_ulong = 0;
-        for o in mnt_opts.split(',') {
-            flags |= match o {
-                "ro" => libc::MS_RDONLY,
-                "nosuid" => libc::MS_NOSUID,
-                "nodev" => libc::MS_NODEV,
-                "noexec" => libc::MS_NOEXEC,
-                "noatime" => libc::MS_NOATIME,
-                "nodiratime" => libc::MS_NODIRATIME,
-                "relatime" => libc::MS_RELATIME,
-                _ => 0,
-            };
-        }
-        return Some((mnt.to_string(), flags, opts.join(",")));
     }
-    None
+    opts.push("favordynmods");
+    let mut flags: libc::c_ulong = 0;
+    for o in mnt_opts.split(',') {
+        flags |= match o {
+            "rw" => 0,
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            "strictatime" => libc::MS_STRICTATIME,
+            "nosymfollow" => MS_NOSYMFOLLOW,
+            _ => return None, // "ro", or a flag a remount could drop
+        };
+    }
+    Some((mnt.to_string(), flags, opts.join(",")))
 }
 
 /// The v1 hierarchies mounted under /sys/fs/cgroup (their mount points).
@@ -395,6 +399,17 @@ mod tests {
             favordynmods_remount("36 25 0:32 / /tmp/x rw - cgroup2 cgroup2 rw\n"),
             None
         );
+        // Read-only here (a container's view): the superblock is not touched.
+        assert_eq!(
+            favordynmods_remount(&pure.replace("rw,nosuid", "ro,nosuid")),
+            None
+        );
+        // The topmost of stacked mounts counts.
+        let stacked = format!("{pure}40 30 0:40 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n");
+        assert_eq!(favordynmods_remount(&stacked), None);
+        let (_, flags, _) =
+            favordynmods_remount(&pure.replace("noexec,", "noexec,nosymfollow,")).unwrap();
+        assert_eq!(flags & 256, 256);
     }
 
     const HYBRID: &str = "\
