@@ -221,28 +221,27 @@ pub fn update_script(old_body: &str, new: &Ruleset) -> Option<String> {
         state_comment(&new.hash, new.rule_count, new.element_count)
     );
     let empty = std::collections::BTreeSet::new();
-    for set in PORT_SETS {
-        let (before, after) = (
-            o.elements.get(set).unwrap_or(&empty),
-            n.elements.get(set).unwrap_or(&empty),
-        );
-        let gone: Vec<&str> = before.difference(after).copied().collect();
-        if !gone.is_empty() {
-            let _ = writeln!(
-                s,
-                "delete element bridge {t} {set} {{ {} }}",
-                gone.join(", ")
+    // Deletions first: a port whose MAC changed loses its old entries
+    // before it gets the new ones.
+    for (verb, gone) in [("delete", true), ("add", false)] {
+        for set in PORT_SETS {
+            let (before, after) = (
+                o.elements.get(set).unwrap_or(&empty),
+                n.elements.get(set).unwrap_or(&empty),
             );
-        }
-    }
-    for set in PORT_SETS {
-        let (before, after) = (
-            o.elements.get(set).unwrap_or(&empty),
-            n.elements.get(set).unwrap_or(&empty),
-        );
-        let added: Vec<&str> = after.difference(before).copied().collect();
-        if !added.is_empty() {
-            let _ = writeln!(s, "add element bridge {t} {set} {{ {} }}", added.join(", "));
+            let (from, to) = if gone {
+                (before, after)
+            } else {
+                (after, before)
+            };
+            let diff: Vec<&str> = from.difference(to).copied().collect();
+            if !diff.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "{verb} element bridge {t} {set} {{ {} }}",
+                    diff.join(", ")
+                );
+            }
         }
     }
     Some(s)
