@@ -138,6 +138,9 @@ impl Executor for HostExecutor {
         if let Some(output) = nft_elements_in_process(cmd) {
             return finish(cmd, output);
         }
+        if let Some(output) = crate::rtnl::run(cmd) {
+            return finish(cmd, output);
+        }
         let spawn_err = |source| HostError::Spawn {
             program: cmd.program.clone(),
             argv: cmd.display(),

@@ -21,6 +21,7 @@
 //! descriptor is closed at once, so no lock or connection outlives its
 //! owner's use) and is re-parented to init, or to the nearest subreaper.
 
+use crate::netlink::{self, Msg, NLM_F_ACK, NLM_F_CREATE, NLM_F_REQUEST};
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -31,11 +32,6 @@ const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 2;
-const NLA_F_NESTED: u16 = 0x8000;
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
 const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
@@ -46,8 +42,6 @@ const NFTA_DATA_VALUE: u16 = 1;
 /// libnftnl's user-data type of an element comment.
 const UDATA_SET_ELEM_COMMENT: u8 = 0;
 const IFNAMSIZ: usize = 16;
-const SOL_NETLINK: i32 = 270;
-const NETLINK_CAP_ACK: i32 = 10;
 
 /// moat's sets whose elements change in place, with the fields of their
 /// keys: `i` an `ifname`, `e` an `ether_addr`, `a` an `ipv4_addr`.
@@ -166,66 +160,10 @@ fn field_bytes(f: &str) -> Option<(char, Vec<u8>)> {
     None
 }
 
-/// Netlink message builder.
-struct Msg {
-    buf: Vec<u8>,
-    nests: Vec<usize>,
-}
-
-impl Msg {
-    fn new(ty: u16, flags: u16, seq: u32, family: u8, res_id: u16) -> Msg {
-        let mut buf = Vec::with_capacity(256);
-        buf.extend(0u32.to_ne_bytes()); // length, set by finish
-        buf.extend(ty.to_ne_bytes());
-        buf.extend(flags.to_ne_bytes());
-        buf.extend(seq.to_ne_bytes());
-        buf.extend(0u32.to_ne_bytes()); // port id: the kernel's
-        buf.push(family);
-        buf.push(0); // NFNETLINK_V0
-        buf.extend(res_id.to_be_bytes());
-        Msg {
-            buf,
-            nests: Vec::new(),
-        }
-    }
-
-    fn attr(&mut self, ty: u16, data: &[u8]) {
-        let len = 4 + data.len();
-        self.buf.extend((len as u16).to_ne_bytes());
-        self.buf.extend(ty.to_ne_bytes());
-        self.buf.extend(data);
-        self.pad();
-    }
-
-    fn strz(&mut self, ty: u16, s: &str) {
-        let mut d = s.as_bytes().to_vec();
-        d.push(0);
-        self.attr(ty, &d);
-    }
-
-    fn begin(&mut self, ty: u16) {
-        self.nests.push(self.buf.len());
-        self.buf.extend(0u16.to_ne_bytes());
-        self.buf.extend((ty | NLA_F_NESTED).to_ne_bytes());
-    }
-
-    fn end(&mut self) {
-        let at = self.nests.pop().expect("nested attribute begun");
-        let len = (self.buf.len() - at) as u16;
-        self.buf[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-
-    fn pad(&mut self) {
-        while !self.buf.len().is_multiple_of(4) {
-            self.buf.push(0);
-        }
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        let len = self.buf.len() as u32;
-        self.buf[..4].copy_from_slice(&len.to_ne_bytes());
-        self.buf
-    }
+/// nfnetlink's fixed header: family, version 0, resource id (big endian).
+fn nfgenmsg(family: u8, res_id: u16) -> [u8; 4] {
+    let r = res_id.to_be_bytes();
+    [family, 0, r[0], r[1]]
 }
 
 /// The whole transaction: batch begin, one message per change, batch end.
@@ -235,8 +173,7 @@ fn batch(changes: &[Change], seq0: u32) -> (Vec<u8>, u32) {
         NFNL_MSG_BATCH_BEGIN,
         NLM_F_REQUEST,
         seq0,
-        0,
-        NFNL_SUBSYS_NFTABLES,
+        &nfgenmsg(0, NFNL_SUBSYS_NFTABLES),
     )
     .finish();
     let mut seq = seq0;
@@ -247,7 +184,12 @@ fn batch(changes: &[Change], seq0: u32) -> (Vec<u8>, u32) {
         } else {
             (NFT_MSG_DELSETELEM, NLM_F_REQUEST | NLM_F_ACK)
         };
-        let mut m = Msg::new((NFNL_SUBSYS_NFTABLES << 8) | ty, flags, seq, c.family, 0);
+        let mut m = Msg::new(
+            (NFNL_SUBSYS_NFTABLES << 8) | ty,
+            flags,
+            seq,
+            &nfgenmsg(c.family, 0),
+        );
         m.strz(NFTA_SET_ELEM_LIST_TABLE, &c.table);
         m.strz(NFTA_SET_ELEM_LIST_SET, &c.set);
         m.begin(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -272,8 +214,7 @@ fn batch(changes: &[Change], seq0: u32) -> (Vec<u8>, u32) {
             NFNL_MSG_BATCH_END,
             NLM_F_REQUEST,
             seq + 1,
-            0,
-            NFNL_SUBSYS_NFTABLES,
+            &nfgenmsg(0, NFNL_SUBSYS_NFTABLES),
         )
         .finish(),
     );
@@ -289,111 +230,12 @@ pub fn run_script(script: &str) -> Option<io::Result<()>> {
 }
 
 fn commit(changes: &[Change]) -> io::Result<()> {
-    // SAFETY: plain socket(2); the descriptor is owned at once.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_NETFILTER,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd was just returned by socket(2) and is not owned elsewhere.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let timeout = libc::timeval {
-        tv_sec: 5,
-        tv_usec: 0,
-    };
-    let one: i32 = 1;
-    // SAFETY: setsockopt with valid values of the right sizes. Acks carry
-    // only the header of the request (NETLINK_CAP_ACK), so an error about a
-    // large request still fits the receive buffer.
-    let ok = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as u32,
-        ) == 0
-            && libc::setsockopt(
-                fd,
-                SOL_NETLINK,
-                NETLINK_CAP_ACK,
-                (&one as *const i32).cast(),
-                std::mem::size_of::<i32>() as u32,
-            ) == 0
-    };
-    if !ok {
-        return Err(io::Error::last_os_error());
-    }
-    let seq0 = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as u32)
-        .unwrap_or(1);
+    let sock = netlink::socket(NETLINK_NETFILTER)?;
+    let seq0 = netlink::seq0();
     let (msg, acks) = batch(changes, seq0);
-    // SAFETY: sending a buffer we own, of its own length.
-    let n = unsafe { libc::send(fd, msg.as_ptr().cast(), msg.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let result = read_acks(fd, seq0, acks);
+    let result = netlink::request(sock.as_raw_fd(), &msg, seq0, acks);
     close_later(sock);
     result
-}
-
-/// Read one answer per change: the first error wins; after it, whatever is
-/// already queued is drained without waiting. (The kernel processes the
-/// batch within `send`, so every answer is queued when this starts.)
-fn read_acks(fd: i32, seq0: u32, acks: u32) -> io::Result<()> {
-    let mut buf = vec![0u8; 16384];
-    let mut seen = 0;
-    let mut error: Option<io::Error> = None;
-    while seen < acks {
-        let flags = if error.is_some() {
-            libc::MSG_DONTWAIT
-        } else {
-            0
-        };
-        // SAFETY: receiving into a buffer we own, of its own length.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(error.unwrap_or(e));
-        }
-        let mut at = 0usize;
-        let n = n as usize;
-        while at + 16 <= n {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let ty = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-            let seq = u32::from_ne_bytes(buf[at + 8..at + 12].try_into().expect("4 bytes"));
-            if len < 16 || at + len > n {
-                break;
-            }
-            if ty == NLMSG_ERROR && len >= 20 {
-                let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
-                // Any error counts, whatever it answers: a failed commit is
-                // reported against the batch's begin message (seq0), before
-                // the acks of the messages it threw away.
-                if code < 0 && error.is_none() {
-                    error = Some(io::Error::from_raw_os_error(-code));
-                }
-                if seq > seq0 && seq <= seq0 + acks {
-                    seen += 1;
-                }
-            }
-            at += (len + 3) & !3;
-        }
-    }
-    match error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
 }
 
 /// Close the socket without waiting: the kernel flushes the committed

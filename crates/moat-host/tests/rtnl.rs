@@ -1,0 +1,124 @@
+//! Root test: the in-process `ip` forms of a machine's attachment (see
+//! src/rtnl.rs) on real interfaces, checked with the real `ip`. Everything
+//! lives in a bridge, a veth and a network namespace named after this
+//! process, removed at the end, also on failure.
+
+use moat_host::exec::{Cmd, Executor, HostExecutor};
+use moat_host::rtnl;
+use std::process::Command;
+
+fn sh(args: &[&str]) -> String {
+    let o = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+struct Cleanup {
+    links: Vec<String>,
+    netns: String,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for l in &self.links {
+            let _ = Command::new("ip").args(["link", "del", l]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+#[test]
+fn attach_forms_run_in_process() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("SKIP: needs root and iproute2");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (br, hif, ns) = (format!("mxb{id}"), format!("mxv{id}"), format!("mxn{id}"));
+    let _c = Cleanup {
+        links: vec![hif.clone(), br.clone()],
+        netns: ns.clone(),
+    };
+    sh(&["ip", "netns", "add", &ns]);
+    sh(&["ip", "link", "add", &br, "type", "bridge"]);
+    let path = format!("/run/netns/{ns}");
+    let ex = HostExecutor;
+
+    let add = Cmd::new("ip").args([
+        "link",
+        "add",
+        &hif,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "address",
+        "02:6d:00:11:22:33",
+        "netns",
+        &path,
+    ]);
+    let out = rtnl::run(&add).expect("handled in-process");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    // The same again: the error reads as ip's (callers match on it).
+    let again = ex.run(&add.clone().allow_failure()).unwrap();
+    assert_ne!(again.status, 0);
+    assert!(again.stderr.contains("File exists"), "{}", again.stderr);
+
+    let set = Cmd::new("ip").args([
+        "link",
+        "set",
+        "dev",
+        &hif,
+        "alias",
+        "moat:/test",
+        "master",
+        &br,
+        "up",
+    ]);
+    assert_eq!(rtnl::run(&set).expect("handled").status, 0);
+    let link = sh(&["ip", "-d", "link", "show", "dev", &hif]);
+    assert!(link.contains(&format!("master {br}")), "{link}");
+    assert!(link.contains("alias moat:/test"), "{link}");
+    assert!(link.contains(",UP"), "{link}");
+
+    let inside = Cmd::new("nsenter")
+        .args([
+            format!("--net={path}"),
+            "ip".into(),
+            "-batch".into(),
+            "-".into(),
+        ])
+        .stdin(
+            "addr add 10.251.3.2/24 dev eth0\nlink set dev eth0 up\nlink set dev lo up\n\
+             route replace default via 10.251.3.254 dev eth0\n",
+        );
+    let out = rtnl::run(&inside).expect("handled");
+    assert_eq!(out.status, 0, "{}", out.stderr);
+    let addr = sh(&["ip", "-n", &ns, "-4", "addr", "show", "dev", "eth0"]);
+    assert!(addr.contains("inet 10.251.3.2/24"), "{addr}");
+    let eth0 = sh(&["ip", "-n", &ns, "link", "show", "dev", "eth0"]);
+    assert!(eth0.contains("link/ether 02:6d:00:11:22:33"), "{eth0}");
+    let lo = sh(&["ip", "-n", &ns, "link", "show", "dev", "lo"]);
+    assert!(lo.contains(",UP"), "{lo}");
+    let routes = sh(&["ip", "-n", &ns, "route"]);
+    assert!(
+        routes.contains("default via 10.251.3.254 dev eth0"),
+        "{routes}"
+    );
+    // Nothing of this happened in the host's namespace.
+    assert!(!sh(&["ip", "-4", "addr"]).contains("10.251.3.2"));
+
+    // An interface that is not there: left to ip, which says so.
+    let missing = Cmd::new("ip").args([
+        "link", "set", "dev", "mxnone0", "alias", "a", "master", &br, "up",
+    ]);
+    assert!(rtnl::run(&missing).is_none());
+}
