@@ -108,25 +108,30 @@ pub(crate) fn socket(protocol: i32) -> io::Result<OwnedFd> {
     };
     let one: i32 = 1;
     // SAFETY: setsockopt with valid values of the right sizes.
-    let ok = unsafe {
+    if unsafe {
         libc::setsockopt(
             fd,
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&timeout as *const libc::timeval).cast(),
             std::mem::size_of::<libc::timeval>() as u32,
-        ) == 0
-            && libc::setsockopt(
-                fd,
-                SOL_NETLINK,
-                NETLINK_CAP_ACK,
-                (&one as *const i32).cast(),
-                std::mem::size_of::<i32>() as u32,
-            ) == 0
-    };
-    if !ok {
+        )
+    } != 0
+    {
         return Err(io::Error::last_os_error());
     }
+    // Kernels before 4.3 lack it: acks then carry the whole request, which
+    // moat's requests (a few hundred bytes) fit in the receive buffer anyway.
+    // SAFETY: as above.
+    let _ = unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_NETLINK,
+            NETLINK_CAP_ACK,
+            (&one as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    };
     Ok(sock)
 }
 

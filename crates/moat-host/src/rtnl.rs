@@ -202,10 +202,10 @@ fn open_ns(path: &str) -> io::Result<OwnedFd> {
 
 /// Messages of `req` for a socket in the right namespace; `None` when an
 /// interface it names is not there (then `ip` runs and says so).
-fn messages(req: &Req, seq0: u32, ns_fd: Option<i32>) -> Option<(Vec<u8>, u32)> {
+fn messages(req: &Req, seq0: u32, ns_fd: Option<i32>) -> Option<Vec<Vec<u8>>> {
     let mut out = Vec::new();
     let mut seq = seq0;
-    let mut push = |m: Msg| out.extend(m.finish());
+    let mut push = |m: Msg| out.push(m.finish());
     match req {
         Req::AddVeth {
             host, peer, mac, ..
@@ -279,20 +279,25 @@ fn messages(req: &Req, seq0: u32, ns_fd: Option<i32>) -> Option<(Vec<u8>, u32)> 
             }
         }
     }
-    Some((out, seq - seq0))
+    Some(out)
 }
 
 /// Send `req`'s messages from the right namespace: the host's, or, for
 /// [`Req::Inside`], the machine's (a thread of ours joins it, opens its
 /// socket there and looks up interfaces there).
 fn exec(req: &Req) -> Option<io::Result<()>> {
+    // Every interface is looked up before anything is sent, so `None` (the
+    // real program runs) never follows a request; the messages then go one
+    // at a time and the first error stops the rest, as `ip -batch` does.
     let send = |ns_fd: Option<i32>| -> Option<io::Result<()>> {
         let seq0 = netlink::seq0();
-        let (msg, acks) = messages(req, seq0, ns_fd)?;
-        Some(
-            netlink::socket(libc::NETLINK_ROUTE)
-                .and_then(|s| netlink::request(s.as_raw_fd(), &msg, seq0, acks)),
-        )
+        let msgs = messages(req, seq0, ns_fd)?;
+        Some(netlink::socket(libc::NETLINK_ROUTE).and_then(|s| {
+            for (i, m) in msgs.iter().enumerate() {
+                netlink::request(s.as_raw_fd(), m, seq0 + i as u32, 1)?;
+            }
+            Ok(())
+        }))
     };
     match req {
         Req::AddVeth { netns, .. } => match open_ns(netns) {
@@ -303,18 +308,24 @@ fn exec(req: &Req) -> Option<io::Result<()>> {
         Req::Inside { netns, .. } => {
             let ns = open_ns(netns).ok()?;
             std::thread::scope(|s| {
-                s.spawn(|| {
-                    // SAFETY: setns of this thread only, to a namespace file
-                    // we hold open; the thread ends after the request.
-                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return None;
-                    }
-                    send(None)
-                })
-                .join()
-                .ok()
-                .flatten()
+                let joined = std::thread::Builder::new()
+                    .spawn_scoped(s, || {
+                        // SAFETY: setns of this thread only, to a namespace
+                        // file we hold open; the thread ends after the request.
+                        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                            return None;
+                        }
+                        send(None)
+                    })
+                    .ok()? // no thread: the real nsenter runs
+                    .join();
+                // A panic may have come after a request went out: an error,
+                // not a second try by the real program.
+                Some(joined.unwrap_or_else(|_| {
+                    Some(Err(io::Error::other("in-namespace request panicked")))
+                }))
             })
+            .flatten()
         }
     }
 }

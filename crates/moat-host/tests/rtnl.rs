@@ -50,6 +50,7 @@ fn attach_forms_run_in_process() {
     sh(&["ip", "link", "add", &br, "type", "bridge"]);
     let path = format!("/run/netns/{ns}");
     let ex = HostExecutor;
+    let own_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
 
     let add = Cmd::new("ip").args([
         "link",
@@ -113,8 +114,31 @@ fn attach_forms_run_in_process() {
         routes.contains("default via 10.251.3.254 dev eth0"),
         "{routes}"
     );
-    // Nothing of this happened in the host's namespace.
+    // Nothing of this happened in the host's namespace, and this thread is
+    // still in it.
     assert!(!sh(&["ip", "-4", "addr"]).contains("10.251.3.2"));
+    assert!(!sh(&["ip", "route"]).contains("10.251.3.254"));
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        own_ns
+    );
+
+    // A failing step stops the rest, as `ip -batch` stops: the address is
+    // there already, so the route to another gateway is not added.
+    let again = Cmd::new("nsenter")
+        .args([
+            format!("--net={path}"),
+            "ip".into(),
+            "-batch".into(),
+            "-".into(),
+        ])
+        .stdin(
+            "addr add 10.251.3.2/24 dev eth0\nroute replace default via 10.251.3.253 dev eth0\n",
+        );
+    let out = rtnl::run(&again).expect("handled");
+    assert_ne!(out.status, 0);
+    assert!(out.stderr.contains("File exists"), "{}", out.stderr);
+    assert!(sh(&["ip", "-n", &ns, "route"]).contains("default via 10.251.3.254"));
 
     // An interface that is not there: left to ip, which says so.
     let missing = Cmd::new("ip").args([
