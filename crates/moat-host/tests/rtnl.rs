@@ -17,6 +17,18 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `nsenter --net=PATH ip -batch -` reading `lines`.
+fn batch(path: &str, lines: &str) -> Cmd {
+    Cmd::new("nsenter")
+        .args([
+            format!("--net={path}"),
+            "ip".into(),
+            "-batch".into(),
+            "-".into(),
+        ])
+        .stdin(lines)
+}
+
 struct Cleanup {
     links: Vec<String>,
     netns: String,
@@ -90,17 +102,11 @@ fn attach_forms_run_in_process() {
     assert!(link.contains("alias moat:/test"), "{link}");
     assert!(link.contains(",UP"), "{link}");
 
-    let inside = Cmd::new("nsenter")
-        .args([
-            format!("--net={path}"),
-            "ip".into(),
-            "-batch".into(),
-            "-".into(),
-        ])
-        .stdin(
-            "addr add 10.251.3.2/24 dev eth0\nlink set dev eth0 up\nlink set dev lo up\n\
+    let inside = batch(
+        &path,
+        "addr add 10.251.3.2/24 dev eth0\nlink set dev eth0 up\nlink set dev lo up\n\
              route replace default via 10.251.3.254 dev eth0\n",
-        );
+    );
     let out = rtnl::run(&inside).expect("handled");
     assert_eq!(out.status, 0, "{}", out.stderr);
     let addr = sh(&["ip", "-n", &ns, "-4", "addr", "show", "dev", "eth0"]);
@@ -125,16 +131,10 @@ fn attach_forms_run_in_process() {
 
     // A failing step stops the rest, as `ip -batch` stops: the address is
     // there already, so the route to another gateway is not added.
-    let again = Cmd::new("nsenter")
-        .args([
-            format!("--net={path}"),
-            "ip".into(),
-            "-batch".into(),
-            "-".into(),
-        ])
-        .stdin(
-            "addr add 10.251.3.2/24 dev eth0\nroute replace default via 10.251.3.253 dev eth0\n",
-        );
+    let again = batch(
+        &path,
+        "addr add 10.251.3.2/24 dev eth0\nroute replace default via 10.251.3.253 dev eth0\n",
+    );
     let out = rtnl::run(&again).expect("handled");
     assert_ne!(out.status, 0);
     assert!(out.stderr.contains("File exists"), "{}", out.stderr);
