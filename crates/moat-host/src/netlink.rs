@@ -15,6 +15,19 @@ const NLA_F_NESTED: u16 = 0x8000;
 const SOL_NETLINK: i32 = 270;
 const NETLINK_CAP_ACK: i32 = 10;
 
+/// A MAC address written `xx:xx:xx:xx:xx:xx` (two hex digits each).
+pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|p| {
+            (p.len() == 2)
+                .then(|| u8::from_str_radix(p, 16).ok())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    v.try_into().ok()
+}
+
 /// One netlink message: header, the family's fixed header, attributes.
 pub(crate) struct Msg {
     buf: Vec<u8>,

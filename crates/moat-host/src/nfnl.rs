@@ -144,16 +144,8 @@ fn field_bytes(f: &str) -> Option<(char, Vec<u8>)> {
     if let Ok(ip) = f.parse::<Ipv4Addr>() {
         return Some(('a', ip.octets().to_vec()));
     }
-    let parts: Vec<&str> = f.split(':').collect();
-    if parts.len() == 6 {
-        let mut b = parts
-            .iter()
-            .map(|p| {
-                (p.len() == 2)
-                    .then(|| u8::from_str_radix(p, 16).ok())
-                    .flatten()
-            })
-            .collect::<Option<Vec<u8>>>()?;
+    if let Some(mac) = netlink::parse_mac(f) {
+        let mut b = mac.to_vec();
         b.resize(8, 0);
         return Some(('e', b));
     }

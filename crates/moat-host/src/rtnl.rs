@@ -118,7 +118,7 @@ fn parse(cmd: &Cmd) -> Option<Req> {
         ) if ifname_ok(host) && ifname_ok(peer) && ns.starts_with('/') => Some(Req::AddVeth {
             host: host.to_string(),
             peer: peer.to_string(),
-            mac: parse_mac(mac)?,
+            mac: netlink::parse_mac(mac)?,
             netns: ns.to_string(),
         }),
         ("ip", ["link", "set", "dev", dev, "alias", alias, "master", master, "up"], None)
@@ -165,18 +165,6 @@ fn parse(cmd: &Cmd) -> Option<Req> {
         }
         _ => None,
     }
-}
-
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|p| {
-            (p.len() == 2)
-                .then(|| u8::from_str_radix(p, 16).ok())
-                .flatten()
-        })
-        .collect::<Option<_>>()?;
-    v.try_into().ok()
 }
 
 /// `struct ifinfomsg`: family, type, index, flags, change.
@@ -334,26 +322,14 @@ fn exec(req: &Req) -> Option<io::Result<()>> {
 mod tests {
     use super::*;
 
-    fn ip(args: &[&str]) -> Cmd {
-        Cmd::new("ip").args(args.iter().copied())
+    /// `ip` with `args` split at spaces.
+    fn ip(args: &str) -> Cmd {
+        Cmd::new("ip").args(args.split(' '))
     }
 
     #[test]
     fn parses_what_attach_runs() {
-        let add = ip(&[
-            "link",
-            "add",
-            "mv7gn-0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "address",
-            "02:6d:09:1f:e3:90",
-            "netns",
-            "/r/run/netns/m",
-        ]);
+        let add = ip("link add mv7gn-0 type veth peer name eth0 address 02:6d:09:1f:e3:90 netns /r/run/netns/m");
         assert_eq!(
             parse(&add),
             Some(Req::AddVeth {
@@ -363,17 +339,7 @@ mod tests {
                 netns: "/r/run/netns/m".into(),
             })
         );
-        let set = ip(&[
-            "link",
-            "set",
-            "dev",
-            "mv7gn-0",
-            "alias",
-            "moat:/r",
-            "master",
-            "mt7gn-lab",
-            "up",
-        ]);
+        let set = ip("link set dev mv7gn-0 alias moat:/r master mt7gn-lab up");
         assert!(matches!(parse(&set), Some(Req::Enslave { .. })));
         let inside = Cmd::new("nsenter")
             .args(["--net=/r/run/netns/m", "ip", "-batch", "-"])
@@ -395,36 +361,10 @@ mod tests {
     #[test]
     fn anything_else_runs_ip() {
         for c in [
-            ip(&["link", "add", "x", "type", "bridge"]),
-            ip(&["link", "set", "dev", "x", "up"]),
-            ip(&[
-                "link",
-                "add",
-                "mv0",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "address",
-                "zz:00:00:00:00:00",
-                "netns",
-                "/n",
-            ]),
-            ip(&[
-                "link",
-                "add",
-                "a/b",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "address",
-                "02:00:00:00:00:01",
-                "netns",
-                "/n",
-            ]),
+            ip("link add x type bridge"),
+            ip("link set dev x up"),
+            ip("link add mv0 type veth peer name eth0 address zz:00:00:00:00:00 netns /n"),
+            ip("link add a/b type veth peer name eth0 address 02:00:00:00:00:01 netns /n"),
             Cmd::new("nsenter")
                 .args(["--net=/n", "ip", "-batch", "-"])
                 .stdin("addr add 10.0.0.1/24 dev eth0\nlink set dev eth0 mtu 9000\n"),

@@ -17,6 +17,11 @@ fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `ip` with `args` split at spaces.
+fn ip(args: &str) -> Cmd {
+    Cmd::new("ip").args(args.split(' '))
+}
+
 /// `nsenter --net=PATH ip -batch -` reading `lines`.
 fn batch(path: &str, lines: &str) -> Cmd {
     Cmd::new("nsenter")
@@ -64,20 +69,9 @@ fn attach_forms_run_in_process() {
     let ex = HostExecutor;
     let own_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
 
-    let add = Cmd::new("ip").args([
-        "link",
-        "add",
-        &hif,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "address",
-        "02:6d:00:11:22:33",
-        "netns",
-        &path,
-    ]);
+    let add = ip(&format!(
+        "link add {hif} type veth peer name eth0 address 02:6d:00:11:22:33 netns {path}"
+    ));
     let out = rtnl::run(&add).expect("handled in-process");
     assert_eq!(out.status, 0, "{}", out.stderr);
     // The same again: the error reads as ip's (callers match on it).
@@ -85,17 +79,9 @@ fn attach_forms_run_in_process() {
     assert_ne!(again.status, 0);
     assert!(again.stderr.contains("File exists"), "{}", again.stderr);
 
-    let set = Cmd::new("ip").args([
-        "link",
-        "set",
-        "dev",
-        &hif,
-        "alias",
-        "moat:/test",
-        "master",
-        &br,
-        "up",
-    ]);
+    let set = ip(&format!(
+        "link set dev {hif} alias moat:/test master {br} up"
+    ));
     assert_eq!(rtnl::run(&set).expect("handled").status, 0);
     let link = sh(&["ip", "-d", "link", "show", "dev", &hif]);
     assert!(link.contains(&format!("master {br}")), "{link}");
@@ -141,8 +127,6 @@ fn attach_forms_run_in_process() {
     assert!(sh(&["ip", "-n", &ns, "route"]).contains("default via 10.251.3.254"));
 
     // An interface that is not there: left to ip, which says so.
-    let missing = Cmd::new("ip").args([
-        "link", "set", "dev", "mxnone0", "alias", "a", "master", &br, "up",
-    ]);
+    let missing = ip(&format!("link set dev mxnone0 alias a master {br} up"));
     assert!(rtnl::run(&missing).is_none());
 }
