@@ -694,63 +694,41 @@ fn machine_ports_update_in_place() {
     let port = r.nics.remove("a-m2").expect("a-m2").host_if;
     let one = moat_net::render(&r, moat_net::RenderOptions::default());
     let hash = |env: &Env| env.host.observe(env.tag()).expect("observe").1;
+    // Tables from `from` to `to`; whether that was done in place.
+    let update = |env: &Env, from: &moat_net::Ruleset, to: &moat_net::Ruleset| {
+        let u = env.host.update_ruleset(Some(&from.body), to);
+        u.expect("update").in_place
+    };
+    // a-m2's entry in the `ports` set, added or deleted by hand.
+    let port_entry = |verb: &str| {
+        let elem = format!("{{ \"{port}\" }}");
+        sh(&["nft", verb, "element", "bridge", &table, "ports", &elem]);
+    };
     let to_m2 = |env: &Env| env.probe1(Some("a-m1"), Probe::new("m1->m2", "tcp", env.ip("a-m2")));
     assert!(to_m2(&env), "a-m1 -> a-m2 before");
 
     // a-m2 leaves: its port entries go, in place; its replies are now spoofed.
-    let u = env
-        .host
-        .update_ruleset(Some(&both.body), &one)
-        .expect("update");
-    assert!(u.in_place);
+    assert!(update(&env, &both, &one));
     assert_eq!(hash(&env), Some(one.hash.clone()));
     assert!(!to_m2(&env), "a-m2's port is unknown now");
     // And comes back.
-    let u = env
-        .host
-        .update_ruleset(Some(&one.body), &both)
-        .expect("update");
-    assert!(u.in_place);
+    assert!(update(&env, &one, &both));
     assert_eq!(hash(&env), Some(both.hash.clone()));
     assert!(to_m2(&env), "a-m1 -> a-m2 again");
 
     // A stale base (what the live tables were before): the swap is refused
     // and the tables replaced.
-    let u = env
-        .host
-        .update_ruleset(Some(&one.body), &both)
-        .expect("update");
-    assert!(!u.in_place);
+    assert!(!update(&env, &one, &both));
     assert_eq!(hash(&env), Some(both.hash.clone()));
     // An entry deleted by hand: the in-place delete fails, whole, and the
     // tables are replaced.
-    sh(&[
-        "nft",
-        "delete",
-        "element",
-        "bridge",
-        &table,
-        "ports",
-        &format!("{{ \"{port}\" }}"),
-    ]);
-    let u = env
-        .host
-        .update_ruleset(Some(&both.body), &one)
-        .expect("update");
-    assert!(!u.in_place);
+    port_entry("delete");
+    assert!(!update(&env, &both, &one));
     assert_eq!(hash(&env), Some(one.hash.clone()));
     assert!(!to_m2(&env));
     // An entry added by hand (a port let through) shows as drift, and
     // replacing the tables removes it.
-    sh(&[
-        "nft",
-        "add",
-        "element",
-        "bridge",
-        &table,
-        "ports",
-        &format!("{{ \"{port}\" }}"),
-    ]);
+    port_entry("add");
     let drifted = hash(&env).expect("table present");
     assert!(drifted.starts_with("drifted ("), "{drifted}");
     env.apply(&one);
