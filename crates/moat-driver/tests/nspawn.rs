@@ -106,19 +106,25 @@ fn busybox_rootfs(dir: &Path) {
     std::fs::create_dir_all(dir.join("usr/lib")).expect("mkdir");
     std::fs::create_dir_all(dir.join("etc")).expect("mkdir");
     std::fs::write(dir.join("usr/lib/os-release"), "ID=busybox\n").expect("os-release");
-    // ETXTBSY when another test forks during the copy: retry.
-    for _ in 0..20 {
-        if std::fs::copy("/bin/busybox", dir.join("bin/busybox")).is_ok() {
-            break;
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("copy busybox");
+    busybox_links(&dir.join("bin"));
+}
+
+/// Links every applet into `bin`, asking the host's busybox for the list: running the copy
+/// (`chroot DIR busybox --install`) fails with ETXTBSY while another test thread's fork
+/// still holds the copy's write descriptor.
+fn busybox_links(bin: &Path) {
+    let out = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for name in String::from_utf8_lossy(&out.stdout).lines() {
+        let link = bin.join(name.trim());
+        if name.trim().is_empty() || name.trim() == "busybox" || link.exists() {
+            continue;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::os::unix::fs::symlink("/bin/busybox", &link).expect("symlink applet");
     }
-    assert!(Command::new("chroot")
-        .arg(dir)
-        .args(["/bin/busybox", "--install", "-s", "/bin"])
-        .status()
-        .expect("chroot")
-        .success());
 }
 
 fn chmod_755(p: &Path) {
