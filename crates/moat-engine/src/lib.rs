@@ -187,6 +187,39 @@ pub struct Engine {
     cfg: Config,
     root_str: String,
     tag: String,
+    /// State store connections not in use: opening one costs a schema check
+    /// and the last close a WAL checkpoint (two fsyncs), so an engine keeps
+    /// them (one per concurrent user) until it is dropped.
+    idle_states: std::sync::Mutex<Vec<moat_state::StateStore>>,
+}
+
+/// A state store connection of an [`Engine`], back in its pool when dropped.
+pub(crate) struct StateRef<'a> {
+    engine: &'a Engine,
+    store: Option<moat_state::StateStore>,
+}
+
+impl std::ops::Deref for StateRef<'_> {
+    type Target = moat_state::StateStore;
+    fn deref(&self) -> &moat_state::StateStore {
+        self.store.as_ref().expect("present until drop")
+    }
+}
+
+impl std::ops::DerefMut for StateRef<'_> {
+    fn deref_mut(&mut self) -> &mut moat_state::StateStore {
+        self.store.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for StateRef<'_> {
+    fn drop(&mut self) {
+        if let (Some(s), Ok(mut idle)) = (self.store.take(), self.engine.idle_states.lock()) {
+            if s.is_idle() {
+                idle.push(s);
+            }
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
@@ -205,7 +238,12 @@ impl Engine {
     fn new(cfg: Config) -> Engine {
         let root_str = cfg.root.to_string_lossy().into_owned();
         let tag = moat_core::naming::root_tag(&root_str);
-        Engine { cfg, root_str, tag }
+        Engine {
+            cfg,
+            root_str,
+            tag,
+            idle_states: std::sync::Mutex::new(Vec::new()),
+        }
     }
 
     /// Open a root for changes (creates it if missing).
@@ -239,8 +277,16 @@ impl Engine {
         self.cfg.root.join("state.db").exists()
     }
 
-    fn state(&self) -> Result<moat_state::StateStore> {
-        moat_state::StateStore::open(&self.cfg.root).map_err(state_err)
+    fn state(&self) -> Result<StateRef<'_>> {
+        let idle = self.idle_states.lock().ok().and_then(|mut v| v.pop());
+        let store = match idle {
+            Some(s) => s,
+            None => moat_state::StateStore::open(&self.cfg.root).map_err(state_err)?,
+        };
+        Ok(StateRef {
+            engine: self,
+            store: Some(store),
+        })
     }
 
     fn prior_allocations(&self) -> Result<Allocations> {
@@ -426,7 +472,7 @@ impl Engine {
         } else {
             None
         };
-        let desired = self.desired(checked, state.as_ref())?;
+        let desired = self.desired(checked, state.as_deref())?;
         let observed = self.observe_managed(&host, checked)?;
         let plan = moat_core::plan::plan(
             &desired,
@@ -531,6 +577,38 @@ pub fn firewall_diff(old: &str, new: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn idle(e: &Engine) -> usize {
+        e.idle_states.lock().expect("pool").len()
+    }
+
+    #[test]
+    fn state_connections_are_opened_once_and_reused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let e = Engine::open(Config::for_root(tmp.path())).expect("engine");
+        assert_eq!(idle(&e), 0);
+        {
+            let a = e.state().expect("state");
+            assert_eq!(idle(&e), 0);
+            // A second user while the first holds one gets its own connection.
+            let b = e.state().expect("state");
+            b.intend("adhoc", "m1", None, Some("m1")).expect("intend");
+            // Each sees the other's committed writes.
+            assert!(a
+                .resources()
+                .expect("resources")
+                .iter()
+                .any(|r| r.name == "m1"));
+        }
+        assert_eq!(idle(&e), 2, "both connections are back in the pool");
+        let c = e.state().expect("state");
+        assert_eq!(idle(&e), 1, "one taken from the pool, none opened");
+        assert!(c.is_idle());
+        drop(c);
+        assert_eq!(idle(&e), 2);
+    }
+
     #[test]
     fn firewall_diff_shows_rules_not_structure() {
         let old = "table inet t {\n chain f {\n  a accept\n  b drop\n }\n}\n";

@@ -154,6 +154,11 @@ impl StateStore {
         }
     }
 
+    /// No transaction is open on this connection (it can be reused).
+    pub fn is_idle(&self) -> bool {
+        self.conn.is_autocommit()
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
