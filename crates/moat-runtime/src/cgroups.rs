@@ -320,8 +320,10 @@ pub fn delegate_after_create(cgroup: &str, host_id: u32) -> io::Result<()> {
 
 /// Removes the sub-cgroups the container made below `/moat/<name>` (deepest
 /// first), and the `name=systemd` folder itself, which libcontainer does not
-/// manage. The container's processes must be gone.
-pub fn remove_tree(cgroup: &str) {
+/// manage. The container's processes must be gone. True when none of the
+/// container's cgroup folders is left (a folder holding a process stays).
+pub fn remove_tree(cgroup: &str) -> bool {
+    let mut gone = true;
     let mut dirs = container_dirs(cgroup);
     if let Some(m) = systemd_v1_mount() {
         let d = m.join(cgroup.trim_start_matches('/'));
@@ -341,6 +343,7 @@ pub fn remove_tree(cgroup: &str) {
             let _ = fs::remove_dir(&p);
         }
         let _ = fs::remove_dir(&d);
+        gone &= !d.exists();
         // The parent (`/moat` or `/moat-<tag>`) goes with its last container.
         if let Some(parent) = d.parent() {
             if parent
@@ -351,6 +354,7 @@ pub fn remove_tree(cgroup: &str) {
             }
         }
     }
+    gone
 }
 
 fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
