@@ -8,7 +8,10 @@
 //! closes its socket before it exits. [`run_script`] sends the same
 //! transaction as one netlink batch, waits for the kernel's answer, and
 //! leaves the last close of the socket to a short-lived grandchild process,
-//! so the caller does not wait for the grace period.
+//! so the caller does not wait for the grace period. The grandchild closes
+//! it 200 ms later, when the clean-up is done: the release holds the
+//! nf_tables commit mutex while it waits, and registering a network
+//! interface (the machine's veth, created right after) needs that mutex.
 //!
 //! Only what moat writes is understood: lines of the form
 //! `add|delete element FAMILY TABLE SET { ELEM, ... }` on moat's `inet` or
@@ -230,6 +233,9 @@ fn commit(changes: &[Change]) -> io::Result<()> {
     result
 }
 
+/// How long the grandchild holds the socket after this process let go.
+const LAST_CLOSE_DELAY_MS: libc::c_long = 200;
+
 /// Close the socket without waiting: the kernel flushes the committed
 /// transaction's clean-up (an RCU grace period) when the last reference to
 /// a netfilter socket goes. A grandchild holds a copy until this process
@@ -259,6 +265,16 @@ fn close_later(sock: OwnedFd) {
             while libc::read(r.as_raw_fd(), (&mut b as *mut u8).cast(), 1) < 0
                 && *libc::__errno_location() == libc::EINTR
             {}
+            // The release of the socket takes the nf_tables commit mutex
+            // while it waits for that clean-up; network interfaces created
+            // meanwhile (a machine's veth, right after) need that mutex to
+            // register. Later, the clean-up has run on its own and the
+            // release is quick.
+            let later = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: LAST_CLOSE_DELAY_MS * 1_000_000,
+            };
+            libc::nanosleep(&later, std::ptr::null_mut());
             libc::_exit(0);
         }
     }

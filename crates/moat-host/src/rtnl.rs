@@ -4,7 +4,8 @@
 //!
 //! Exactly these forms are understood (what moat-net's `attach` and
 //! `enslave` run); anything else returns `None` and the real program runs:
-//! - `ip link add HIF type veth peer name PEER address MAC netns PATH`
+//! - `ip link add HIF numtxqueues 1 numrxqueues 1 type veth peer name PEER
+//!   numtxqueues 1 numrxqueues 1 address MAC netns PATH`
 //! - `ip link set dev HIF alias ALIAS master BRIDGE up`
 //! - `nsenter --net=PATH ip -batch -` reading lines
 //!   `addr add A.B.C.D/N dev IF`, `link set dev IF up`,
@@ -31,6 +32,8 @@ const IFLA_MASTER: u16 = 10;
 const IFLA_LINKINFO: u16 = 18;
 const IFLA_IFALIAS: u16 = 20;
 const IFLA_NET_NS_FD: u16 = 28;
+const IFLA_NUM_TX_QUEUES: u16 = 31;
+const IFLA_NUM_RX_QUEUES: u16 = 32;
 const IFLA_INFO_KIND: u16 = 1;
 const IFLA_INFO_DATA: u16 = 2;
 const VETH_INFO_PEER: u16 = 1;
@@ -113,7 +116,7 @@ fn parse(cmd: &Cmd) -> Option<Req> {
     match (cmd.program.as_str(), a.as_slice(), cmd.stdin.as_deref()) {
         (
             "ip",
-            ["link", "add", host, "type", "veth", "peer", "name", peer, "address", mac, "netns", ns],
+            ["link", "add", host, "numtxqueues", "1", "numrxqueues", "1", "type", "veth", "peer", "name", peer, "numtxqueues", "1", "numrxqueues", "1", "address", mac, "netns", ns],
             None,
         ) if ifname_ok(host) && ifname_ok(peer) && ns.starts_with('/') => Some(Req::AddVeth {
             host: host.to_string(),
@@ -202,12 +205,16 @@ fn messages(req: &Req, seq0: u32, ns_fd: Option<i32>) -> Option<Vec<Vec<u8>>> {
             let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
             let mut m = Msg::new(RTM_NEWLINK, flags, seq, &ifinfomsg(0, 0, 0));
             m.strz(IFLA_IFNAME, host);
+            m.u32(IFLA_NUM_TX_QUEUES, 1);
+            m.u32(IFLA_NUM_RX_QUEUES, 1);
             m.begin(IFLA_LINKINFO);
             m.strz(IFLA_INFO_KIND, "veth");
             m.begin(IFLA_INFO_DATA);
             m.begin(VETH_INFO_PEER);
             m.raw(&ifinfomsg(0, 0, 0));
             m.strz(IFLA_IFNAME, peer);
+            m.u32(IFLA_NUM_TX_QUEUES, 1);
+            m.u32(IFLA_NUM_RX_QUEUES, 1);
             m.attr(IFLA_ADDRESS, mac);
             m.u32(IFLA_NET_NS_FD, ns_fd? as u32);
             m.end();
@@ -329,7 +336,7 @@ mod tests {
 
     #[test]
     fn parses_what_attach_runs() {
-        let add = ip("link add mv7gn-0 type veth peer name eth0 address 02:6d:09:1f:e3:90 netns /r/run/netns/m");
+        let add = ip("link add mv7gn-0 numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 address 02:6d:09:1f:e3:90 netns /r/run/netns/m");
         assert_eq!(
             parse(&add),
             Some(Req::AddVeth {
@@ -363,8 +370,8 @@ mod tests {
         for c in [
             ip("link add x type bridge"),
             ip("link set dev x up"),
-            ip("link add mv0 type veth peer name eth0 address zz:00:00:00:00:00 netns /n"),
-            ip("link add a/b type veth peer name eth0 address 02:00:00:00:00:01 netns /n"),
+            ip("link add mv0 numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 address zz:00:00:00:00:00 netns /n"),
+            ip("link add a/b numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 address 02:00:00:00:00:01 netns /n"),
             Cmd::new("nsenter")
                 .args(["--net=/n", "ip", "-batch", "-"])
                 .stdin("addr add 10.0.0.1/24 dev eth0\nlink set dev eth0 mtu 9000\n"),

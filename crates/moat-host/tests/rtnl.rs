@@ -70,10 +70,17 @@ fn attach_forms_run_in_process() {
     let own_ns = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
 
     let add = ip(&format!(
-        "link add {hif} type veth peer name eth0 address 02:6d:00:11:22:33 netns {path}"
+        "link add {hif} numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 address 02:6d:00:11:22:33 netns {path}"
     ));
     let out = rtnl::run(&add).expect("handled in-process");
     assert_eq!(out.status, 0, "{}", out.stderr);
+    // Created with one queue each (no cut to one afterwards, which waits
+    // for an RCU grace period per end).
+    let host_end = sh(&["ip", "-d", "link", "show", "dev", &hif]);
+    let peer_end = sh(&["ip", "-n", &ns, "-d", "link", "show", "dev", "eth0"]);
+    for l in [&host_end, &peer_end] {
+        assert!(l.contains("numtxqueues 1 numrxqueues 1"), "{l}");
+    }
     // The same again: the error reads as ip's (callers match on it).
     let again = ex.run(&add.clone().allow_failure()).unwrap();
     assert_ne!(again.status, 0);

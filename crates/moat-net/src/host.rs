@@ -269,9 +269,30 @@ impl<E: Executor> NetHost<E> {
         self.add_link(
             &what,
             hif,
+            // One queue each, as veth ends up with anyway: left to the
+            // default (one per CPU), the kernel then cuts both ends down to
+            // one, and each cut waits for an RCU grace period (1-10 ms here).
             Cmd::new("ip").args([
-                "link", "add", hif, "type", "veth", "peer", "name", "eth0", "address", &mac,
-                "netns", &ns,
+                "link",
+                "add",
+                hif,
+                "numtxqueues",
+                "1",
+                "numrxqueues",
+                "1",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "numtxqueues",
+                "1",
+                "numrxqueues",
+                "1",
+                "address",
+                &mac,
+                "netns",
+                &ns,
             ]),
         )?;
         self.enslave(&what, hif, alias, &net.bridge)?;
@@ -722,7 +743,7 @@ mod tests {
         assert_eq!(
             calls[0].display(),
             format!(
-                "ip link add {} type veth peer name eth0 address {mac} netns /proc/42/ns/net",
+                "ip link add {} numtxqueues 1 numrxqueues 1 type veth peer name eth0 numtxqueues 1 numrxqueues 1 address {mac} netns /proc/42/ns/net",
                 nic.host_if
             )
         );
