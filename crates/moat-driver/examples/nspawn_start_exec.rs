@@ -23,6 +23,10 @@ fn busybox(dir: &Path) {
         .arg("--list")
         .output()
         .expect("busybox --list");
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "busybox --list failed"
+    );
     for name in String::from_utf8_lossy(&out.stdout).lines() {
         let link = dir.join("bin").join(name.trim());
         if !name.trim().is_empty() && name.trim() != "busybox" && !link.exists() {

@@ -158,6 +158,10 @@ fn busybox_links(bin: &Path) {
         .arg("--list")
         .output()
         .expect("busybox --list");
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "busybox --list failed"
+    );
     for name in String::from_utf8_lossy(&out.stdout).lines() {
         let link = bin.join(name.trim());
         if name.trim().is_empty() || name.trim() == "busybox" || link.exists() {

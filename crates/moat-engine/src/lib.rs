@@ -586,7 +586,7 @@ mod tests {
     #[test]
     fn state_connections_are_opened_once_and_reused() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let e = Engine::open(Config::for_root(tmp.path())).expect("engine");
+        let e = Engine::open_readonly(Config::for_root(tmp.path())).expect("engine");
         assert_eq!(idle(&e), 0);
         {
             let a = e.state().expect("state");

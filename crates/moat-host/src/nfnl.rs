@@ -239,7 +239,8 @@ const LAST_CLOSE_DELAY_MS: libc::c_long = 200;
 /// Close the socket without waiting: the kernel flushes the committed
 /// transaction's clean-up (an RCU grace period) when the last reference to
 /// a netfilter socket goes. A grandchild holds a copy until this process
-/// has closed its own, then exits and takes the wait; its parent exits at
+/// has closed its own, waits [`LAST_CLOSE_DELAY_MS`] more (the clean-up has
+/// then run on its own) and exits, which closes it; its parent exits at
 /// once and is reaped here, the grandchild is re-parented to init.
 fn close_later(sock: OwnedFd) {
     let mut pipe = [0i32; 2];
@@ -249,8 +250,9 @@ fn close_later(sock: OwnedFd) {
     }
     // SAFETY: the pipe ends were just created and are owned here.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
-    // SAFETY: between fork and _exit the children only call async-signal-safe
-    // functions (fork, close, read, _exit) on descriptors they inherited.
+    // SAFETY: between fork and _exit the children only make async-signal-safe
+    // calls (fork, close_range/close, read, nanosleep, _exit), on
+    // descriptors they inherited.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
         unsafe {

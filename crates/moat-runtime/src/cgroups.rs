@@ -18,9 +18,11 @@
 //!   `/moat/<name>` folders are chowned the same way (folder, `tasks`,
 //!   `cgroup.procs`, `cgroup.clone_children`), never their limit files.
 //!
-//! [`remove_tree`] removes what the container created below its cgroups
-//! (systemd makes `init.scope`, `system.slice/...`) once its processes are
-//! gone, deepest first, so libcontainer's own delete finds empty folders.
+//! [`remove_tree`] removes the container's cgroup folders in every
+//! hierarchy once its processes are gone, with what the container created
+//! below them (systemd makes `init.scope`, `system.slice/...`) deepest
+//! first. When it removed them all, `container::delete` skips libcontainer's
+//! own delete; otherwise libcontainer's delete finds what is left.
 
 use std::fs;
 use std::io;
@@ -318,9 +320,10 @@ pub fn delegate_after_create(cgroup: &str, host_id: u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Removes the sub-cgroups the container made below `/moat/<name>` (deepest
-/// first), and the `name=systemd` folder itself, which libcontainer does not
-/// manage. The container's processes must be gone. True when none of the
+/// Removes the container's cgroup folders (`cgroup`, e.g. `/moat-<tag>/<name>`)
+/// in every hierarchy, `name=systemd` included (libcontainer does not manage
+/// that one), with the sub-cgroups the container made below them, deepest
+/// first. The container's processes must be gone. True when none of the
 /// container's cgroup folders is left (a folder holding a process stays).
 pub fn remove_tree(cgroup: &str) -> bool {
     let mut gone = true;

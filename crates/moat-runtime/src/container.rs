@@ -266,13 +266,13 @@ pub fn kill_all(name: &str, state_root: &Path) -> Result<(), RuntimeError> {
     c.kill(sig, true).map_err(lc_err(name, "kill"))
 }
 
-/// The cgroup path a container was created with (its bundle's config.json).
-fn cgroup_of(c: &Container, name: &str) -> String {
+/// The cgroup path a container was created with (its bundle's config.json),
+/// `None` when that file cannot be read.
+fn recorded_cgroup(c: &Container) -> Option<String> {
     std::fs::read(c.bundle().join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["linux"]["cgroupsPath"].as_str().map(str::to_string))
-        .unwrap_or_else(|| format!("/moat/{name}"))
 }
 
 /// Removes the container: its processes (when `force`), cgroups and state.
@@ -283,20 +283,30 @@ pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeE
         Err(RuntimeError::NoSuchContainer { .. }) => return Ok(()),
         Err(e) => return Err(e),
     };
-    let cgroup = cgroup_of(&c, name);
-    // PID 1 gone (its PID namespace ended with it) and every cgroup folder
-    // removed (rmdir refuses one that holds a process): nothing of the
-    // container runs, and its state folder is all that is left. This skips
-    // libcontainer's kill and delete, which read the mount table again for
-    // every v1 controller (about 2 ms at the end of each `run --rm`). moat
-    // sets no poststop hooks and no Intel RDT, the rest of what delete does.
+    let recorded = recorded_cgroup(&c);
+    // PID 1 gone (its PID namespace ended with it) and every folder of the
+    // recorded cgroup removed (rmdir refuses one that holds a process):
+    // nothing of the container runs, and its state folder is all that is
+    // left. This skips libcontainer's kill and delete, which read the mount
+    // table again for every v1 controller (about 2 ms at the end of each
+    // `run --rm`). moat sets no poststop hooks and no Intel RDT, the rest of
+    // what delete does. No recorded PID (still being created) or no
+    // readable cgroup path: the old path.
     let pid1_gone = c
         .pid()
-        .is_none_or(|p| crate::sys::start_time(p.as_raw()).is_none());
-    if pid1_gone && crate::cgroups::remove_tree(&cgroup) {
-        let dir = state_root.join(name);
-        return fs::remove_dir_all(&dir).map_err(|e| RuntimeError::io(&dir, e));
+        .is_some_and(|p| crate::sys::start_time(p.as_raw()).is_none());
+    if let Some(cg) = recorded.as_deref().filter(|_| pid1_gone) {
+        if crate::cgroups::remove_tree(cg) {
+            let dir = state_root.join(name);
+            return match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(RuntimeError::io(&dir, e))
+                }
+                _ => Ok(()),
+            };
+        }
     }
+    let cgroup = recorded.unwrap_or_else(|| format!("/moat/{name}"));
     if force {
         let _ = kill_all(name, state_root);
         if let Some(pid) = c.pid() {

@@ -69,6 +69,10 @@ pub fn busybox_fixture() -> Fixture {
         .arg("--list-full")
         .output()
         .expect("busybox --list-full");
+    assert!(
+        out.status.success() && !out.stdout.is_empty(),
+        "busybox --list-full failed"
+    );
     for rel in String::from_utf8_lossy(&out.stdout).lines() {
         let link = rootfs.join(rel.trim().trim_start_matches('/'));
         if rel.trim().is_empty() || rel.trim().ends_with("bin/busybox") || link.exists() {
