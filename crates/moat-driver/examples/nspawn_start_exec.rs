@@ -9,7 +9,6 @@ use moat_driver::native::{FolderRootfs, NativeDriver};
 use moat_driver::nspawn::NspawnDriver;
 use moat_driver::{Ctx, Driver, MachineSpec};
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,20 +18,8 @@ fn busybox(dir: &Path) {
     std::fs::create_dir_all(dir.join("etc")).expect("mkdir");
     std::fs::write(dir.join("usr/lib/os-release"), "ID=busybox\n").expect("os-release");
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("busybox");
-    let out = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    assert!(
-        out.status.success() && !out.stdout.is_empty(),
-        "busybox --list failed"
-    );
-    for name in String::from_utf8_lossy(&out.stdout).lines() {
-        let link = dir.join("bin").join(name.trim());
-        if !name.trim().is_empty() && name.trim() != "busybox" && !link.exists() {
-            std::os::unix::fs::symlink("/bin/busybox", &link).expect("symlink applet");
-        }
-    }
+    moat_host::busybox::link_applets(Path::new("/bin/busybox"), dir, Some("bin"))
+        .expect("busybox applets");
 }
 
 fn measure(d: &dyn Driver, ctx: &Ctx, name: &str, rounds: usize) -> Vec<f64> {

@@ -7,7 +7,6 @@ use moat_core::observed::MachineState;
 use moat_driver::native::{FolderRootfs, NativeDriver, NetworkAttacher};
 use moat_driver::{Ctx, Driver, MachineSpec, Probe};
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,7 +65,8 @@ fn native_driver_lifecycle() {
     let rootfs = tmp.path().join("rootfs").join(&full);
     std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
-    busybox_links(&rootfs.join("bin"));
+    moat_host::busybox::link_applets(Path::new("/bin/busybox"), &rootfs, Some("bin"))
+        .expect("busybox applets");
     use std::os::unix::fs::PermissionsExt;
     for p in [
         tmp.path().to_path_buf(),
@@ -148,25 +148,4 @@ fn native_driver_lifecycle() {
     driver.destroy(&ctx, &full).expect("destroy");
     assert!(driver.observe(&ctx, &full).expect("observe").is_none());
     assert!(!ctx.root.join("machines").join(&full).exists());
-}
-
-/// Links every applet into `bin`, asking the host's busybox for the list: running the copy
-/// (`chroot DIR busybox --install`) fails with ETXTBSY while another test thread's fork
-/// still holds the copy's write descriptor.
-fn busybox_links(bin: &Path) {
-    let out = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    assert!(
-        out.status.success() && !out.stdout.is_empty(),
-        "busybox --list failed"
-    );
-    for name in String::from_utf8_lossy(&out.stdout).lines() {
-        let link = bin.join(name.trim());
-        if name.trim().is_empty() || name.trim() == "busybox" || link.exists() {
-            continue;
-        }
-        std::os::unix::fs::symlink("/bin/busybox", &link).expect("symlink applet");
-    }
 }

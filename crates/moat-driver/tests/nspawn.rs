@@ -107,28 +107,8 @@ fn busybox_rootfs(dir: &Path) {
     std::fs::create_dir_all(dir.join("etc")).expect("mkdir");
     std::fs::write(dir.join("usr/lib/os-release"), "ID=busybox\n").expect("os-release");
     std::fs::copy("/bin/busybox", dir.join("bin/busybox")).expect("copy busybox");
-    busybox_links(&dir.join("bin"));
-}
-
-/// Links every applet into `bin`, asking the host's busybox for the list: running the copy
-/// (`chroot DIR busybox --install`) fails with ETXTBSY while another test thread's fork
-/// still holds the copy's write descriptor.
-fn busybox_links(bin: &Path) {
-    let out = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    assert!(
-        out.status.success() && !out.stdout.is_empty(),
-        "busybox --list failed"
-    );
-    for name in String::from_utf8_lossy(&out.stdout).lines() {
-        let link = bin.join(name.trim());
-        if name.trim().is_empty() || name.trim() == "busybox" || link.exists() {
-            continue;
-        }
-        std::os::unix::fs::symlink("/bin/busybox", &link).expect("symlink applet");
-    }
+    moat_host::busybox::link_applets(Path::new("/bin/busybox"), dir, Some("bin"))
+        .expect("busybox applets");
 }
 
 fn chmod_755(p: &Path) {

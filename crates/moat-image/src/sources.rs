@@ -209,23 +209,7 @@ pub(crate) fn busybox(store: &ImageStore, busybox: &Path, p: &dyn Progress) -> R
     let bb = r.join("bin/busybox");
     fs::copy(busybox, &bb).ctx("copy busybox to", &bb)?;
     fs::set_permissions(&bb, fs::Permissions::from_mode(0o755)).ctx("chmod", &bb)?;
-    let out = Command::new(busybox)
-        .arg("--list-full")
-        .output()
-        .ctx("run --list-full of", busybox)?;
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let rel = line.trim().trim_start_matches('/');
-        if rel.is_empty() || rel == "bin/busybox" || rel.contains("..") {
-            continue;
-        }
-        let link = r.join(rel);
-        if let Some(parent) = link.parent() {
-            fs::create_dir_all(parent).ctx("create directory", parent)?;
-        }
-        if !link.exists() {
-            symlink("/bin/busybox", &link).ctx("symlink", &link)?;
-        }
-    }
+    moat_host::busybox::link_applets(busybox, r, None).ctx("link the applets of", busybox)?;
     let files: &[(&str, &str, u32)] = &[
         ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n", 0o644),
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n", 0o644),

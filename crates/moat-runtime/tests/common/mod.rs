@@ -4,7 +4,6 @@
 
 use moat_runtime::machine::{self, MachineDir};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -62,25 +61,8 @@ pub fn busybox_fixture() -> Fixture {
         std::fs::create_dir_all(rootfs.join(d)).expect("mkdir");
     }
     std::fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("copy busybox");
-    // The applet list comes from the host's busybox: running the copy
-    // (`chroot ROOTFS busybox --install`) fails with ETXTBSY while another
-    // test thread's fork still holds the copy's write descriptor.
-    let out = Command::new("/bin/busybox")
-        .arg("--list-full")
-        .output()
-        .expect("busybox --list-full");
-    assert!(
-        out.status.success() && !out.stdout.is_empty(),
-        "busybox --list-full failed"
-    );
-    for rel in String::from_utf8_lossy(&out.stdout).lines() {
-        let link = rootfs.join(rel.trim().trim_start_matches('/'));
-        if rel.trim().is_empty() || rel.trim().ends_with("bin/busybox") || link.exists() {
-            continue;
-        }
-        std::fs::create_dir_all(link.parent().expect("parent")).expect("mkdir");
-        std::os::unix::fs::symlink("/bin/busybox", &link).expect("symlink applet");
-    }
+    moat_host::busybox::link_applets(Path::new("/bin/busybox"), &rootfs, None)
+        .expect("busybox applets");
     chmod_755(&rootfs);
     let machine_dir = tmp.path().join("machine");
     Fixture {
