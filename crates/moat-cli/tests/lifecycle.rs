@@ -52,6 +52,48 @@ fn run_exec_snapshot_clone_destroy() {
         .unwrap_or_default();
     assert!(left.is_empty(), "failed --rm left machines: {left:?}");
 
+    // A `--rm` (disposable) machine's folder is a tmpfs: what it writes
+    // never reaches the disk, and all of it goes with the machine.
+    r.ok(&[
+        "run",
+        "--rm",
+        "-d",
+        "--name",
+        "vol",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "echo kept-in-memory > /written; exec sleep 1000",
+    ]);
+    let folder = r.path().join("machines/vol");
+    let fstype = |p: &Path| {
+        let want = p.to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/mounts")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some(want.as_str()))
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .next_back()
+    };
+    assert_eq!(fstype(&folder).as_deref(), Some("tmpfs"));
+    let written = folder.join("fs/upper/written");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !written.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap_or_default(),
+        "kept-in-memory\n"
+    );
+    r.ok(&["destroy", "vol"]);
+    assert!(!folder.exists(), "destroy left {}", folder.display());
+    assert!(
+        r.mounts().is_empty(),
+        "--rm -d left mounts: {:?}",
+        r.mounts()
+    );
+
     // Detached run, exec with exit status, logs.
     assert_eq!(
         r.ok(&[

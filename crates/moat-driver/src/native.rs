@@ -470,6 +470,10 @@ impl Driver for NativeDriver {
             machine: name.clone(),
             source: e,
         })?;
+        if spec.machine.disposable {
+            volatile_folder(&dir.dir)
+                .map_err(|e| Self::failed(name, format!("mounting its folder's tmpfs: {e}")))?;
+        }
         // Reserved under a lock before the slow root preparation: parallel
         // creates must never share a uid band.
         let id_number = crate::ids::reserve(&ctx.root.join("machines"), name, "native", |d| {
@@ -577,6 +581,17 @@ impl Driver for NativeDriver {
         self.rootfs
             .release(ctx, full_name)
             .map_err(|e| Self::failed(full_name, format!("releasing the root file system: {e}")))?;
+        // A disposable machine's folder is a tmpfs: unmounting it removes
+        // everything in it at once.
+        if moat_host::mount::is_mount_point(&dir.dir).unwrap_or(false) {
+            for m in moat_host::mount::mounts_under(&dir.dir).unwrap_or_default() {
+                if moat_host::mount::unmount(&m, false).is_err() {
+                    moat_host::mount::unmount(&m, true).map_err(|e| {
+                        Self::failed(full_name, format!("unmounting its folder: {e}"))
+                    })?;
+                }
+            }
+        }
         machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
         for ns in [
             Self::netns_path(ctx, full_name),
@@ -634,6 +649,21 @@ impl Driver for NativeDriver {
             process: Box::new(NativeSession(s)),
         })
     }
+}
+
+/// A disposable machine's folder (its supervisor files, logs, libcontainer
+/// state and, through the image store, its writable layer) is a tmpfs of its
+/// own: all of it goes at once when the machine goes, nothing of it reaches
+/// the disk, and after a host crash only an empty folder is left. Like
+/// systemd-nspawn's `--volatile=overlay`, what the machine writes lives in
+/// memory, charged to the memory cgroup of the process that writes it (the
+/// machine's own, so `memory:` bounds it). Idempotent (a crashed run's tmpfs
+/// is reused as it is).
+fn volatile_folder(dir: &std::path::Path) -> std::result::Result<(), String> {
+    if moat_host::mount::is_mount_point(dir).map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    moat_host::mount::mount_tmpfs(dir, "moat-volatile", 0o755).map_err(|e| e.to_string())
 }
 
 /// A supervisor busy with its first launch may belong to a process that died

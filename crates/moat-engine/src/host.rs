@@ -88,7 +88,8 @@ impl RootfsProvider for StoreRootfs {
             return Ok(());
         }
         let fs = MachineFs::open(&self.store, full_name).map_err(|e| e.to_string())?;
-        fs.unmount().map_err(|e| e.to_string())?;
+        // Unmounts first; a disposable machine's writable layer is not
+        // emptied separately, it goes with the rest.
         fs.destroy().map_err(|e| e.to_string())
     }
 }

@@ -367,7 +367,9 @@ impl Engine {
         let (mut out_pos, mut err_pos) = (0u64, 0u64);
         let mut stdout = std::io::stdout();
         let mut stderr = std::io::stderr();
-        let mut sleep = Duration::from_micros(500);
+        // The supervisor wakes us when PID 1's status changes (see
+        // `machine::wait_change`); the timeout only paces the log relay.
+        let mut sleep = Duration::from_millis(5);
         let t0 = Instant::now();
         let status = loop {
             pump(&dir.stdout_log(), &mut out_pos, &mut stdout);
@@ -383,8 +385,8 @@ impl Engine {
                 }
                 None => {}
             }
-            std::thread::sleep(sleep);
-            // Short polls at first (fast commands), then back off.
+            moat_runtime::machine::wait_change(&dir, sleep);
+            // Output relayed quickly at first (fast commands), then less often.
             if t0.elapsed() > Duration::from_millis(200) {
                 sleep = Duration::from_millis(20);
             }

@@ -48,6 +48,9 @@ pub enum MountError {
     /// The overlay options do not fit in one page (too many or too long layer paths).
     #[error("overlayfs options for {target} are {len} bytes, more than the kernel accepts (4095); use a store root with a shorter path or fewer layers")]
     OptionsTooLong { target: PathBuf, len: usize },
+    /// mount(2) of a tmpfs failed.
+    #[error("cannot mount a tmpfs on {target}: {source}; this needs root (CAP_SYS_ADMIN)")]
+    Tmpfs { target: PathBuf, source: io::Error },
     /// umount2(2) failed.
     #[error("cannot unmount {target}: {source}; check for processes still using it (fuser -m)")]
     Unmount { target: PathBuf, source: io::Error },
@@ -284,6 +287,31 @@ fn escape_overlay_path(p: &Path) -> String {
     out
 }
 
+/// Mount a fresh tmpfs (`mode` for its root folder, e.g. 0o755) at `target`.
+pub fn mount_tmpfs(target: &Path, source: &str, mode: u32) -> Result<(), MountError> {
+    let t = cpath(target)?;
+    let src = CString::new(source).map_err(|_| MountError::Nul(target.to_path_buf()))?;
+    let fstype = CString::new("tmpfs").expect("no NUL");
+    let data = CString::new(format!("mode={mode:o}")).expect("no NUL");
+    // SAFETY: all four are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            t.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(MountError::Tmpfs {
+            target: target.to_path_buf(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
 /// Unmount `target`. With `lazy`, detach it even when busy (MNT_DETACH).
 pub fn unmount(target: &Path, lazy: bool) -> Result<(), MountError> {
     let t = cpath(target)?;
@@ -299,8 +327,41 @@ pub fn unmount(target: &Path, lazy: bool) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Whether `path` is a mount point, according to /proc/self/mountinfo.
+/// Whether `path` is a mount point: statx's mount-root attribute (Linux 5.8+,
+/// one syscall), else /proc/self/mountinfo (a path that does not exist is not).
 pub fn is_mount_point(path: &Path) -> Result<bool, MountError> {
+    if let Some(root) = statx_mount_root(path) {
+        return Ok(root);
+    }
+    is_mount_point_in_mountinfo(path)
+}
+
+/// `Some(is the root of a mount)`, or None when statx cannot tell.
+fn statx_mount_root(path: &Path) -> Option<bool> {
+    let c = cpath(path).ok()?;
+    // SAFETY: an all-zero statx is a valid value to be overwritten.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a live, writable statx.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            0,
+            &mut st,
+        )
+    };
+    if rc != 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Some(false),
+            _ => None,
+        };
+    }
+    let bit = libc::STATX_ATTR_MOUNT_ROOT as u64;
+    (st.stx_attributes_mask & bit != 0).then_some(st.stx_attributes & bit != 0)
+}
+
+fn is_mount_point_in_mountinfo(path: &Path) -> Result<bool, MountError> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
     let want = path.to_string_lossy();
     Ok(info
@@ -435,5 +496,39 @@ mod tests {
     #[test]
     fn root_is_a_mount_point() {
         assert!(is_mount_point(Path::new("/")).unwrap_or(true));
+    }
+
+    /// statx and mountinfo agree on a tmpfs, the folder under it, a plain
+    /// folder and a missing path (needs root for the mount; skipped without).
+    #[test]
+    fn mount_point_checks_agree_on_a_tmpfs() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let m = t.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        let missing = t.path().join("missing");
+        for p in [t.path(), m.as_path(), missing.as_path()] {
+            assert!(!is_mount_point(p).unwrap(), "{}", p.display());
+            assert!(!is_mount_point_in_mountinfo(p).unwrap());
+        }
+        mount_tmpfs(&m, "moat-test", 0o700).unwrap();
+        let checked = || {
+            assert_eq!(statx_mount_root(&m), Some(true));
+            assert!(is_mount_point(&m).unwrap());
+            assert!(is_mount_point_in_mountinfo(&m).unwrap());
+            let meta = std::fs::metadata(&m).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+            std::fs::create_dir(m.join("sub")).unwrap();
+            assert!(!is_mount_point(&m.join("sub")).unwrap());
+        };
+        let r = std::panic::catch_unwind(checked);
+        unmount(&m, false).unwrap();
+        assert!(!is_mount_point(&m).unwrap());
+        r.unwrap();
     }
 }

@@ -153,7 +153,10 @@ impl MachineFs {
                 });
             }
         }
-        let backend = if crate::btrfs::usable(&store.machines_dir()) {
+        // The machine's folder when it exists already (the native driver made
+        // a disposable machine's a tmpfs), else where it will be made.
+        let home = dir.parent().filter(|p| p.is_dir());
+        let backend = if crate::btrfs::usable(home.unwrap_or(&store.machines_dir())) {
             Backend::Btrfs
         } else {
             Backend::Overlay

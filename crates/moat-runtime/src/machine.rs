@@ -22,8 +22,9 @@ pub use moat_core::model::RestartPolicy;
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -359,11 +360,26 @@ pub fn launch(
 
     // The supervisor forks and its first process exits at once: waiting for
     // it leaves no zombie, and the real supervisor is re-parented to init.
-    let st = Command::new(supervisor)
-        .arg(&dir.dir)
+    // It gets the write end of a pipe and writes a byte at each status
+    // change: this process wakes then, instead of polling the status file.
+    let (notify_r, notify_w) = sys::pipe().map_err(|e| RuntimeError::io(&dir.dir, e))?;
+    let w = notify_w.as_raw_fd();
+    let mut cmd = Command::new(supervisor);
+    cmd.arg(&dir.dir)
         .stdin(std::process::Stdio::null())
-        .status()
-        .map_err(|e| RuntimeError::io(supervisor, e))?;
+        .env(NOTIFY_FD_ENV, w.to_string());
+    // SAFETY: fcntl is async-signal-safe; `w` stays open until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(w, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let st = cmd.status().map_err(|e| RuntimeError::io(supervisor, e))?;
+    drop(notify_w);
+    remember_notify(dir, notify_r);
     if !st.success() {
         return Err(dir.err(format!(
             "{} {} exited with {st}; see {}",
@@ -393,7 +409,58 @@ pub fn launch(
                 dir.supervisor_log().display()
             )));
         }
-        std::thread::sleep(Duration::from_micros(300));
+        wait_change(dir, Duration::from_millis(50));
+    }
+}
+
+/// The environment variable that gives the supervisor its notify fd.
+pub(crate) const NOTIFY_FD_ENV: &str = "MOAT_SUPERVISOR_NOTIFY_FD";
+
+/// Read ends of the notify pipes of the supervisors this process launched,
+/// by machine folder (see [`launch`], [`wait_change`]).
+static NOTIFY: std::sync::Mutex<Vec<(PathBuf, OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+
+/// A long-lived launcher (the daemon) keeps at most this many.
+const NOTIFY_KEPT: usize = 64;
+
+fn remember_notify(dir: &MachineDir, fd: OwnedFd) {
+    if let Ok(mut v) = NOTIFY.lock() {
+        v.retain(|(d, _)| d != &dir.dir);
+        if v.len() >= NOTIFY_KEPT {
+            v.remove(0);
+        }
+        v.push((dir.dir.clone(), fd));
+    }
+}
+
+fn forget_notify(dir: &MachineDir) {
+    if let Ok(mut v) = NOTIFY.lock() {
+        v.retain(|(d, _)| d != &dir.dir);
+    }
+}
+
+/// Waits up to `timeout` for the status of `dir` to change. Wakes at once
+/// when the supervisor that this process launched for it saves a status or
+/// exits; otherwise (another process launched it) sleeps min(timeout,
+/// 300 µs) before the caller looks again.
+pub fn wait_change(dir: &MachineDir, timeout: Duration) {
+    let fd = NOTIFY.lock().ok().and_then(|v| {
+        v.iter()
+            .find(|(d, _)| d == &dir.dir)
+            .and_then(|(_, fd)| fd.try_clone().ok())
+    });
+    let Some(fd) = fd else {
+        std::thread::sleep(timeout.min(Duration::from_micros(300)));
+        return;
+    };
+    if sys::wait_readable(&fd, timeout) {
+        let mut buf = [0u8; 64];
+        // SAFETY: read into a live buffer from an fd we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n == 0 {
+            // The supervisor is gone: nothing will come any more.
+            forget_notify(dir);
+        }
     }
 }
 
@@ -409,7 +476,7 @@ pub fn start(dir: &MachineDir) -> Result<(), RuntimeError> {
         if Instant::now() > deadline {
             return Err(dir.err("the container did not start within 30 s"));
         }
-        std::thread::sleep(Duration::from_micros(300));
+        wait_change(dir, Duration::from_millis(50));
     }
     Ok(())
 }
@@ -427,21 +494,17 @@ pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
     if let Err(e) = dir.request(&format!("stop {}", timeout.as_millis())) {
         // The container may have just ended on its own: the supervisor is then
         // exiting and no longer answers. That is a stopped machine, not an error.
-        let grace = Instant::now() + Duration::from_secs(2);
-        while sys::alive(s.supervisor_pid, s.supervisor_start) {
-            if Instant::now() > grace {
-                return Err(e);
-            }
-            std::thread::sleep(Duration::from_millis(2));
+        if !sys::wait_gone(s.supervisor_pid, s.supervisor_start, Duration::from_secs(2)) {
+            return Err(e);
         }
         return Ok(());
     }
-    let deadline = Instant::now() + timeout + Duration::from_secs(10);
-    while sys::alive(s.supervisor_pid, s.supervisor_start) {
-        if Instant::now() > deadline {
-            return Err(dir.err("the supervisor did not exit after stop"));
-        }
-        std::thread::sleep(Duration::from_millis(2));
+    if !sys::wait_gone(
+        s.supervisor_pid,
+        s.supervisor_start,
+        timeout + Duration::from_secs(10),
+    ) {
+        return Err(dir.err("the supervisor did not exit after stop"));
     }
     Ok(())
 }
@@ -572,10 +635,9 @@ pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
     };
     if let Some((_, pid)) = status {
         if let Some(pid) = pid {
-            let _ = sys::kill(pid, libc::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while sys::start_time(pid).is_some() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
+            if let Some(started) = sys::start_time(pid) {
+                let _ = sys::kill(pid, libc::SIGKILL);
+                sys::wait_gone(pid, started, Duration::from_secs(5));
             }
         }
         container::delete(name, &root, true)?;
@@ -600,6 +662,7 @@ pub fn destroy(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> 
         }
     }
     cleanup_dead(dir)?;
+    forget_notify(dir);
     fs::remove_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))
 }
 

@@ -41,7 +41,22 @@ extern "C" fn on_signal(sig: libc::c_int) {
 
 /// Entry point of the `moat-supervisor` binary: `moat-supervisor <machine dir>`.
 /// Returns the process exit code of the launching (parent) half.
+/// Does nothing: SIGPIPE's handler, see [`main_entry`].
+extern "C" fn ignore_signal(_: i32) {}
+
 pub fn main_entry() -> i32 {
+    // Rust ignores SIGPIPE, and an ignored signal stays ignored across exec:
+    // the container's processes (libcontainer forks them, std's Command reset
+    // does not apply) would all start with SIGPIPE ignored. A handler that
+    // does nothing gives us the same EPIPE errors, and exec resets it.
+    // SAFETY: installs an async-signal-safe handler; sigaction is zeroed then filled.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore_signal as *const () as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut sa.sa_mask);
+        libc::sigaction(libc::SIGPIPE, &sa, std::ptr::null_mut());
+    }
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).map(|a| a == "--exec").unwrap_or(false) {
         return match crate::exec::ExecRequest::parse(&args[2..]) {
@@ -75,6 +90,7 @@ pub fn main_entry() -> i32 {
             return 1;
         }
     };
+    let notify = notify_fd();
     // SAFETY: fork while single-threaded (nothing has spawned threads yet).
     let child = unsafe { libc::fork() };
     if child < 0 {
@@ -96,7 +112,10 @@ pub fn main_entry() -> i32 {
     drop(log);
     let _ = std::env::set_current_dir("/");
     let code = match Supervisor::new(dir, cfg) {
-        Ok(mut s) => s.run(),
+        Ok(mut s) => {
+            s.notify = notify;
+            s.run()
+        }
         Err(e) => {
             eprintln!("moat-supervisor: {e}");
             1
@@ -106,7 +125,30 @@ pub fn main_entry() -> i32 {
     unsafe { libc::_exit(code) }
 }
 
+/// The write end of the launcher's notify pipe (see `machine::launch`), when
+/// it gave one: close-on-exec (no container process keeps it) and
+/// non-blocking (a launcher that stopped reading never blocks us).
+fn notify_fd() -> Option<OwnedFd> {
+    let n: i32 = std::env::var(crate::machine::NOTIFY_FD_ENV)
+        .ok()?
+        .parse()
+        .ok()?;
+    if n <= 2 {
+        return None;
+    }
+    // SAFETY: fcntl on a number: fails with EBADF when it is not an open fd.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: the launcher handed this fd to us alone; it is open (checked).
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) };
+    set_nonblock(&fd);
+    Some(fd)
+}
+
 struct Supervisor {
+    /// See [`notify_fd`]: a byte is written at each status save.
+    notify: Option<OwnedFd>,
     dir: MachineDir,
     cfg: SupervisorConfig,
     status: Status,
@@ -249,6 +291,7 @@ impl Supervisor {
             rootfs_ownership: None,
         };
         Ok(Supervisor {
+            notify: None,
             dir,
             cfg,
             status,
@@ -278,6 +321,12 @@ impl Supervisor {
         };
         if fs::write(&tmp, text).is_ok() {
             let _ = fs::rename(&tmp, self.dir.status_path());
+        }
+        if let Some(fd) = &self.notify {
+            // A full pipe or a launcher gone (EPIPE; SIGPIPE is ignored) is
+            // fine: it has the news or no longer wants it.
+            // SAFETY: write of one byte from a live buffer to an fd we own.
+            let _ = unsafe { libc::write(fd.as_raw_fd(), b"s".as_ptr().cast(), 1) };
         }
     }
 

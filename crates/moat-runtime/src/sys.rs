@@ -5,7 +5,8 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +110,60 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// Is `pid` alive and the same process as when `started` was recorded?
 pub fn alive(pid: i32, started: u64) -> bool {
     pid > 0 && start_time(pid) == Some(started)
+}
+
+/// Waits up to `timeout` for `pid` (started at `started`, see [`start_time`])
+/// to end; true once it has. Through a pidfd, so the caller wakes the moment
+/// it ends (not at the next poll tick); without pidfd_open (Linux < 5.3) it
+/// checks every 2 ms.
+pub fn wait_gone(pid: i32, started: u64, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags, and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        while alive(pid, started) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        return true;
+    }
+    // SAFETY: pidfd_open returned a new fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // Checked after the open: the pidfd is then known to be the process
+    // recorded, not a later one that got its pid.
+    if !alive(pid, started) {
+        return true;
+    }
+    wait_readable(&fd, timeout) && !alive(pid, started)
+}
+
+/// Waits up to `timeout` for `fd` to be readable (or at its end, or in
+/// error); true if it is. Interruptions by signals wait again for the rest.
+pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // Rounded up: a 0 ms poll for a sub-millisecond rest would spin.
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: poll over one live pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        if r > 0 {
+            return true;
+        }
+        if r == 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
 }
 
 /// Resident set size of `pid` in KiB.

@@ -90,6 +90,25 @@ fn app_container_exec_limits_hardening_logs_lifecycle() {
         }
     }
 
+    // Processes start with default signal dispositions: the Rust supervisor
+    // ignores SIGPIPE, and an ignored signal would survive exec (`yes | head`
+    // would then print "Broken pipe" errors instead of ending quietly).
+    let sigpipe_ignored = |status: &str| {
+        let mask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:"))
+            .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+            .expect("SigIgn line");
+        mask & (1 << (libc::SIGPIPE - 1)) != 0
+    };
+    let pid1_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(!sigpipe_ignored(&pid1_status), "PID 1 ignores SIGPIPE");
+    let (_, exec_status, _) = exec_ok(&dir, "cat /proc/self/status");
+    assert!(
+        !sigpipe_ignored(&exec_status),
+        "exec'd process ignores SIGPIPE"
+    );
+
     // exec returns the exit code
     assert_eq!(exec_ok(&dir, "exit 7").0, 7);
     let (_, host, _) = exec_ok(&dir, "hostname; grep peer /etc/hosts");
