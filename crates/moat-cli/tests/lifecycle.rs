@@ -94,6 +94,27 @@ fn run_exec_snapshot_clone_destroy() {
         r.mounts()
     );
 
+    // After a host reboot a stopped disposable machine's folder is empty (its
+    // tmpfs is gone) and no driver lists it: `destroy NAME` still removes
+    // it and its record. The reboot is played by unmounting the tmpfs.
+    r.ok(&[
+        "run", "--rm", "-d", "--name", "reboot", "busybox", "--", "sleep", "1000",
+    ]);
+    r.ok(&["stop", "reboot"]);
+    let folder = r.path().join("machines/reboot");
+    let st = Command::new("umount")
+        .arg("-R")
+        .arg(&folder)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(std::fs::read_dir(&folder).unwrap().count(), 0);
+    let out = r.ok(&["destroy", "reboot"]);
+    assert!(out.contains("reboot"), "{out}");
+    assert!(!folder.exists(), "destroy left {}", folder.display());
+    let o = r.moat(&["destroy", "reboot"]);
+    assert!(!o.status.success(), "a second destroy found it again");
+
     // Detached run, exec with exit status, logs.
     assert_eq!(
         r.ok(&[

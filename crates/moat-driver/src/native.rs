@@ -584,12 +584,16 @@ impl Driver for NativeDriver {
         // A disposable machine's folder is a tmpfs: unmounting it removes
         // everything in it at once.
         if moat_host::mount::is_mount_point(&dir.dir).unwrap_or(false) {
+            // What is still mounted below it first (best effort: a detach of
+            // the folder takes the rest with it).
             for m in moat_host::mount::mounts_under(&dir.dir).unwrap_or_default() {
-                if moat_host::mount::unmount(&m, false).is_err() {
-                    moat_host::mount::unmount(&m, true).map_err(|e| {
-                        Self::failed(full_name, format!("unmounting its folder: {e}"))
-                    })?;
+                if m != dir.dir && moat_host::mount::unmount(&m, false).is_err() {
+                    let _ = moat_host::mount::unmount(&m, true);
                 }
+            }
+            if moat_host::mount::unmount(&dir.dir, false).is_err() {
+                moat_host::mount::unmount(&dir.dir, true)
+                    .map_err(|e| Self::failed(full_name, format!("unmounting its folder: {e}")))?;
             }
         }
         machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
@@ -659,8 +663,22 @@ impl Driver for NativeDriver {
 /// memory, charged to the memory cgroup of the process that writes it (the
 /// machine's own, so `memory:` bounds it). Idempotent (a crashed run's tmpfs
 /// is reused as it is).
+///
+/// Only an empty folder gets one: a machine that was created on disk (before
+/// it became disposable, or with `MOAT_DISPOSABLE_TMPFS=0`) stays there, as
+/// a tmpfs over its files would hide a running supervisor's.
 fn volatile_folder(dir: &std::path::Path) -> std::result::Result<(), String> {
+    if std::env::var("MOAT_DISPOSABLE_TMPFS").is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
     if moat_host::mount::is_mount_point(dir).map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    let empty = fs::read_dir(dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .next()
+        .is_none();
+    if !empty {
         return Ok(());
     }
     moat_host::mount::mount_tmpfs(dir, "moat-volatile", 0o755).map_err(|e| e.to_string())

@@ -306,12 +306,27 @@ impl Engine {
                 .find(|r| r.kind == "machine" && r.name == m)
                 .and_then(|r| r.domain)
         };
+        // A machine no driver lists but whose record or folder is still
+        // there: a disposable one after a host reboot (its tmpfs folder came
+        // back empty), or a creation cut short. Removed like the remains below.
+        let mut remains_of = None;
         let victims: Vec<String> = match target {
             DestroyTarget::Machine(m) => {
                 if !observed.machines.contains_key(m) {
-                    return Err(EngineError::NoSuchMachine(m.clone()));
+                    let recorded = state
+                        .resources()
+                        .map(|rs| rs.iter().any(|r| r.kind == "machine" && &r.name == m))
+                        .unwrap_or(false);
+                    if !recorded && !self.cfg.root.join("machines").join(m).exists() {
+                        return Err(EngineError::NoSuchMachine(m.clone()));
+                    }
+                    remains_of = Some(m.clone());
                 }
-                vec![m.clone()]
+                if remains_of.is_some() {
+                    vec![]
+                } else {
+                    vec![m.clone()]
+                }
             }
             DestroyTarget::Domain(d) => observed
                 .machines
@@ -376,6 +391,16 @@ impl Engine {
                 self.release_adhoc(&host, &state, &m, project)?;
                 destroyed.push(format!("machine {m}"));
             }
+        }
+        if let Some(m) = remains_of {
+            let driver = checked
+                .as_ref()
+                .and_then(|c| c.resolved.project.machine(&m))
+                .map_or("native", |mm| mm.driver.as_str());
+            host.driver(driver)?.destroy(&host.ctx, &m)?;
+            state.forget("machine", &m).map_err(state_err)?;
+            self.release_adhoc(&host, &state, &m, project)?;
+            destroyed.push(format!("remains of machine {m}"));
         }
         // Folders of machines whose creation was cut short (killed before
         // the driver wrote its record, so no driver lists them).

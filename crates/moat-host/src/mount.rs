@@ -287,7 +287,8 @@ fn escape_overlay_path(p: &Path) -> String {
     out
 }
 
-/// Mount a fresh tmpfs (`mode` for its root folder, e.g. 0o755) at `target`.
+/// Mount a fresh tmpfs (`mode` for its root folder, e.g. 0o755; nosuid,
+/// nodev; the kernel's default size, half of RAM) at `target`.
 pub fn mount_tmpfs(target: &Path, source: &str, mode: u32) -> Result<(), MountError> {
     let t = cpath(target)?;
     let src = CString::new(source).map_err(|_| MountError::Nul(target.to_path_buf()))?;
@@ -299,7 +300,7 @@ pub fn mount_tmpfs(target: &Path, source: &str, mode: u32) -> Result<(), MountEr
             src.as_ptr(),
             t.as_ptr(),
             fstype.as_ptr(),
-            0,
+            libc::MS_NOSUID | libc::MS_NODEV,
             data.as_ptr().cast(),
         )
     };

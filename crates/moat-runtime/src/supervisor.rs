@@ -39,11 +39,11 @@ extern "C" fn on_signal(sig: libc::c_int) {
     }
 }
 
-/// Entry point of the `moat-supervisor` binary: `moat-supervisor <machine dir>`.
-/// Returns the process exit code of the launching (parent) half.
 /// Does nothing: SIGPIPE's handler, see [`main_entry`].
 extern "C" fn ignore_signal(_: i32) {}
 
+/// Entry point of the `moat-supervisor` binary: `moat-supervisor <machine dir>`.
+/// Returns the process exit code of the launching (parent) half.
 pub fn main_entry() -> i32 {
     // Rust ignores SIGPIPE, and an ignored signal stays ignored across exec:
     // the container's processes (libcontainer forks them, std's Command reset
@@ -129,10 +129,11 @@ pub fn main_entry() -> i32 {
 /// it gave one: close-on-exec (no container process keeps it) and
 /// non-blocking (a launcher that stopped reading never blocks us).
 fn notify_fd() -> Option<OwnedFd> {
-    let n: i32 = std::env::var(crate::machine::NOTIFY_FD_ENV)
-        .ok()?
-        .parse()
-        .ok()?;
+    let var = std::env::var(crate::machine::NOTIFY_FD_ENV).ok()?;
+    // Not passed on to what we start (a host process of a `process` machine).
+    // Single-threaded here, so changing the environment is sound.
+    std::env::remove_var(crate::machine::NOTIFY_FD_ENV);
+    let n: i32 = var.parse().ok()?;
     if n <= 2 {
         return None;
     }
@@ -323,8 +324,8 @@ impl Supervisor {
             let _ = fs::rename(&tmp, self.dir.status_path());
         }
         if let Some(fd) = &self.notify {
-            // A full pipe or a launcher gone (EPIPE; SIGPIPE is ignored) is
-            // fine: it has the news or no longer wants it.
+            // A full pipe or a launcher gone (EPIPE; SIGPIPE's handler does
+            // nothing) is fine: it has the news or no longer wants it.
             // SAFETY: write of one byte from a live buffer to an fd we own.
             let _ = unsafe { libc::write(fd.as_raw_fd(), b"s".as_ptr().cast(), 1) };
         }

@@ -3,7 +3,6 @@
 use crate::time::now;
 use crate::{Result, StateError};
 use moat_core::model::Allocations;
-use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -125,25 +124,6 @@ impl StateStore {
             .conn
             .pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| store.sql("setting synchronous", e))?;
-        // The last close of a short-lived CLI would checkpoint the WAL into
-        // the database (two fsyncs) and delete it, and the next process would
-        // create it again (a header sync and a folder sync). The WAL stays
-        // instead; what it holds is as durable as `synchronous=NORMAL` makes
-        // it either way. Each process that opens the store first reads the
-        // whole WAL to index it, so it is kept short: checkpointed past 32
-        // pages (every few commands) and cut back to 128 KiB then.
-        store
-            .conn
-            .set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
-            .map_err(|e| store.sql("keeping the WAL at close", e))?;
-        store
-            .conn
-            .pragma_update(None, "wal_autocheckpoint", 32)
-            .map_err(|e| store.sql("setting wal_autocheckpoint", e))?;
-        store
-            .conn
-            .pragma_update(None, "journal_size_limit", 128 * 1024)
-            .map_err(|e| store.sql("setting journal_size_limit", e))?;
         store.migrate()?;
         Ok(store)
     }
