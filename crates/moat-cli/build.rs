@@ -1,0 +1,5 @@
+include!("../../build/relr.rs");
+
+fn main() {
+    relr();
+}
