@@ -392,18 +392,9 @@ impl Engine {
                 destroyed.push(format!("machine {m}"));
             }
         }
-        if let Some(m) = remains_of {
-            let driver = checked
-                .as_ref()
-                .and_then(|c| c.resolved.project.machine(&m))
-                .map_or("native", |mm| mm.driver.as_str());
-            host.driver(driver)?.destroy(&host.ctx, &m)?;
-            state.forget("machine", &m).map_err(state_err)?;
-            self.release_adhoc(&host, &state, &m, project)?;
-            destroyed.push(format!("remains of machine {m}"));
-        }
         // Folders of machines whose creation was cut short (killed before
         // the driver wrote its record, so no driver lists them).
+        let mut remains: Vec<String> = remains_of.into_iter().collect();
         if !matches!(target, DestroyTarget::Machine(_)) {
             let rd = std::fs::read_dir(self.cfg.root.join("machines"));
             for e in rd.into_iter().flatten().flatten() {
@@ -415,15 +406,18 @@ impl Engine {
                 if observed.machines.contains_key(&m) || !ours {
                     continue;
                 }
-                let driver = checked
-                    .as_ref()
-                    .and_then(|c| c.resolved.project.machine(&m))
-                    .map_or("native", |mm| mm.driver.as_str());
-                host.driver(driver)?.destroy(&host.ctx, &m)?;
-                state.forget("machine", &m).map_err(state_err)?;
-                self.release_adhoc(&host, &state, &m, project)?;
-                destroyed.push(format!("remains of machine {m}"));
+                remains.push(m);
             }
+        }
+        for m in remains {
+            let driver = checked
+                .as_ref()
+                .and_then(|c| c.resolved.project.machine(&m))
+                .map_or("native", |mm| mm.driver.as_str());
+            host.driver(driver)?.destroy(&host.ctx, &m)?;
+            state.forget("machine", &m).map_err(state_err)?;
+            self.release_adhoc(&host, &state, &m, project)?;
+            destroyed.push(format!("remains of machine {m}"));
         }
         let nets: Vec<_> = match target {
             DestroyTarget::Machine(_) => vec![],
