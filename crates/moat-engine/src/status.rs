@@ -311,22 +311,17 @@ impl Engine {
         // back empty), or a creation cut short. Removed like the remains below.
         let mut remains_of = None;
         let victims: Vec<String> = match target {
+            DestroyTarget::Machine(m) if observed.machines.contains_key(m) => vec![m.clone()],
             DestroyTarget::Machine(m) => {
-                if !observed.machines.contains_key(m) {
-                    let recorded = state
-                        .resources()
-                        .map(|rs| rs.iter().any(|r| r.kind == "machine" && &r.name == m))
-                        .unwrap_or(false);
-                    if !recorded && !self.cfg.root.join("machines").join(m).exists() {
-                        return Err(EngineError::NoSuchMachine(m.clone()));
-                    }
-                    remains_of = Some(m.clone());
+                let recorded = state
+                    .resources()
+                    .map(|rs| rs.iter().any(|r| r.kind == "machine" && &r.name == m))
+                    .unwrap_or(false);
+                if !recorded && !self.cfg.root.join("machines").join(m).exists() {
+                    return Err(EngineError::NoSuchMachine(m.clone()));
                 }
-                if remains_of.is_some() {
-                    vec![]
-                } else {
-                    vec![m.clone()]
-                }
+                remains_of = Some(m.clone());
+                vec![]
             }
             DestroyTarget::Domain(d) => observed
                 .machines

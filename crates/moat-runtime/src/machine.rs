@@ -380,11 +380,7 @@ pub fn launch(
     let st = cmd.status().map_err(|e| RuntimeError::io(supervisor, e))?;
     drop(notify_w);
     // Non-blocking: two waiters (daemon threads) may both see it readable.
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fl = libc::fcntl(notify_r.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(notify_r.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
+    sys::set_nonblock(&notify_r);
     remember_notify(dir, notify_r);
     if !st.success() {
         return Err(dir.err(format!(

@@ -143,7 +143,7 @@ fn notify_fd() -> Option<OwnedFd> {
     }
     // SAFETY: the launcher handed this fd to us alone; it is open (checked).
     let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) };
-    set_nonblock(&fd);
+    sys::set_nonblock(&fd);
     Some(fd)
 }
 
@@ -225,14 +225,6 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn set_nonblock(fd: &OwnedFd) {
-    // SAFETY: fcntl on an fd we own.
-    unsafe {
-        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-    }
-}
-
 fn stop_signal(spec: &ContainerSpec) -> i32 {
     if let Some(s) = spec.stop_signal {
         return s;
@@ -252,8 +244,8 @@ fn stop_signal(spec: &ContainerSpec) -> i32 {
 impl Supervisor {
     fn new(dir: MachineDir, cfg: SupervisorConfig) -> io::Result<Self> {
         let (sig_r, sig_w) = sys::pipe()?;
-        set_nonblock(&sig_r);
-        set_nonblock(&sig_w);
+        sys::set_nonblock(&sig_r);
+        sys::set_nonblock(&sig_w);
         SIGNAL_PIPE.store(sig_w.as_raw_fd(), Ordering::Relaxed);
         std::mem::forget(sig_w);
         for sig in [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
@@ -275,8 +267,8 @@ impl Supervisor {
         let err_log = RotatingLog::open(dir.stderr_log(), cfg.log_max_bytes, cfg.log_keep)?;
         let (out_r, out_w) = sys::pipe()?;
         let (err_r, err_w) = sys::pipe()?;
-        set_nonblock(&out_r);
-        set_nonblock(&err_r);
+        sys::set_nonblock(&out_r);
+        sys::set_nonblock(&err_r);
         // SAFETY: getpid has no preconditions.
         let me = unsafe { libc::getpid() };
         let status = Status {
@@ -460,7 +452,7 @@ impl Supervisor {
         let created = container::create(&self.cfg.container, &self.dir.container_paths(), stdio)?;
         self.console = created.console;
         if let Some(m) = &self.console {
-            set_nonblock(m);
+            sys::set_nonblock(m);
         }
         self.init = Some(created.pid);
         self.init_exit = None;

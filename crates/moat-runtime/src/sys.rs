@@ -45,6 +45,15 @@ pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Puts `fd` in non-blocking mode.
+pub fn set_nonblock(fd: &OwnedFd) {
+    // SAFETY: fcntl on an fd the caller owns.
+    unsafe {
+        let fl = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+}
+
 /// Blocks until child `pid` ends.
 pub fn wait_pid(pid: i32) -> io::Result<ExitStatus> {
     loop {
