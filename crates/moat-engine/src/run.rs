@@ -172,6 +172,12 @@ fn pump(path: &std::path::Path, pos: &mut u64, out: &mut dyn Write) {
 
 impl Engine {
     pub fn run(&mut self, opts: &RunOpts, progress: &dyn Progress) -> Result<RunOutcome> {
+        if opts.driver.as_deref().unwrap_or("native") == "native" {
+            // Its start overlaps ours (see `prespawn`); unused, it just exits.
+            if let Ok(sup) = moat_runtime::machine::find_supervisor() {
+                moat_runtime::machine::prespawn(&sup);
+            }
+        }
         let host = self.host()?;
         // The image: one already in the store, else a built-in source.
         let image = match host

@@ -42,6 +42,17 @@ pub struct Created {
     pub pid: i32,
     /// The master of PID 1's terminal (`ContainerSpec::terminal`).
     pub console: Option<OwnedFd>,
+    /// libcontainer's handle, for [`Created::start`] (no reload from disk).
+    container: Container,
+}
+
+impl Created {
+    /// Lets the init run its program, like [`start`] without reading the
+    /// container's state back from disk first.
+    pub fn start(mut self) -> Result<(), RuntimeError> {
+        let name = self.container.id().to_string();
+        self.container.start().map_err(lc_err(&name, "start"))
+    }
 }
 
 /// Output of a finished exec.
@@ -194,7 +205,11 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
         }
         None => None,
     };
-    Ok(Created { pid, console })
+    Ok(Created {
+        pid,
+        console,
+        container,
+    })
 }
 
 /// The pty master libcontainer's init sent to the console socket.

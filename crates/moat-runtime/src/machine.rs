@@ -360,25 +360,18 @@ pub fn launch(
 
     // The supervisor forks and its first process exits at once: waiting for
     // it leaves no zombie, and the real supervisor is re-parented to init.
-    // It gets the write end of a pipe and writes a byte at each status
+    // It has the write end of a pipe and writes a byte at each status
     // change: this process wakes then, instead of polling the status file.
-    let (notify_r, notify_w) = sys::pipe().map_err(|e| RuntimeError::io(&dir.dir, e))?;
-    let w = notify_w.as_raw_fd();
-    let mut cmd = Command::new(supervisor);
-    cmd.arg(&dir.dir)
-        .stdin(std::process::Stdio::null())
-        .env(NOTIFY_FD_ENV, w.to_string());
-    // SAFETY: fcntl is async-signal-safe; `w` stays open until after spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::fcntl(w, libc::F_SETFD, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let st = cmd.status().map_err(|e| RuntimeError::io(supervisor, e))?;
-    drop(notify_w);
+    let (st, notify_r) = match take_warm(supervisor).and_then(|w| w.go(dir)) {
+        Some(r) => r,
+        None => {
+            let (notify_r, notify_w) = sys::pipe().map_err(|e| RuntimeError::io(&dir.dir, e))?;
+            let mut cmd = supervisor_command(supervisor, &notify_w, None);
+            cmd.arg(&dir.dir);
+            let st = cmd.status().map_err(|e| RuntimeError::io(supervisor, e))?;
+            (st, notify_r)
+        }
+    };
     // Non-blocking: two waiters (daemon threads) may both see it readable.
     sys::set_nonblock(&notify_r);
     remember_notify(dir, notify_r);
@@ -413,6 +406,106 @@ pub fn launch(
         }
         wait_change(dir, Duration::from_millis(50));
     }
+}
+
+/// `moat-supervisor` with the write end of the notify pipe (and, for a
+/// warm one, the read end of its go pipe) open across exec, its fd numbers
+/// in the environment.
+fn supervisor_command(supervisor: &Path, notify_w: &OwnedFd, go_r: Option<&OwnedFd>) -> Command {
+    let w = notify_w.as_raw_fd();
+    let g = go_r.map(|g| g.as_raw_fd());
+    let mut cmd = Command::new(supervisor);
+    cmd.stdin(std::process::Stdio::null())
+        .env(NOTIFY_FD_ENV, w.to_string());
+    if let Some(g) = g {
+        cmd.env(GO_FD_ENV, g.to_string());
+    }
+    // SAFETY: fcntl is async-signal-safe; the fds stay open until after spawn.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in std::iter::once(w).chain(g) {
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The environment variable that gives a warm supervisor its go fd.
+pub(crate) const GO_FD_ENV: &str = "MOAT_SUPERVISOR_GO_FD";
+
+/// A supervisor started ahead of its machine (see [`prespawn`]): it has
+/// exec'd, loaded and set itself up, and blocks reading its go pipe.
+struct Warm {
+    supervisor: PathBuf,
+    child: std::process::Child,
+    go: Option<OwnedFd>,
+    notify_r: Option<OwnedFd>,
+}
+
+impl Warm {
+    /// Hands the machine folder to the warm supervisor, then waits for its
+    /// first process (which forks the real supervisor and exits, as in a
+    /// plain launch). `None` when it is gone (the caller starts one).
+    fn go(mut self, dir: &MachineDir) -> Option<(std::process::ExitStatus, OwnedFd)> {
+        use std::os::unix::ffi::OsStrExt;
+        let go = self.go.take()?;
+        let mut f = fs::File::from(go);
+        // A supervisor that died meanwhile: EPIPE (SIGPIPE is ignored here).
+        f.write_all(dir.dir.as_os_str().as_bytes()).ok()?;
+        drop(f);
+        let st = self.child.wait().ok()?;
+        Some((st, self.notify_r.take()?))
+    }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        // Not handed a machine (unused, or gone): closing the go pipe lets it
+        // exit; reap it.
+        drop(self.go.take());
+        if self.notify_r.is_some() {
+            let _ = self.child.wait();
+        }
+    }
+}
+
+static WARM: std::sync::Mutex<Option<Warm>> = std::sync::Mutex::new(None);
+
+/// Starts a supervisor ahead of [`launch`], so that its exec, dynamic
+/// loading and set-up overlap the caller's own work (recording the machine,
+/// mounting its root) instead of following it. The next `launch` of this
+/// process with the same supervisor binary hands it the machine; one left
+/// unused exits when this process closes the pipe (its exit, or the next
+/// prespawn). Best effort: on any failure `launch` starts one as usual.
+/// Returns the warm supervisor's PID.
+pub fn prespawn(supervisor: &Path) -> Option<u32> {
+    let spawn = || -> std::io::Result<Warm> {
+        let (notify_r, notify_w) = sys::pipe()?;
+        let (go_r, go_w) = sys::pipe()?;
+        let mut cmd = supervisor_command(supervisor, &notify_w, Some(&go_r));
+        cmd.arg("--wait");
+        let child = cmd.spawn()?;
+        Ok(Warm {
+            supervisor: supervisor.to_path_buf(),
+            child,
+            go: Some(go_w),
+            notify_r: Some(notify_r),
+        })
+    };
+    let w = spawn().ok()?;
+    let pid = w.child.id();
+    let old = WARM.lock().ok()?.replace(w);
+    drop(old);
+    Some(pid)
+}
+
+fn take_warm(supervisor: &Path) -> Option<Warm> {
+    let w = WARM.lock().ok()?.take()?;
+    (w.supervisor == supervisor).then_some(w)
 }
 
 /// The environment variable that gives the supervisor its notify fd.

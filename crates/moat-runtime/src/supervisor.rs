@@ -67,9 +67,23 @@ pub fn main_entry() -> i32 {
             }
         };
     }
-    let Some(dir) = args.get(1).cloned() else {
-        eprintln!("usage: moat-supervisor <machine folder>");
-        return 2;
+    let dir = if args.get(1).is_some_and(|a| a == "--wait") {
+        // Started ahead of its machine (`machine::prespawn`): set up what
+        // does not depend on it, then wait for the folder.
+        crate::cgroups::favor_dynmods();
+        match wait_for_go() {
+            Some(d) => d,
+            // The launcher went away without a machine for us.
+            None => return 0,
+        }
+    } else {
+        match args.get(1) {
+            Some(d) => d.clone(),
+            None => {
+                eprintln!("usage: moat-supervisor <machine folder>");
+                return 2;
+            }
+        }
     };
     let dir = MachineDir::new(dir);
     let cfg = match dir.read_config() {
@@ -125,6 +139,26 @@ pub fn main_entry() -> i32 {
     unsafe { libc::_exit(code) }
 }
 
+/// A warm supervisor's machine folder: all its launcher writes to the go
+/// pipe before closing it. `None` when it closed it with nothing written.
+fn wait_for_go() -> Option<std::ffi::OsString> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStringExt;
+    let var = std::env::var(crate::machine::GO_FD_ENV).ok()?;
+    // Single-threaded here, so changing the environment is sound.
+    std::env::remove_var(crate::machine::GO_FD_ENV);
+    let n: i32 = var.parse().ok().filter(|n| *n > 2)?;
+    // SAFETY: fcntl on a number: fails with EBADF when it is not an open fd.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return None;
+    }
+    // SAFETY: the launcher handed this fd to us alone; it is open (checked).
+    let mut f = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(n) };
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).ok()?;
+    (!buf.is_empty()).then(|| std::ffi::OsString::from_vec(buf))
+}
+
 /// The write end of the launcher's notify pipe (see `machine::launch`), when
 /// it gave one: close-on-exec (no container process keeps it) and
 /// non-blocking (a launcher that stopped reading never blocks us).
@@ -173,6 +207,8 @@ struct Supervisor {
     client: Option<UnixStream>,
     /// The terminal's last output, replayed to a client when it attaches.
     replay: Vec<u8>,
+    /// The container created and not started yet (libcontainer's handle).
+    created: Option<container::Created>,
 }
 
 /// How much of the terminal's output a newly attached client gets first (the
@@ -304,6 +340,7 @@ impl Supervisor {
             console: None,
             client: None,
             replay: Vec::new(),
+            created: None,
         })
     }
 
@@ -352,7 +389,10 @@ impl Supervisor {
             if !self.stop_requested {
                 let started = match self.cfg.process {
                     Some(_) => Ok(()),
-                    None => container::start(&name, &root),
+                    None => match self.created.take() {
+                        Some(c) => c.start(),
+                        None => container::start(&name, &root),
+                    },
                 };
                 if let Err(e) = started {
                     eprintln!("moat-supervisor: {e}");
@@ -368,6 +408,7 @@ impl Supervisor {
                 self.set_phase(Phase::Running);
                 sys::trim_resident_memory();
             } else {
+                self.created = None;
                 let _ = self.kill_init(libc::SIGKILL);
             }
             let run_start = Instant::now();
@@ -449,8 +490,9 @@ impl Supervisor {
             stdout: self.out_w.try_clone().ok(),
             stderr: self.err_w.try_clone().ok(),
         };
-        let created = container::create(&self.cfg.container, &self.dir.container_paths(), stdio)?;
-        self.console = created.console;
+        let mut created =
+            container::create(&self.cfg.container, &self.dir.container_paths(), stdio)?;
+        self.console = created.console.take();
         if let Some(m) = &self.console {
             sys::set_nonblock(m);
         }
@@ -458,6 +500,7 @@ impl Supervisor {
         self.init_exit = None;
         self.status.pid = Some(created.pid);
         self.status.rootfs_ownership = self.dir.rootfs_ownership();
+        self.created = Some(created);
         Ok(())
     }
 

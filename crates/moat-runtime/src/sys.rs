@@ -187,47 +187,44 @@ pub fn rss_kib(pid: i32) -> Option<u64> {
         .ok()
 }
 
-/// Sets IFF_UP on `lo` in the network namespace of `pid`. Done in a forked
-/// child so the caller never changes namespace.
+/// Sets IFF_UP on `lo` in the network namespace of `pid`. A socket belongs
+/// to the network namespace it was made in: this thread enters the target's
+/// namespace just for `socket()` and goes back at once (setns(CLONE_NEWNET)
+/// changes the calling thread only), then sets the flag through that socket.
 pub fn loopback_up(pid: i32) -> io::Result<()> {
-    let ns = fs::File::open(format!("/proc/{pid}/ns/net"))?;
-    use std::os::fd::AsRawFd;
-    let nsfd = ns.as_raw_fd();
-    // SAFETY: fork in a process that may have threads: the child only calls
-    // async-signal-safe syscalls (setns, socket, ioctl, _exit) before exiting.
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if child == 0 {
-        // SAFETY: raw syscalls on valid fds and a zeroed, NUL-terminated ifreq.
-        unsafe {
-            if libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
-                libc::_exit(1);
-            }
-            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if s < 0 {
-                libc::_exit(2);
-            }
-            let mut req: libc::ifreq = std::mem::zeroed();
-            req.ifr_name[0] = b'l' as libc::c_char;
-            req.ifr_name[1] = b'o' as libc::c_char;
-            if libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req) != 0 {
-                libc::_exit(3);
-            }
-            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-            if libc::ioctl(s, libc::SIOCSIFFLAGS, &req) != 0 {
-                libc::_exit(4);
-            }
-            libc::_exit(0);
+    let target = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let ours = fs::File::open("/proc/thread-self/ns/net")?;
+    // SAFETY: setns on open namespace fds; this thread is back in its own
+    // namespace before the block ends (or the process aborts, below).
+    let sock = unsafe {
+        if libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        let made = io::Error::last_os_error();
+        if libc::setns(ours.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+            // Never carry on in a container's network namespace.
+            std::process::abort();
+        }
+        if s < 0 {
+            return Err(made);
+        }
+        OwnedFd::from_raw_fd(s)
+    };
+    // SAFETY: ioctls on our socket with a zeroed, NUL-terminated ifreq.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_name[0] = b'l' as libc::c_char;
+        req.ifr_name[1] = b'o' as libc::c_char;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) != 0 {
+            return Err(io::Error::last_os_error());
         }
     }
-    match wait_pid(child)? {
-        ExitStatus::Code(0) => Ok(()),
-        other => Err(io::Error::other(format!(
-            "setting lo up in the netns of pid {pid} failed ({other:?})"
-        ))),
-    }
+    Ok(())
 }
 
 /// Drops what an idle supervisor no longer needs resident: free heap is
