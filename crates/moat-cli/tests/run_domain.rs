@@ -145,6 +145,50 @@ fn run_attached_to_a_domain() {
     let out = root.ok(&f(&["apply"]).iter().map(String::as_str).collect::<Vec<_>>());
     assert!(out.contains("Nothing to do"), "apply wants changes: {out}");
 
+    // A foreground `--rm` machine without a network makes no record in the
+    // state store; its driver record marks it ad-hoc, so `apply --prune`
+    // leaves it alone while it runs. Its CLI killed, it stays like any
+    // ad-hoc machine and `destroy NAME` removes it.
+    let fg = format!("fg{sfx}");
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("--root")
+        .arg(root.path())
+        .args(f(&[
+            "run", "--rm", "--name", &fg, "busybox", "--", "sleep", "120",
+        ]))
+        .env("MOAT_SUPERVISOR", common::supervisor().expect("supervisor"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn moat run");
+    let fg_status = root.path().join("machines").join(&fg).join("status.json");
+    let running =
+        || std::fs::read_to_string(&fg_status).is_ok_and(|s| s.contains("\"phase\":\"running\""));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(running(), "foreground run {fg} did not start");
+    let records = moat_state::StateStore::open(root.path())
+        .and_then(|s| s.resources())
+        .expect("read records");
+    assert!(
+        !records.iter().any(|r| r.name == fg),
+        "foreground --rm made a record: {records:?}"
+    );
+    let o = moat(&["apply", "--prune"]);
+    assert!(o.status.success(), "apply --prune: {o:?}");
+    assert!(running(), "apply --prune touched the foreground run {fg}");
+    let _ = cli.kill();
+    let _ = cli.wait();
+    assert!(running(), "{fg} went with its CLI");
+    let o = moat(&["destroy", &fg]);
+    assert!(o.status.success(), "destroy {fg}: {o:?}");
+    assert!(
+        !root.path().join("machines").join(&fg).exists(),
+        "destroy left {fg}"
+    );
+
     // Spoofing: another address of A's subnet on its NIC (added from the
     // host: the machine has no CAP_NET_ADMIN) gets nothing through.
     let status_json: serde_json::Value = serde_json::from_str(

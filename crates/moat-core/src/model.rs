@@ -409,6 +409,12 @@ pub struct Machine {
     pub target: Option<String>,
     /// A template is never started; it serves as the base of clones.
     pub template: bool,
+    /// Made outside any project (`moat run`, clones: [`Machine::adhoc`]).
+    /// Not part of the file format; the native driver keeps it in its
+    /// record, so a plan never prunes such a machine even with no entry in
+    /// the state store (a foreground `run --rm` makes none).
+    #[serde(skip)]
+    pub adhoc: bool,
     pub loc: Option<Loc>,
     /// Where `ip:` was written (for address errors); `None` when no `ip:` was given.
     pub ip_loc: Option<Loc>,
@@ -455,6 +461,7 @@ impl Machine {
             usb: Vec::new(),
             target: None,
             template: false,
+            adhoc: true,
             loc: None,
         }
     }

@@ -145,6 +145,9 @@ struct NativeRecord {
     id_number: u32,
     /// The machine has a NIC to attach at start.
     nic: bool,
+    /// Made outside any project (`Machine::adhoc`; see `Driver::adhoc`).
+    #[serde(default)]
+    adhoc: bool,
 }
 
 pub struct NativeDriver {
@@ -420,6 +423,19 @@ impl Driver for NativeDriver {
         Ok(out)
     }
 
+    fn adhoc(&self, ctx: &Ctx) -> Vec<String> {
+        let Ok(rd) = fs::read_dir(ctx.root.join("machines")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = rd
+            .flatten()
+            .filter(|e| Self::read_record(&MachineDir::new(e.path())).is_some_and(|r| r.adhoc))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        out.sort();
+        out
+    }
+
     fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>> {
         let dir = Self::machine_dir(ctx, full_name);
         let Some(rec) = Self::read_record(&dir) else {
@@ -503,6 +519,7 @@ impl Driver for NativeDriver {
             spec_hash: spec.spec_hash.clone(),
             id_number,
             nic: spec.nic.is_some(),
+            adhoc: spec.machine.adhoc,
         };
         let text =
             serde_json::to_vec_pretty(&rec).map_err(|e| Self::failed(name, e.to_string()))?;

@@ -162,6 +162,7 @@ fn machine(domain: &str, name: &str, ip: Ipv4Addr) -> Machine {
         network: NetworkMode::Domain,
         ip: Some(ip),
         ephemeral: false,
+        adhoc: false,
         ..Machine::adhoc(name, "busybox")
     }
 }

@@ -1497,6 +1497,7 @@ fn machine(cx: &mut Cx, d: &Domain, e: &Entry) -> Option<Machine> {
         usb: Vec::new(),
         target: d.target.clone(),
         template: false,
+        adhoc: false,
         loc: Some(e.key_loc.clone()),
         ip_loc: None,
     };

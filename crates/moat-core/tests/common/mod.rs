@@ -45,6 +45,7 @@ pub fn machine(domain: &str, name: &str) -> Machine {
         domain: domain.into(),
         network: NetworkMode::Domain,
         ephemeral: false,
+        adhoc: false,
         loc: Some(Loc::new("moat.yml", 2, 3)),
         ..Machine::adhoc(name, "busybox")
     }
