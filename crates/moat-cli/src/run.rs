@@ -314,6 +314,8 @@ pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
         }
         Command::Shell(a) => crate::tty::exec(&engine(cli)?, &a.machine, &[], true),
         Command::Run(a) => {
+            // First thing: the supervisor's start then overlaps all of ours.
+            moat_engine::prespawn_supervisor(a.driver.as_deref());
             let mut eng = engine(cli)?;
             let opts = moat_engine::RunOpts {
                 image: a.image.clone(),

@@ -20,7 +20,7 @@ mod storage;
 
 pub use apply::ApplyReport;
 pub use moat_driver::{ExecSession, SessionOpts};
-pub use run::{RunOpts, RunOutcome};
+pub use run::{prespawn_supervisor, RunOpts, RunOutcome};
 pub use status::{DestroyReport, LogSource, NetworkStatus, Status};
 
 use moat_core::address::Allocated;

@@ -172,12 +172,7 @@ fn pump(path: &std::path::Path, pos: &mut u64, out: &mut dyn Write) {
 
 impl Engine {
     pub fn run(&mut self, opts: &RunOpts, progress: &dyn Progress) -> Result<RunOutcome> {
-        if opts.driver.as_deref().unwrap_or("native") == "native" {
-            // Its start overlaps ours (see `prespawn`); unused, it just exits.
-            if let Ok(sup) = moat_runtime::machine::find_supervisor() {
-                moat_runtime::machine::prespawn(&sup);
-            }
-        }
+        crate::prespawn_supervisor(opts.driver.as_deref());
         let host = self.host()?;
         // The image: one already in the store, else a built-in source.
         let image = match host
@@ -476,6 +471,17 @@ impl Engine {
             .filter(|r| r.kind == ADHOC)
             .map(|r| r.name)
             .collect())
+    }
+}
+
+/// Starts the supervisor of a coming `run` of the native driver ahead (see
+/// `moat_runtime::machine::prespawn`), unless one is waiting already: its
+/// start then overlaps the caller's own work. Unused, it just exits.
+pub fn prespawn_supervisor(driver: Option<&str>) {
+    if driver.unwrap_or("native") == "native" {
+        if let Ok(sup) = moat_runtime::machine::find_supervisor() {
+            moat_runtime::machine::prespawn(&sup);
+        }
     }
 }
 

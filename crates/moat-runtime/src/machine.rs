@@ -481,8 +481,14 @@ static WARM: std::sync::Mutex<Option<Warm>> = std::sync::Mutex::new(None);
 /// process with the same supervisor binary hands it the machine; one left
 /// unused exits when this process closes the pipe (its exit, or the next
 /// prespawn). Best effort: on any failure `launch` starts one as usual.
-/// Returns the warm supervisor's PID.
+/// Returns the warm supervisor's PID; one of the same binary already
+/// waiting is kept (and its PID returned).
 pub fn prespawn(supervisor: &Path) -> Option<u32> {
+    if let Some(w) = WARM.lock().ok()?.as_ref() {
+        if w.supervisor == supervisor {
+            return Some(w.child.id());
+        }
+    }
     let spawn = || -> std::io::Result<Warm> {
         let (notify_r, notify_w) = sys::pipe()?;
         let (go_r, go_w) = sys::pipe()?;

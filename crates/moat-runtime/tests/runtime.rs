@@ -283,8 +283,18 @@ fn prespawned_supervisor_runs_the_next_launch_and_an_unused_one_exits() {
         }
         true
     };
-    // A second prespawn closes the first one's go pipe: it exits, reaped.
-    let first = machine::prespawn(&supervisor()).expect("prespawn");
+    // One waiting is kept; a prespawn of another binary (here the same
+    // one through a symlink) replaces it: its go pipe closed, it exits and
+    // is reaped.
+    let link_dir = tempfile::tempdir().expect("tempdir");
+    let link = link_dir.path().join("moat-supervisor");
+    std::os::unix::fs::symlink(supervisor(), &link).expect("symlink");
+    let first = machine::prespawn(&link).expect("prespawn");
+    assert_eq!(
+        machine::prespawn(&link),
+        Some(first),
+        "a waiting one is kept"
+    );
     let second = machine::prespawn(&supervisor()).expect("prespawn");
     assert_ne!(first, second);
     assert!(gone(first), "unused warm supervisor {first} still there");
