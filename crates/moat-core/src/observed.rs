@@ -34,6 +34,11 @@ pub struct ObservedMachine {
     /// (image, type, network, mounts, ...), as recorded at create time.
     pub spec_hash: String,
     pub limits: Limits,
+    /// Made outside any project (`Machine::adhoc`), as the driver recorded
+    /// it: plans leave it alone (a foreground `run --rm` has no other
+    /// record). Read with the rest, so it cannot be missed while listed.
+    #[serde(default)]
+    pub adhoc: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

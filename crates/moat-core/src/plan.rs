@@ -744,6 +744,7 @@ pub fn simulate(observed: &Observed, plan: &Plan, desired: &Desired) -> Observed
             state: MachineState::Running,
             spec_hash: desired.spec_hash(m),
             limits: desired_limits(m),
+            adhoc: false,
         })
     };
     for a in &plan.actions {

@@ -153,6 +153,7 @@ fn orphans_are_listed_and_pruned_only_on_request() {
             state: MachineState::Running,
             spec_hash: "x".into(),
             limits: Limits::default(),
+            adhoc: false,
         },
     );
     o.networks.insert(
@@ -357,6 +358,7 @@ fn build(w: &World, reverse: bool) -> (Desired, Observed) {
                 state,
                 spec_hash: hash,
                 limits,
+                adhoc: false,
             },
         );
     }

@@ -159,12 +159,6 @@ pub trait Driver: Send + Sync {
 
     /// All machines of this root that this driver knows about.
     fn list(&self, ctx: &Ctx) -> Result<Vec<ObservedMachine>>;
-    /// Machines this driver recorded as made outside any project
-    /// (`Machine::adhoc`): plans leave them alone. The state store lists
-    /// the others, so a driver may record none.
-    fn adhoc(&self, _ctx: &Ctx) -> Vec<String> {
-        Vec::new()
-    }
     fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>>;
 
     fn create(&self, ctx: &Ctx, spec: &MachineSpec) -> Result<()>;

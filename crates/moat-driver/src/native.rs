@@ -145,7 +145,7 @@ struct NativeRecord {
     id_number: u32,
     /// The machine has a NIC to attach at start.
     nic: bool,
-    /// Made outside any project (`Machine::adhoc`; see `Driver::adhoc`).
+    /// Made outside any project (`Machine::adhoc`; `ObservedMachine::adhoc`).
     #[serde(default)]
     adhoc: bool,
 }
@@ -423,19 +423,6 @@ impl Driver for NativeDriver {
         Ok(out)
     }
 
-    fn adhoc(&self, ctx: &Ctx) -> Vec<String> {
-        let Ok(rd) = fs::read_dir(ctx.root.join("machines")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<String> = rd
-            .flatten()
-            .filter(|e| Self::read_record(&MachineDir::new(e.path())).is_some_and(|r| r.adhoc))
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        out.sort();
-        out
-    }
-
     fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>> {
         let dir = Self::machine_dir(ctx, full_name);
         let Some(rec) = Self::read_record(&dir) else {
@@ -467,6 +454,7 @@ impl Driver for NativeDriver {
             state,
             spec_hash: rec.spec_hash,
             limits,
+            adhoc: rec.adhoc,
         }))
     }
 

@@ -711,6 +711,7 @@ impl Driver for NspawnDriver {
             state,
             spec_hash: rec.spec_hash,
             limits,
+            adhoc: false,
         }))
     }
 

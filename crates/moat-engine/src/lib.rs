@@ -387,11 +387,9 @@ impl Engine {
         for name in self.adhoc_machines()? {
             o.machines.remove(&name);
         }
-        for d in host.drivers.values() {
-            for name in d.adhoc(&host.ctx) {
-                o.machines.remove(&name);
-            }
-        }
+        // Those a driver recorded as ad-hoc itself (a foreground `run --rm`
+        // has no record in the state store).
+        o.machines.retain(|_, m| !m.adhoc);
         // Images of drivers with their own store (Incus) are not moat's to build.
         let project = &checked.resolved.project;
         let own_store = |m: &&moat_core::model::Machine| {

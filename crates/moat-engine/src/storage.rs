@@ -122,6 +122,7 @@ impl Engine {
         m.network = NetworkMode::None;
         m.ephemeral = true;
         m.disposable = false;
+        m.adhoc = true;
         let spec = MachineSpec {
             spec_hash: moat_core::spec::spec_hash(&m, None),
             machine: m,

@@ -400,6 +400,7 @@ pub fn observe_as(inst: &Value, full_name: &str) -> Option<ObservedMachine> {
         state,
         spec_hash: cfg(inst, SPEC_HASH).unwrap_or("").to_string(),
         limits: limits_of(inst),
+        adhoc: false,
     })
 }
 

@@ -339,6 +339,7 @@ impl Driver for QemuDriver {
             state: self.state_of(ctx, &rec),
             spec_hash: rec.spec_hash.clone(),
             limits: rec.limits(),
+            adhoc: false,
         }))
     }
 

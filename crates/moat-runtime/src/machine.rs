@@ -362,20 +362,21 @@ pub fn launch(
     // it leaves no zombie, and the real supervisor is re-parented to init.
     // It has the write end of a pipe and writes a byte at each status
     // change: this process wakes then, instead of polling the status file.
-    let (st, notify_r) = match take_warm(supervisor).and_then(|w| w.go(dir)) {
-        Some(r) => r,
-        None => {
+    let (st, notify_r) = match take_warm(supervisor).map(|w| w.go(dir)) {
+        Some(Ok(r)) => r,
+        // Not delivered (none waiting, or it died): start one here.
+        None | Some(Err(_)) => {
             let (notify_r, notify_w) = sys::pipe().map_err(|e| RuntimeError::io(&dir.dir, e))?;
             let mut cmd = supervisor_command(supervisor, &notify_w, None);
             cmd.arg(&dir.dir);
             let st = cmd.status().map_err(|e| RuntimeError::io(supervisor, e))?;
-            (st, notify_r)
+            (Some(st), notify_r)
         }
     };
     // Non-blocking: two waiters (daemon threads) may both see it readable.
     sys::set_nonblock(&notify_r);
     remember_notify(dir, notify_r);
-    if !st.success() {
+    if let Some(st) = st.filter(|st| !st.success()) {
         return Err(dir.err(format!(
             "{} {} exited with {st}; see {}",
             supervisor.display(),
@@ -446,28 +447,43 @@ struct Warm {
     notify_r: Option<OwnedFd>,
 }
 
+/// A warm supervisor that could not be handed its machine.
+struct NotDelivered;
+
 impl Warm {
     /// Hands the machine folder to the warm supervisor, then waits for its
     /// first process (which forks the real supervisor and exits, as in a
-    /// plain launch). `None` when it is gone (the caller starts one).
-    fn go(mut self, dir: &MachineDir) -> Option<(std::process::ExitStatus, OwnedFd)> {
+    /// plain launch): its exit status, `None` when it cannot be had (the
+    /// machine is the supervisor's all the same: the caller must not start
+    /// another). `Err` when it was not delivered (the supervisor died
+    /// meanwhile): the caller starts one.
+    fn go(
+        mut self,
+        dir: &MachineDir,
+    ) -> Result<(Option<std::process::ExitStatus>, OwnedFd), NotDelivered> {
         use std::os::unix::ffi::OsStrExt;
-        let go = self.go.take()?;
+        let (Some(go), Some(notify_r)) = (self.go.take(), self.notify_r.take()) else {
+            return Err(NotDelivered);
+        };
         let mut f = fs::File::from(go);
         // A supervisor that died meanwhile: EPIPE (SIGPIPE is ignored here).
-        f.write_all(dir.dir.as_os_str().as_bytes()).ok()?;
+        if f.write_all(dir.dir.as_os_str().as_bytes()).is_err() {
+            drop(f);
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            return Err(NotDelivered);
+        }
         drop(f);
-        let st = self.child.wait().ok()?;
-        Some((st, self.notify_r.take()?))
+        Ok((self.child.wait().ok(), notify_r))
     }
 }
 
 impl Drop for Warm {
     fn drop(&mut self) {
-        // Not handed a machine (unused, or gone): closing the go pipe lets it
-        // exit; reap it.
-        drop(self.go.take());
-        if self.notify_r.is_some() {
+        // Never handed a machine: it has nothing to run, so it can be ended
+        // outright (no wait on it reaching its read of the go pipe).
+        if self.go.take().is_some() {
+            let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
@@ -484,7 +500,8 @@ static WARM: std::sync::Mutex<Option<Warm>> = std::sync::Mutex::new(None);
 /// Returns the warm supervisor's PID; one of the same binary already
 /// waiting is kept (and its PID returned).
 pub fn prespawn(supervisor: &Path) -> Option<u32> {
-    if let Some(w) = WARM.lock().ok()?.as_ref() {
+    let mut slot = WARM.lock().ok()?;
+    if let Some(w) = slot.as_ref() {
         if w.supervisor == supervisor {
             return Some(w.child.id());
         }
@@ -504,7 +521,8 @@ pub fn prespawn(supervisor: &Path) -> Option<u32> {
     };
     let w = spawn().ok()?;
     let pid = w.child.id();
-    let old = WARM.lock().ok()?.replace(w);
+    let old = slot.replace(w);
+    drop(slot);
     drop(old);
     Some(pid)
 }

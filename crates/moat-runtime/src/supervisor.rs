@@ -72,9 +72,13 @@ pub fn main_entry() -> i32 {
         // does not depend on it, then wait for the folder.
         crate::cgroups::favor_dynmods();
         match wait_for_go() {
-            Some(d) => d,
+            Ok(Some(d)) => d,
             // The launcher went away without a machine for us.
-            None => return 0,
+            Ok(None) => return 0,
+            Err(e) => {
+                eprintln!("moat-supervisor: --wait: {e}");
+                return 1;
+            }
         }
     } else {
         match args.get(1) {
@@ -140,23 +144,30 @@ pub fn main_entry() -> i32 {
 }
 
 /// A warm supervisor's machine folder: all its launcher writes to the go
-/// pipe before closing it. `None` when it closed it with nothing written.
-fn wait_for_go() -> Option<std::ffi::OsString> {
-    use std::io::Read;
+/// pipe before closing it. `Ok(None)` when it closed it with nothing
+/// written (no machine for us); `Err` on anything else (a launcher that
+/// wrote the folder then sees us fail at once instead of waiting).
+fn wait_for_go() -> io::Result<Option<std::ffi::OsString>> {
     use std::os::unix::ffi::OsStringExt;
-    let var = std::env::var(crate::machine::GO_FD_ENV).ok()?;
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
+    let var = std::env::var(crate::machine::GO_FD_ENV)
+        .map_err(|_| bad("no go pipe (MOAT_SUPERVISOR_GO_FD) in the environment"))?;
     // Single-threaded here, so changing the environment is sound.
     std::env::remove_var(crate::machine::GO_FD_ENV);
-    let n: i32 = var.parse().ok().filter(|n| *n > 2)?;
+    let n: i32 = var
+        .parse()
+        .ok()
+        .filter(|n| *n > 2)
+        .ok_or_else(|| bad("MOAT_SUPERVISOR_GO_FD is not an fd number above 2"))?;
     // SAFETY: fcntl on a number: fails with EBADF when it is not an open fd.
     if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return None;
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: the launcher handed this fd to us alone; it is open (checked).
     let mut f = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(n) };
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf).ok()?;
-    (!buf.is_empty()).then(|| std::ffi::OsString::from_vec(buf))
+    f.read_to_end(&mut buf)?;
+    Ok((!buf.is_empty()).then(|| std::ffi::OsString::from_vec(buf)))
 }
 
 /// The write end of the launcher's notify pipe (see `machine::launch`), when

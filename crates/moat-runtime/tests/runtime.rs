@@ -269,53 +269,6 @@ fn build_keyctl_probe(rootfs: &std::path::Path) -> Option<String> {
 }
 
 #[test]
-fn prespawned_supervisor_runs_the_next_launch_and_an_unused_one_exits() {
-    if !can_run() {
-        return;
-    }
-    let gone = |pid: u32| {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        true
-    };
-    // One waiting is kept; a prespawn of another binary (here the same
-    // one through a symlink) replaces it: its go pipe closed, it exits and
-    // is reaped.
-    let link_dir = tempfile::tempdir().expect("tempdir");
-    let link = link_dir.path().join("moat-supervisor");
-    std::os::unix::fs::symlink(supervisor(), &link).expect("symlink");
-    let first = machine::prespawn(&link).expect("prespawn");
-    assert_eq!(
-        machine::prespawn(&link),
-        Some(first),
-        "a waiting one is kept"
-    );
-    let second = machine::prespawn(&supervisor()).expect("prespawn");
-    assert_ne!(first, second);
-    assert!(gone(first), "unused warm supervisor {first} still there");
-    let fx = busybox_fixture();
-    let name = unique("warm");
-    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh("echo warm-out; exit 5"));
-    spec.idmap = Some(IdRange::for_machine(machine_number()));
-    let dir = MachineDir::new(&fx.machine_dir);
-    let _guard = Guard(dir.clone());
-    machine::launch(&dir, &SupervisorConfig::new(spec), &supervisor()).expect("launch");
-    let s = wait_phase(&dir, Phase::Exited, Duration::from_secs(20));
-    assert_eq!(s.exit_code, Some(5));
-    // The warm one's first half forked the real supervisor and was reaped
-    // (by this launch, or by a concurrent test's launch that took it).
-    assert!(gone(second), "warm supervisor {second} not reaped");
-    assert_ne!(s.supervisor_pid as u32, second);
-    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
-    assert!(out.contains("warm-out"), "{out}");
-}
-
-#[test]
 fn restart_policy_on_failure_restarts_n_times() {
     if !can_run() {
         return;
