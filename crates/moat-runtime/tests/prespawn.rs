@@ -9,27 +9,6 @@ use moat_runtime::machine::{self, MachineDir, Phase};
 use moat_runtime::{ContainerSpec, IdRange, SupervisorConfig};
 use std::time::{Duration, Instant};
 
-fn supervisor() -> std::path::PathBuf {
-    machine::find_supervisor().expect("moat-supervisor")
-}
-
-fn wait_phase(dir: &MachineDir, want: Phase, within: Duration) -> moat_runtime::Status {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = dir.read_status() {
-            if s.phase == want {
-                return s;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "phase {want:?} not reached: {:?}",
-            dir.read_status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn prespawned_supervisor_runs_the_next_launch_and_an_unused_one_exits() {
     if !can_run() {

@@ -13,10 +13,6 @@ use moat_runtime::{
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
-fn supervisor() -> std::path::PathBuf {
-    machine::find_supervisor().expect("moat-supervisor")
-}
-
 fn exec_ok(dir: &MachineDir, cmd: &str) -> (i32, String, String) {
     let r = machine::exec(dir, &sh(cmd)).expect("exec");
     assert!(
@@ -29,23 +25,6 @@ fn exec_ok(dir: &MachineDir, cmd: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&r.stdout).into_owned(),
         String::from_utf8_lossy(&r.stderr).into_owned(),
     )
-}
-
-fn wait_phase(dir: &MachineDir, want: Phase, within: Duration) -> moat_runtime::Status {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = dir.read_status() {
-            if s.phase == want {
-                return s;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "phase {want:?} not reached: {:?}",
-            dir.read_status()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -2,10 +2,10 @@
 //! names, and a guard that destroys the machine even when a test fails.
 #![allow(dead_code)]
 
-use moat_runtime::machine::{self, MachineDir};
+use moat_runtime::machine::{self, MachineDir, Phase};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// `None` (after printing why) when the host cannot run these tests.
 pub fn can_run() -> bool {
@@ -126,4 +126,27 @@ pub fn leftovers(name: &str, tmp: &Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// The `moat-supervisor` next to the test binaries (see `can_run`).
+pub fn supervisor() -> std::path::PathBuf {
+    machine::find_supervisor().expect("moat-supervisor")
+}
+
+/// Waits until the machine in `dir` reports `want`; panics after `within`.
+pub fn wait_phase(dir: &MachineDir, want: Phase, within: Duration) -> moat_runtime::Status {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = dir.read_status() {
+            if s.phase == want {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "phase {want:?} not reached: {:?}",
+            dir.read_status()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
