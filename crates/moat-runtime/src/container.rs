@@ -244,7 +244,22 @@ fn load(name: &str, state_root: &Path) -> Result<Container, RuntimeError> {
             container: name.into(),
         });
     }
-    Container::load(dir).map_err(lc_err(name, "load"))
+    // libcontainer's load checks that the recorded init exists, then reads
+    // its /proc/<pid>/stat: an init that just died (killed by
+    // `cleanup_dead`, whose wait ends at its exit, not at its reaping) can
+    // be reaped by PID 1 in between, and the read fails with "File not
+    // found". Loaded again, it is gone and the container stopped.
+    let mut tries = 0;
+    loop {
+        match Container::load(dir.clone()) {
+            Ok(c) => return Ok(c),
+            Err(e) if tries < 5 && e.to_string().contains("/proc/") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(lc_err(name, "load")(e)),
+        }
+    }
 }
 
 /// Lets a created container's init run its program.
