@@ -456,33 +456,28 @@ impl Warm {
     /// plain launch): its exit status, `None` when it cannot be had (the
     /// machine is the supervisor's all the same: the caller must not start
     /// another). `Err` when it was not delivered (the supervisor died
-    /// meanwhile): the caller starts one.
+    /// meanwhile; dropping `self` reaps it): the caller starts one.
     fn go(
         mut self,
         dir: &MachineDir,
     ) -> Result<(Option<std::process::ExitStatus>, OwnedFd), NotDelivered> {
         use std::os::unix::ffi::OsStrExt;
-        let (Some(go), Some(notify_r)) = (self.go.take(), self.notify_r.take()) else {
-            return Err(NotDelivered);
-        };
-        let mut f = fs::File::from(go);
+        let mut f = fs::File::from(self.go.take().ok_or(NotDelivered)?);
         // A supervisor that died meanwhile: EPIPE (SIGPIPE is ignored here).
-        if f.write_all(dir.dir.as_os_str().as_bytes()).is_err() {
-            drop(f);
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            return Err(NotDelivered);
-        }
+        f.write_all(dir.dir.as_os_str().as_bytes())
+            .map_err(|_| NotDelivered)?;
         drop(f);
+        let notify_r = self.notify_r.take().ok_or(NotDelivered)?;
         Ok((self.child.wait().ok(), notify_r))
     }
 }
 
 impl Drop for Warm {
     fn drop(&mut self) {
-        // Never handed a machine: it has nothing to run, so it can be ended
-        // outright (no wait on it reaching its read of the go pipe).
-        if self.go.take().is_some() {
+        // Never handed a machine (its notify end is still ours): it has
+        // nothing to run, so it is ended outright (no wait on it reaching
+        // its read of the go pipe), then reaped.
+        if self.notify_r.take().is_some() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

@@ -143,51 +143,54 @@ pub fn main_entry() -> i32 {
     unsafe { libc::_exit(code) }
 }
 
+/// A pipe end the launcher left open across exec, its number in `var`:
+/// taken out of the environment (not passed on to what we start, such as
+/// a `process` machine's host process) and made close-on-exec (no
+/// container process keeps it). `Ok(None)`: no such variable.
+fn inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
+    let Ok(val) = std::env::var(var) else {
+        return Ok(None);
+    };
+    // Single-threaded here, so changing the environment is sound.
+    std::env::remove_var(var);
+    let n: i32 = val.parse().ok().filter(|n| *n > 2).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{var} is not an fd number above 2"),
+        )
+    })?;
+    // SAFETY: fcntl on a number: fails with EBADF when it is not an open fd.
+    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the launcher handed this fd to us alone; it is open (checked).
+    Ok(Some(unsafe {
+        <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n)
+    }))
+}
+
 /// A warm supervisor's machine folder: all its launcher writes to the go
 /// pipe before closing it. `Ok(None)` when it closed it with nothing
 /// written (no machine for us); `Err` on anything else (a launcher that
 /// wrote the folder then sees us fail at once instead of waiting).
 fn wait_for_go() -> io::Result<Option<std::ffi::OsString>> {
     use std::os::unix::ffi::OsStringExt;
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
-    let var = std::env::var(crate::machine::GO_FD_ENV)
-        .map_err(|_| bad("no go pipe (MOAT_SUPERVISOR_GO_FD) in the environment"))?;
-    // Single-threaded here, so changing the environment is sound.
-    std::env::remove_var(crate::machine::GO_FD_ENV);
-    let n: i32 = var
-        .parse()
-        .ok()
-        .filter(|n| *n > 2)
-        .ok_or_else(|| bad("MOAT_SUPERVISOR_GO_FD is not an fd number above 2"))?;
-    // SAFETY: fcntl on a number: fails with EBADF when it is not an open fd.
-    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the launcher handed this fd to us alone; it is open (checked).
-    let mut f = unsafe { <fs::File as std::os::fd::FromRawFd>::from_raw_fd(n) };
+    let fd = inherited_fd(crate::machine::GO_FD_ENV)?.ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "no go pipe (MOAT_SUPERVISOR_GO_FD) in the environment",
+        )
+    })?;
     let mut buf = Vec::new();
-    f.read_to_end(&mut buf)?;
+    fs::File::from(fd).read_to_end(&mut buf)?;
     Ok((!buf.is_empty()).then(|| std::ffi::OsString::from_vec(buf)))
 }
 
 /// The write end of the launcher's notify pipe (see `machine::launch`), when
-/// it gave one: close-on-exec (no container process keeps it) and
-/// non-blocking (a launcher that stopped reading never blocks us).
+/// it gave one: non-blocking (a launcher that stopped reading never blocks
+/// us).
 fn notify_fd() -> Option<OwnedFd> {
-    let var = std::env::var(crate::machine::NOTIFY_FD_ENV).ok()?;
-    // Not passed on to what we start (a host process of a `process` machine).
-    // Single-threaded here, so changing the environment is sound.
-    std::env::remove_var(crate::machine::NOTIFY_FD_ENV);
-    let n: i32 = var.parse().ok()?;
-    if n <= 2 {
-        return None;
-    }
-    // SAFETY: fcntl on a number: fails with EBADF when it is not an open fd.
-    if unsafe { libc::fcntl(n, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
-        return None;
-    }
-    // SAFETY: the launcher handed this fd to us alone; it is open (checked).
-    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n) };
+    let fd = inherited_fd(crate::machine::NOTIFY_FD_ENV).ok()??;
     sys::set_nonblock(&fd);
     Some(fd)
 }
