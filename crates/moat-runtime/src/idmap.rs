@@ -67,8 +67,11 @@ fn with_context(what: String) -> impl FnOnce(io::Error) -> io::Error {
 /// A user namespace whose map sends ids `from..from+size` to host ids
 /// `to..to+size` (uids and gids alike).
 pub fn userns_fd(from: u32, to: u32, size: u32) -> io::Result<OwnedFd> {
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: a raw clone without CLONE_VM behaves like fork; the child only
-    // makes async-signal-safe syscalls (prctl, pause) and never returns.
+    // makes async-signal-safe syscalls (close_range, prctl, getppid, pause,
+    // _exit) and never returns.
     let pid = unsafe {
         libc::syscall(
             libc::SYS_clone,
@@ -87,7 +90,16 @@ pub fn userns_fd(from: u32, to: u32, size: u32) -> io::Result<OwnedFd> {
         // SAFETY: prctl and pause have no memory-safety preconditions; the
         // loop never returns into the parent's copied Rust state.
         unsafe {
+            // It needs none of the caller's descriptors: a copy of a
+            // daemon's listening socket or of a held lock must not live on
+            // here (connecting would then find a daemon that never answers).
+            libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // A caller killed before the prctl took effect sends no signal:
+            // this helper would pause forever.
+            if libc::getppid() != parent {
+                libc::_exit(9);
+            }
             loop {
                 libc::pause();
             }
