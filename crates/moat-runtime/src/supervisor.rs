@@ -195,6 +195,12 @@ fn notify_fd() -> Option<OwnedFd> {
     Some(fd)
 }
 
+/// How long a machine runs before its supervisor drops what it does not
+/// need resident while idle: not at once, or a short run (`moat run --rm
+/// busybox -- true`) pays for the trim and then for faulting its code back
+/// in to record the exit.
+const TRIM_AFTER: Duration = Duration::from_millis(500);
+
 struct Supervisor {
     /// See [`notify_fd`]: a byte is written at each status save.
     notify: Option<OwnedFd>,
@@ -213,6 +219,9 @@ struct Supervisor {
     init_exit: Option<ExitStatus>,
     stop_requested: bool,
     kill_at: Option<Instant>,
+    /// When a machine still running gets its supervisor's memory trimmed
+    /// (see [`TRIM_AFTER`]).
+    trim_at: Option<Instant>,
     start_requested: bool,
     /// PID 1's terminal master (`ContainerSpec::terminal`): drained into
     /// the stdout log, relayed to the attached client.
@@ -350,6 +359,7 @@ impl Supervisor {
             init_exit: None,
             stop_requested: false,
             kill_at: None,
+            trim_at: None,
             start_requested: false,
             console: None,
             client: None,
@@ -420,7 +430,7 @@ impl Supervisor {
                 self.status.started_at = Some(now_secs());
                 self.status.message = None;
                 self.set_phase(Phase::Running);
-                sys::trim_resident_memory();
+                self.trim_at = Some(Instant::now() + TRIM_AFTER);
             } else {
                 self.created = None;
                 let _ = self.kill_init(libc::SIGKILL);
@@ -533,7 +543,17 @@ impl Supervisor {
             if self.init.is_none() {
                 return ExitStatus::Code(0);
             }
-            self.poll_once(self.kill_at);
+            let until = match (self.kill_at, self.trim_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            self.poll_once(until);
+            if self.trim_at.is_some_and(|t| Instant::now() >= t) {
+                self.trim_at = None;
+                if self.init_exit.is_none() {
+                    sys::trim_resident_memory();
+                }
+            }
         }
     }
 
