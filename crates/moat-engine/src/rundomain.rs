@@ -15,8 +15,9 @@
 
 use crate::run::ADHOC;
 use crate::{state_err, Engine, EngineError, Result};
-use moat_core::model::{Allocations, Machine, NetworkMode, Resolved};
+use moat_core::model::{Allocations, Machine, NetworkMode, Resolved, ResolvedNic};
 use moat_driver::BridgeInfo;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// `resolved` re-allocated with the ad-hoc machines `(name, domain)` added to
@@ -145,7 +146,15 @@ impl Engine {
     ) -> Result<Attached> {
         let mut state = self.state()?;
         let prior = state.load_allocations().map_err(state_err)?;
-        let r = &with_adhoc(resolved, &self.adhoc_domains()?, &prior, &self.root_str);
+        let mut r = with_adhoc(resolved, &self.adhoc_domains()?, &prior, &self.root_str);
+        avoid_dying_interface(
+            &mut r.nics,
+            &mut r.allocations.ifnums,
+            &r.root_tag,
+            name,
+            link_exists,
+        );
+        let r = &r;
         let (Some(nic), Some(net)) = (r.nics.get(name), r.networks.get(domain)) else {
             return Err(EngineError::Failed(format!(
                 "no free address left in domain '{domain}' for '{name}'; \
@@ -228,6 +237,48 @@ impl Engine {
     }
 }
 
+/// Gives ad-hoc machine `name` another interface number when the host
+/// interface its number names still exists. Numbers are freed when a run
+/// ends, but its interface goes only when the kernel tears down the run's
+/// network namespace, in the background and a little later: the next run
+/// got the same number, found the name taken and had to delete the old
+/// interface itself, which waits for an RCU barrier (10 ms and more on a
+/// busy host). The lowest number used by no machine and by no interface is
+/// taken instead.
+fn avoid_dying_interface(
+    nics: &mut BTreeMap<String, ResolvedNic>,
+    ifnums: &mut BTreeMap<String, u32>,
+    root_tag: &str,
+    name: &str,
+    exists: impl Fn(&str) -> bool,
+) {
+    let Some(nic) = nics.get_mut(name) else {
+        return;
+    };
+    if !exists(&nic.host_if) {
+        return;
+    }
+    let taken: std::collections::BTreeSet<u32> = ifnums
+        .iter()
+        .filter(|(m, _)| m.as_str() != name)
+        .map(|(_, n)| *n)
+        .collect();
+    let Some(n) = (0u32..100_000)
+        .find(|n| !taken.contains(n) && !exists(&moat_core::naming::host_if_name(root_tag, *n)))
+    else {
+        return;
+    };
+    ifnums.insert(name.to_string(), n);
+    nic.host_if = moat_core::naming::host_if_name(root_tag, n);
+}
+
+/// Whether network interface `name` exists on the host.
+fn link_exists(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('/')
+        && std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
 /// Whether network interface `name` exists, is a bridge, carries this
 /// root's ownership mark (`alias`) and is administratively up (`IFF_UP`).
 /// A few sysfs reads: a full `observe` of the host's bridges and tables
@@ -243,4 +294,45 @@ fn link_is_up(name: &str, alias: &str) -> bool {
         && read("ifalias").trim() == alias
         && u32::from_str_radix(read("flags").trim().trim_start_matches("0x"), 16)
             .is_ok_and(|f| f & IFF_UP != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Nics = BTreeMap<String, ResolvedNic>;
+
+    fn resolved(ifnums: &[(&str, u32)]) -> (Nics, BTreeMap<String, u32>) {
+        let mut nics = Nics::new();
+        let mut nums = BTreeMap::new();
+        for (m, n) in ifnums {
+            nums.insert(m.to_string(), *n);
+            nics.insert(
+                m.to_string(),
+                ResolvedNic {
+                    machine: m.to_string(),
+                    ip: "10.0.0.1".parse().unwrap(),
+                    mac: [0; 6],
+                    host_if: moat_core::naming::host_if_name("abc", *n),
+                },
+            );
+        }
+        (nics, nums)
+    }
+
+    #[test]
+    fn a_run_skips_the_number_of_an_interface_still_being_torn_down() {
+        // run-b got 0 (freed by an ended run whose mvabc-0 is still there);
+        // 1 is another machine's, 2 names a dying interface too: 3.
+        let (mut nics, mut nums) = resolved(&[("run-b", 0), ("dev", 1)]);
+        let dying = ["mvabc-0", "mvabc-2"];
+        avoid_dying_interface(&mut nics, &mut nums, "abc", "run-b", |n| dying.contains(&n));
+        assert_eq!(nums["run-b"], 3);
+        assert_eq!(nics["run-b"].host_if, "mvabc-3");
+        assert_eq!(nums["dev"], 1);
+        // Nothing in the way: the number stays.
+        let (mut nics, mut nums) = resolved(&[("run-c", 0)]);
+        avoid_dying_interface(&mut nics, &mut nums, "abc", "run-c", |_| false);
+        assert_eq!(nics["run-c"].host_if, "mvabc-0");
+    }
 }
