@@ -191,8 +191,12 @@ impl<E: Executor> NetHost<E> {
                 .args(["link", "del", "dev", name])
                 .allow_failure(),
         )?;
+        // Gone already is fine: a dead machine's interface also goes away
+        // on its own, when the kernel tears down its network namespace in
+        // the background (between a failed add and this delete, say).
         if out.success()
             || out.stderr.contains("Cannot find device")
+            || out.stderr.contains("No such device")
             || out.stderr.contains("does not exist")
         {
             Ok(())
@@ -645,6 +649,32 @@ mod tests {
 
     fn project() -> moat_core::model::Resolved {
         fixture::resolved("/unit", 200, &[DomainSpec::new("a", &["m1"])], vec![])
+    }
+
+    #[test]
+    fn deleting_a_link_that_went_meanwhile_is_fine() {
+        // What `ip link del` says when the kernel removed the interface
+        // between the failed add that found it and this delete.
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "link del",
+            Output {
+                status: 2,
+                stdout: String::new(),
+                stderr: "RTNETLINK answers: No such device".into(),
+            },
+        );
+        NetHost::new(&ex).detach("mvabc-5").unwrap();
+        let ex = RecordingExecutor::new();
+        ex.push_reply_for(
+            "link del",
+            Output {
+                status: 2,
+                stdout: String::new(),
+                stderr: "RTNETLINK answers: Operation not permitted".into(),
+            },
+        );
+        assert!(NetHost::new(&ex).detach("mvabc-5").is_err());
     }
 
     #[test]
