@@ -272,11 +272,16 @@ fn avoid_dying_interface(
     nic.host_if = moat_core::naming::host_if_name(root_tag, n);
 }
 
+/// The sysfs folder of network interface `name` (`None` for a name that
+/// cannot be one).
+fn net_dir(name: &str) -> Option<std::path::PathBuf> {
+    (!name.is_empty() && !name.contains('/'))
+        .then(|| std::path::Path::new("/sys/class/net").join(name))
+}
+
 /// Whether network interface `name` exists on the host.
 fn link_exists(name: &str) -> bool {
-    !name.is_empty()
-        && !name.contains('/')
-        && std::path::Path::new("/sys/class/net").join(name).exists()
+    net_dir(name).is_some_and(|d| d.exists())
 }
 
 /// Whether network interface `name` exists, is a bridge, carries this
@@ -285,10 +290,9 @@ fn link_exists(name: &str) -> bool {
 /// costs three processes on every `run --domain`.
 fn link_is_up(name: &str, alias: &str) -> bool {
     const IFF_UP: u32 = 0x1;
-    if name.is_empty() || name.contains('/') {
+    let Some(dir) = net_dir(name) else {
         return false;
-    }
-    let dir = std::path::Path::new("/sys/class/net").join(name);
+    };
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
     dir.join("bridge").is_dir()
         && read("ifalias").trim() == alias

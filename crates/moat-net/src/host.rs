@@ -653,28 +653,23 @@ mod tests {
 
     #[test]
     fn deleting_a_link_that_went_meanwhile_is_fine() {
-        // What `ip link del` says when the kernel removed the interface
-        // between the failed add that found it and this delete.
-        let ex = RecordingExecutor::new();
-        ex.push_reply_for(
-            "link del",
-            Output {
-                status: 2,
-                stdout: String::new(),
-                stderr: "RTNETLINK answers: No such device".into(),
-            },
-        );
-        NetHost::new(&ex).detach("mvabc-5").unwrap();
-        let ex = RecordingExecutor::new();
-        ex.push_reply_for(
-            "link del",
-            Output {
-                status: 2,
-                stdout: String::new(),
-                stderr: "RTNETLINK answers: Operation not permitted".into(),
-            },
-        );
-        assert!(NetHost::new(&ex).detach("mvabc-5").is_err());
+        // `ip link del` fails with `stderr`: the result of a detach.
+        let detach = |stderr: &str| {
+            let ex = RecordingExecutor::new();
+            ex.push_reply_for(
+                "link del",
+                Output {
+                    status: 2,
+                    stdout: String::new(),
+                    stderr: stderr.into(),
+                },
+            );
+            NetHost::new(&ex).detach("mvabc-5")
+        };
+        // The kernel removed the interface between the failed add that
+        // found it and this delete.
+        detach("RTNETLINK answers: No such device").unwrap();
+        assert!(detach("RTNETLINK answers: Operation not permitted").is_err());
     }
 
     #[test]

@@ -543,11 +543,8 @@ impl Supervisor {
             if self.init.is_none() {
                 return ExitStatus::Code(0);
             }
-            let until = match (self.kill_at, self.trim_at) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            self.poll_once(until);
+            // poll_once also wakes for `kill_at`.
+            self.poll_once(self.trim_at);
             if self.trim_at.is_some_and(|t| Instant::now() >= t) {
                 self.trim_at = None;
                 if self.init_exit.is_none() {
