@@ -2,7 +2,7 @@
 # `moat apply` end to end: 50 busybox containers over 5 domains from scratch
 # (goal <= 5 s), then a no-op re-apply (goal <= 200 ms, median of 10 with
 # hyperfine), then `destroy --all --force`. Needs root, hyperfine, a release build:
-#   cargo build --release -p moat-cli -p moat-runtime
+#   scripts/build-release.sh
 #   sudo bench/apply/run.sh [MACHINES_PER_DOMAIN]
 # Env: MOAT_BIN (default $CARGO_TARGET_DIR/release/moat), BENCH_DIR (default /var/tmp).
 # Uses its own root and subnets 10.170-10.175, and removes everything it made on exit.
@@ -13,7 +13,7 @@ MOAT=${MOAT_BIN:-$TARGET/release/moat}
 export MOAT_SUPERVISOR=${MOAT_SUPERVISOR:-$(dirname "$MOAT")/moat-supervisor}
 PER=${1:-10}
 for f in "$MOAT" "$MOAT_SUPERVISOR"; do
-  [[ -x $f ]] || { echo "missing $f: cargo build --release -p moat-cli -p moat-runtime" >&2; exit 2; }
+  [[ -x $f ]] || { echo "missing $f: scripts/build-release.sh" >&2; exit 2; }
 done
 [[ $EUID -eq 0 ]] || { echo "needs root" >&2; exit 2; }
 command -v hyperfine >/dev/null || { echo "needs hyperfine (apt-get install hyperfine)" >&2; exit 2; }

@@ -3,7 +3,7 @@
 # (median, p99), against the real alternative measured in the same run: the
 # in-process CLI `moat --no-daemon status` (and `moat status` routed through
 # the daemon); the idle daemon's memory (VmRSS). Needs root and a build:
-#   cargo build --release -p moat-cli -p moat-runtime
+#   scripts/build-release.sh
 #   sudo bench/daemon/run.sh [MACHINES]        (default 100)
 # Env: MOAT_BIN (default $CARGO_TARGET_DIR/release/moat), BENCH_DIR (default /var/tmp),
 #      N (API requests, default 200), NCLI (CLI runs, default 30).
@@ -17,7 +17,7 @@ MACHINES=${1:-100}
 N=${N:-200}
 NCLI=${NCLI:-30}
 for f in "$MOAT" "$MOAT_SUPERVISOR"; do
-  [[ -x $f ]] || { echo "missing $f: cargo build --release -p moat-cli -p moat-runtime" >&2; exit 2; }
+  [[ -x $f ]] || { echo "missing $f: scripts/build-release.sh" >&2; exit 2; }
 done
 [[ $EUID -eq 0 ]] || { echo "needs root" >&2; exit 2; }
 command -v python3 >/dev/null || { echo "needs python3" >&2; exit 2; }

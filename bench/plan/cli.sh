@@ -2,7 +2,7 @@
 # `moat plan` end to end (load + validate + allocate + observe + plan) on
 # generated projects of 100 x 10 and 1,000 x 10 machines (goal: 1,000 x 10 < 1 s),
 # each time against a fresh, empty root. Needs hyperfine and a release build:
-#   cargo build --release -p moat-cli
+#   scripts/build-release.sh
 #   bench/plan/cli.sh [RUNS]
 # Env: MOAT_BIN (default $CARGO_TARGET_DIR/release/moat).
 set -euo pipefail
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 MOAT=${MOAT_BIN:-$TARGET/release/moat}
 RUNS=${1:-5}
-[[ -x $MOAT ]] || { echo "missing $MOAT: cargo build --release -p moat-cli" >&2; exit 2; }
+[[ -x $MOAT ]] || { echo "missing $MOAT: scripts/build-release.sh" >&2; exit 2; }
 command -v hyperfine >/dev/null || { echo "needs hyperfine" >&2; exit 2; }
 W=$(mktemp -d /tmp/moat-bench-plan.XXXX)
 trap 'rm -rf "$W"' EXIT

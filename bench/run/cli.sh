@@ -4,7 +4,7 @@
 # runtime alone (run_once --supervised, the floor the CLI adds to) and
 # `runc run` on the same busybox rootfs, in one hyperfine run.
 # Goals (issue 3): <= 20 ms without a network, <= 40 ms with --domain.
-#   cargo build --release -p moat-cli -p moat-runtime --examples --bins
+#   scripts/build-release.sh && cargo build --release -p moat-runtime --examples
 #   sudo bench/run/cli.sh            (RUNS=30 by default)
 # Uses its own root and the subnet 10.177.x, removes everything on exit.
 set -euo pipefail
@@ -15,7 +15,7 @@ export MOAT_SUPERVISOR=${MOAT_SUPERVISOR:-$TARGET/moat-supervisor}
 RUNNER=$TARGET/examples/run_once
 RUNS=${RUNS:-30}
 for f in "$MOAT" "$MOAT_SUPERVISOR" "$RUNNER"; do
-  [[ -x $f ]] || { echo "missing $f: cargo build --release -p moat-cli -p moat-runtime --examples --bins" >&2; exit 2; }
+  [[ -x $f ]] || { echo "missing $f: scripts/build-release.sh && cargo build --release -p moat-runtime --examples" >&2; exit 2; }
 done
 [[ $EUID -eq 0 ]] || { echo "needs root" >&2; exit 2; }
 command -v hyperfine >/dev/null || { echo "needs hyperfine" >&2; exit 2; }

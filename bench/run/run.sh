@@ -4,7 +4,7 @@
 # hyperfine run (medians and ratios), plus one idle supervisor's RSS.
 # podman gets explicit nofile/nproc ulimits: root here lacks CAP_SYS_RESOURCE.
 # Needs root, hyperfine, busybox-static; runc/nspawn/podman are skipped when absent.
-# Build first: cargo build --release -p moat-runtime --examples --bins
+# Build first: scripts/build-release.sh && cargo build --release -p moat-runtime --examples
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -12,7 +12,7 @@ target=${CARGO_TARGET_DIR:-$repo/target}/release
 runner=$target/examples/run_once
 export MOAT_SUPERVISOR=$target/moat-supervisor
 runs=${RUNS:-30}
-[ -x "$runner" ] || { echo "build first: cargo build --release -p moat-runtime --examples --bins" >&2; exit 1; }
+[ -x "$runner" ] || { echo "build first: scripts/build-release.sh && cargo build --release -p moat-runtime --examples" >&2; exit 1; }
 
 work=$(mktemp -d /tmp/moat-bench-XXXXXX)
 chmod 755 "$work"
