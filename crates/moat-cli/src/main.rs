@@ -29,6 +29,7 @@ pub mod exit {
 }
 
 fn main() -> ExitCode {
+    run::prespawn_early(std::env::args_os().skip(1));
     let cli = Cli::parse();
     let out = output::Output::new(cli.color, cli.quiet, cli.verbose);
     match &cli.command {

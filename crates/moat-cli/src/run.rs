@@ -100,6 +100,47 @@ pub(crate) fn engine(cli: &Cli) -> Result<moat_engine::Engine, CliError> {
     ))?)
 }
 
+/// `moat [GLOBAL OPTIONS] run ...` of the native driver, judged from the raw
+/// arguments: its warm supervisor starts before the command line is parsed
+/// (about 0.5 ms of clap building and checking the whole command tree), so
+/// that even that overlaps the supervisor's start, the longest step of a
+/// `run --rm`. A wrong guess costs nothing but a supervisor that exits
+/// unused with this process; `Command::Run` asks for one again (kept).
+pub fn prespawn_early(args: impl IntoIterator<Item = std::ffi::OsString>) {
+    if let Some(driver) = run_driver(args) {
+        moat_engine::prespawn_supervisor(driver.as_deref());
+    }
+}
+
+/// `Some(driver)` when `args` (without argv[0]) look like a `run`.
+fn run_driver(args: impl IntoIterator<Item = std::ffi::OsString>) -> Option<Option<String>> {
+    let mut args = args.into_iter();
+    loop {
+        let a = args.next()?.into_string().ok()?;
+        match a.as_str() {
+            "-f" | "--file" | "--root" | "--color" => {
+                args.next()?;
+            }
+            "run" => break,
+            _ if a.starts_with('-') => {}
+            _ => return None,
+        }
+    }
+    let mut driver = None;
+    while let Some(a) = args.next() {
+        let Ok(a) = a.into_string() else { break };
+        if a == "--" {
+            break;
+        }
+        if a == "--driver" {
+            driver = args.next().and_then(|d| d.into_string().ok());
+        } else if let Some(d) = a.strip_prefix("--driver=") {
+            driver = Some(d.to_string());
+        }
+    }
+    Some(driver)
+}
+
 pub fn dispatch(cli: &Cli, out: &Output) -> Result<u8, CliError> {
     if let Some(code) = crate::client::route(cli, out)? {
         return Ok(code);
@@ -425,5 +466,46 @@ impl moat_engine::Progress for Progress<'_> {
     }
     fn warnings(&self, ds: &Diagnostics) {
         self.out.diagnostics(ds);
+    }
+}
+
+#[cfg(test)]
+mod early_tests {
+    use super::run_driver;
+
+    fn args(a: &[&str]) -> Vec<std::ffi::OsString> {
+        a.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn a_run_is_recognised_behind_global_options() {
+        assert_eq!(run_driver(args(&["run", "--rm", "busybox"])), Some(None));
+        assert_eq!(
+            run_driver(args(&["--root", "/r", "-f", "run", "-q", "run", "busybox"])),
+            Some(None)
+        );
+        assert_eq!(
+            run_driver(args(&["run", "--driver", "qemu", "img"])),
+            Some(Some("qemu".into()))
+        );
+        assert_eq!(
+            run_driver(args(&[
+                "run",
+                "--driver=native",
+                "img",
+                "--",
+                "--driver",
+                "x"
+            ])),
+            Some(Some("native".into()))
+        );
+    }
+
+    #[test]
+    fn other_commands_are_not_a_run() {
+        assert_eq!(run_driver(args(&["apply"])), None);
+        assert_eq!(run_driver(args(&["-f", "run", "apply", "run"])), None);
+        assert_eq!(run_driver(args(&["--root"])), None);
+        assert_eq!(run_driver(args(&[])), None);
     }
 }

@@ -580,12 +580,23 @@ impl Driver for NativeDriver {
         let dir = Self::machine_dir(ctx, full_name);
         // Stop first (no grace period: its files are discarded anyway), then
         // release the root file system (it may be mounted inside the machine
-        // folder), then remove the folder.
+        // folder), then remove the folder. A machine whose PID 1 has just
+        // ended (a `run --rm`) has its root file system released while its
+        // supervisor removes the container's cgroups and state.
+        let release = || {
+            self.rootfs.release(ctx, full_name).map_err(|e| {
+                Self::failed(full_name, format!("releasing the root file system: {e}"))
+            })
+        };
+        let released = dir.ending();
+        if released {
+            release()?;
+        }
         machine::stop(&dir, Duration::from_millis(100)).map_err(Self::rt(full_name))?;
         machine::cleanup_dead(&dir).map_err(Self::rt(full_name))?;
-        self.rootfs
-            .release(ctx, full_name)
-            .map_err(|e| Self::failed(full_name, format!("releasing the root file system: {e}")))?;
+        if !released {
+            release()?;
+        }
         // A disposable machine's folder is a tmpfs: unmounting it removes
         // everything in it at once.
         if moat_host::mount::is_mount_point(&dir.dir).unwrap_or(false) {

@@ -169,11 +169,23 @@ fn v1_mounts_in(mountinfo: &str) -> Vec<PathBuf> {
 /// Every folder of the container's cgroup (`cgroup`: its path below each
 /// hierarchy's root, e.g. `/moat-<tag>/<name>`), over all hierarchies.
 fn container_dirs(cgroup: &str) -> Vec<PathBuf> {
+    let mountinfo = match layout() {
+        Layout::Unified => String::new(),
+        Layout::Legacy => fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+    };
+    container_dirs_in(cgroup, &mountinfo)
+}
+
+/// [`container_dirs`] with the mount table read (unused on a v2 host).
+fn container_dirs_in(cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
     let rel = cgroup.trim_start_matches('/').to_string();
     match layout() {
         Layout::Unified => vec![Path::new(ROOT).join(rel)],
         Layout::Legacy => {
-            let mut v: Vec<PathBuf> = v1_mounts().into_iter().map(|m| m.join(&rel)).collect();
+            let mut v: Vec<PathBuf> = v1_mounts_in(mountinfo)
+                .into_iter()
+                .map(|m| m.join(&rel))
+                .collect();
             let unified = Path::new(ROOT).join("unified").join(&rel);
             v.push(unified);
             v
@@ -327,26 +339,33 @@ pub fn delegate_after_create(cgroup: &str, host_id: u32) -> io::Result<()> {
 /// container's cgroup folders is left (a folder holding a process stays).
 pub fn remove_tree(cgroup: &str) -> bool {
     let mut gone = true;
-    let mut dirs = container_dirs(cgroup);
-    if let Some(m) = systemd_v1_mount() {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut dirs = container_dirs_in(cgroup, &mountinfo);
+    if let Some(m) = systemd_v1_mount_in(&mountinfo) {
         let d = m.join(cgroup.trim_start_matches('/'));
         if !dirs.contains(&d) {
             dirs.push(d);
         }
     }
     for d in dirs {
-        if !d.is_dir() {
-            continue;
+        // Most often a leaf (an application container makes no
+        // sub-cgroups): one rmdir. Otherwise (EBUSY) what is below it first.
+        match fs::remove_dir(&d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(_) => {
+                let mut all = Vec::new();
+                collect_dirs(&d, &mut all);
+                // Deepest first; the container's own folder last.
+                all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+                for p in all {
+                    let _ = fs::remove_dir(&p);
+                }
+                if fs::remove_dir(&d).is_err() && d.exists() {
+                    gone = false;
+                }
+            }
         }
-        let mut all = Vec::new();
-        collect_dirs(&d, &mut all);
-        // Deepest first; the container's own folder last.
-        all.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        for p in all {
-            let _ = fs::remove_dir(&p);
-        }
-        let _ = fs::remove_dir(&d);
-        gone &= !d.exists();
         // The parent (`/moat` or `/moat-<tag>`) goes with its last container.
         if let Some(parent) = d.parent() {
             if parent

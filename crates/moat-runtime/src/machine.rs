@@ -89,12 +89,25 @@ pub enum Phase {
     /// Waiting for the backoff delay before the next restart.
     Restarting,
     Stopping,
-    /// Stopped on request; the supervisor has exited.
+    /// Stopped on request; the supervisor exits (see [`Phase::is_final`]).
     Stopped,
-    /// PID 1 ended on its own and is not restarted; the supervisor has exited.
+    /// PID 1 ended on its own and is not restarted; the supervisor exits.
     Exited,
-    /// The container could not be created or started; the supervisor has exited.
+    /// The container could not be created or started; the supervisor exits.
     Failed,
+}
+
+impl Phase {
+    /// The end of the machine's run. Its supervisor saves it as soon as PID 1
+    /// has ended (every process of the container is gone then: the kernel
+    /// ends a PID namespace's init only after the rest), before it removes
+    /// the container's cgroups and state, so that the launcher can tear down
+    /// the root file system meanwhile. It may then still be alive for a
+    /// moment: whoever reuses or removes the machine folder waits for it to
+    /// be gone ([`launch`], [`stop`]).
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Stopped | Phase::Exited | Phase::Failed)
+    }
 }
 
 /// The status file.
@@ -219,6 +232,14 @@ impl MachineDir {
         self.read_status()
             .map(|s| sys::alive(s.supervisor_pid, s.supervisor_start))
             .unwrap_or(false)
+    }
+
+    /// PID 1 has ended and the supervisor, still alive, is removing the
+    /// container (see [`Phase::is_final`]): nothing of the machine runs on
+    /// its root file system any more.
+    pub fn ending(&self) -> bool {
+        self.read_status()
+            .is_some_and(|s| s.phase.is_final() && sys::alive(s.supervisor_pid, s.supervisor_start))
     }
 
     /// The machine's state, re-derived from its status file and the host.
@@ -351,8 +372,12 @@ pub fn launch(
     supervisor: &Path,
 ) -> Result<MachineState, RuntimeError> {
     config.container.validate()?;
-    if dir.supervisor_alive() {
-        return Err(dir.err("a supervisor is already running for this machine; stop it first"));
+    if let Some(s) = dir.read_status() {
+        if sys::alive(s.supervisor_pid, s.supervisor_start)
+            && !(s.phase.is_final() && wait_finished(dir, &s))
+        {
+            return Err(dir.err("a supervisor is already running for this machine; stop it first"));
+        }
     }
     fs::create_dir_all(&dir.dir).map_err(|e| RuntimeError::io(&dir.dir, e))?;
     dir.write_config(config)?;
@@ -595,6 +620,21 @@ pub fn start(dir: &MachineDir) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// Waits for a supervisor whose container has ended (`s` has a final phase)
+/// to finish removing it and exit; false if it is still there after 30 s
+/// (a v1 cgroup removal can take a while on a loaded host).
+fn wait_finished(dir: &MachineDir, s: &Status) -> bool {
+    let gone = sys::wait_gone(
+        s.supervisor_pid,
+        s.supervisor_start,
+        Duration::from_secs(30),
+    );
+    if gone {
+        forget_notify(dir);
+    }
+    gone
+}
+
 /// Asks PID 1 to stop (SIGRTMIN+3 for systemd, SIGTERM otherwise, or the
 /// spec's stop signal), SIGKILL after `timeout`, and waits for the supervisor
 /// to exit. A machine that is not running is not an error.
@@ -604,6 +644,13 @@ pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
     };
     if !sys::alive(s.supervisor_pid, s.supervisor_start) {
         return cleanup_dead(dir);
+    }
+    if s.phase.is_final() {
+        // PID 1 has ended: the supervisor removes the container and exits.
+        if !wait_finished(dir, &s) {
+            return Err(dir.err("the supervisor did not exit after its container ended"));
+        }
+        return Ok(());
     }
     if let Err(e) = dir.request(&format!("stop {}", timeout.as_millis())) {
         // The container may have just ended on its own: the supervisor is then
@@ -710,6 +757,16 @@ fn exit_code(st: std::process::ExitStatus) -> i32 {
 /// After a supervisor died: kill what is left of its container and remove
 /// the libcontainer state and cgroups, so that a new launch starts clean.
 pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
+    if let Some(s) = dir.read_status() {
+        // A supervisor still removing its ended container: not at the same
+        // time (what it could not remove is seen to below).
+        if s.phase.is_final()
+            && sys::alive(s.supervisor_pid, s.supervisor_start)
+            && !wait_finished(dir, &s)
+        {
+            return Err(dir.err("the supervisor did not exit after its container ended"));
+        }
+    }
     let Ok(cfg) = dir.read_config() else {
         return Ok(());
     };

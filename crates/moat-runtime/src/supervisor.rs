@@ -441,11 +441,6 @@ impl Supervisor {
             self.on_console();
             // All that is left (a pipe may hold up to 1 MiB), within reason.
             self.drain_logs(16 << 20);
-            if self.cfg.process.is_none() {
-                if let Err(e) = container::delete(&name, &root, true) {
-                    eprintln!("moat-supervisor: {e}");
-                }
-            }
             self.init = None;
             self.status.pid = None;
             let (code, sig) = match exit {
@@ -454,21 +449,34 @@ impl Supervisor {
             };
             self.status.exit_code = code;
             self.status.exit_signal = sig;
-            if self.stop_requested {
-                self.set_phase(Phase::Stopped);
-                return self.finish(0);
-            }
             let failed = exit != ExitStatus::Code(0);
-            let again = match self.cfg.restart {
-                RestartPolicy::No => false,
-                RestartPolicy::OnFailure => failed,
-                RestartPolicy::Always => true,
-            } && self
-                .cfg
-                .max_restarts
-                .is_none_or(|m| self.status.restarts < m);
+            let again = !self.stop_requested
+                && match self.cfg.restart {
+                    RestartPolicy::No => false,
+                    RestartPolicy::OnFailure => failed,
+                    RestartPolicy::Always => true,
+                }
+                && self
+                    .cfg
+                    .max_restarts
+                    .is_none_or(|m| self.status.restarts < m);
             if !again {
-                self.set_phase(Phase::Exited);
+                // The end is reported first (see `Phase::is_final`): the
+                // launcher releases the root file system while the cgroups
+                // and state go, then waits for this process to exit.
+                let _ = fs::remove_file(self.dir.socket_path());
+                self.set_phase(if self.stop_requested {
+                    Phase::Stopped
+                } else {
+                    Phase::Exited
+                });
+            }
+            if self.cfg.process.is_none() {
+                if let Err(e) = container::delete(&name, &root, true) {
+                    eprintln!("moat-supervisor: {e}");
+                }
+            }
+            if !again {
                 return self.finish(0);
             }
             // Exponential backoff for crash loops, reset after a good run.

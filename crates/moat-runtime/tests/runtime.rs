@@ -457,3 +457,45 @@ fn privileged_container_has_no_user_namespace_nor_seccomp() {
     )
     .is_err());
 }
+
+/// The supervisor reports PID 1's end before it removes the container's
+/// cgroups and state (the launcher releases the root meanwhile): a launch
+/// right then waits for it instead of failing, and a stop returns once the
+/// cgroups are gone.
+#[test]
+fn an_ended_machine_relaunches_at_once_and_stop_waits_for_its_cleanup() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("ended");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, vec!["/bin/true".into()]);
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let cfg = SupervisorConfig::new(spec);
+    let mut ending_seen = 0;
+    for round in 0..5 {
+        machine::launch(&dir, &cfg, &supervisor())
+            .unwrap_or_else(|e| panic!("launch {round} right after the last run ended: {e}"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !dir.read_status().is_some_and(|s| s.phase.is_final()) {
+            assert!(Instant::now() < deadline, "{:?}", dir.read_status());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        ending_seen += usize::from(dir.ending());
+    }
+    machine::stop(&dir, Duration::from_secs(5)).expect("stop");
+    assert!(!dir.supervisor_alive());
+    let cgroups: Vec<String> = leftovers(&name, fx.tmp.path())
+        .into_iter()
+        .filter(|l| l.starts_with("cgroup"))
+        .collect();
+    assert!(cgroups.is_empty(), "after stop: {cgroups:?}");
+    assert!(
+        matches!(dir.state(), MachineState::Stopped { .. }),
+        "{:?}",
+        dir.state()
+    );
+    eprintln!("5 runs of /bin/true; the supervisor was still finishing when 'exited' was read in {ending_seen} of them");
+}
