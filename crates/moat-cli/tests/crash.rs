@@ -307,7 +307,22 @@ domains:
                 plan["actions"]
             ));
         }
-        bad.extend(scan::consistency(&self.root, ignore));
+        // A destroyed machine's host interface goes when the kernel tears
+        // down its network namespace, in the background (the netns file is
+        // gone, the veth pair follows): on a busy host that can take a
+        // moment. Only that is waited for, up to 2 s.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut found = scan::consistency(&self.root, ignore);
+        while !found.is_empty()
+            && found.iter().all(|p| {
+                p.starts_with("interface ") && p.ends_with("belongs to no recorded machine")
+            })
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+            found = scan::consistency(&self.root, ignore);
+        }
+        bad.extend(found);
         bad
     }
 
