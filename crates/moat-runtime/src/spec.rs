@@ -214,6 +214,22 @@ impl ContainerSpec {
     }
 }
 
+/// The home folder of user `uid` in the image's `/etc/passwd` (read inside
+/// `rootfs`, see [`crate::sys::read_in_root`]), as libcontainer would set
+/// `HOME`; `None` when it has no such user (libcontainer then looks itself).
+fn home_in(rootfs: &std::path::Path, uid: u32) -> Option<String> {
+    let passwd = crate::sys::read_in_root(rootfs, "etc/passwd", 1 << 20)?;
+    home_of(&String::from_utf8_lossy(&passwd), uid)
+}
+
+fn home_of(passwd: &str, uid: u32) -> Option<String> {
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse::<u32>().ok() == Some(uid) && f[5].starts_with('/'))
+            .then(|| f[5].to_string())
+    })
+}
+
 /// The OCI runtime spec for `spec`, as JSON (what goes into config.json).
 pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
     spec.validate()?;
@@ -226,6 +242,13 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
     }
     if !env.iter().any(|e| e.starts_with("TERM=")) {
         env.push("TERM=xterm".into());
+    }
+    if !env.iter().any(|e| e.starts_with("HOME=") && e.len() > 5) {
+        // What libcontainer would look up in the container's /etc/passwd
+        // through the C library, costing PID 1 about 0.2 ms: read here.
+        if let Some(home) = home_in(&spec.rootfs, spec.user.0) {
+            env.push(format!("HOME={home}"));
+        }
     }
     if spec.kind == ContainerKind::System && !env.iter().any(|e| e.starts_with("container=")) {
         // systemd adapts its boot to containers when it sees this.
@@ -417,6 +440,35 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn home_comes_from_the_users_passwd_line() {
+        let passwd = "root:x:0:0:root:/root:/bin/sh\n\
+                      # a comment\n\
+                      daemon:x:1:1::/usr/sbin:/usr/sbin/nologin\n\
+                      odd:x:5:5::relative:/bin/sh\n\
+                      app:x:1000:1000:App,,,:/home/app:/bin/bash\n";
+        assert_eq!(home_of(passwd, 0).as_deref(), Some("/root"));
+        assert_eq!(home_of(passwd, 1000).as_deref(), Some("/home/app"));
+        assert_eq!(home_of(passwd, 5), None);
+        assert_eq!(home_of(passwd, 42), None);
+    }
+
+    #[test]
+    fn passwd_is_read_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        // An image's /etc/passwd pointing at a host file: resolved inside
+        // the root, where that path does not exist.
+        let host = t.path().join("host-passwd");
+        std::fs::write(&host, "root:x:0:0::/secret:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink(&host, root.join("etc/passwd")).unwrap();
+        assert_eq!(home_in(&root, 0), None);
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        assert_eq!(home_in(&root, 0).as_deref(), Some("/root"));
+    }
 
     fn sample() -> ContainerSpec {
         let mut s = ContainerSpec::new("t1", "/tmp/rootfs", vec!["/bin/true".into()]);

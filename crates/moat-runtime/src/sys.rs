@@ -590,3 +590,53 @@ pub fn remove_ns_mount(path: &std::path::Path) -> io::Result<()> {
         _ => Ok(()),
     }
 }
+
+/// Reads `rel` (relative, e.g. `etc/passwd`) of the tree at `root` as the
+/// machine would see it: symlinks and `..` resolve inside `root`
+/// (`openat2` with `RESOLVE_IN_ROOT`, no magic links), so an image cannot
+/// point the host at its own files. At most `max` bytes; `None` when it
+/// cannot be read that way (missing, too big, or a kernel before 5.6).
+pub fn read_in_root(root: &std::path::Path, rel: &str, max: usize) -> Option<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::ffi::OsStrExt;
+    let c_root = std::ffi::CString::new(root.as_os_str().as_bytes()).ok()?;
+    let c_rel = std::ffi::CString::new(rel).ok()?;
+    // SAFETY: open of a NUL-terminated path; returns a new fd or -1.
+    let dir = unsafe {
+        libc::open(
+            c_root.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if dir < 0 {
+        return None;
+    }
+    // SAFETY: `dir` is a new fd that nothing else owns.
+    let dir = unsafe { OwnedFd::from_raw_fd(dir) };
+    // SAFETY: open_how is plain data; all-zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: openat2 with a live dir fd, a NUL-terminated path and a
+    // pointer to `how` with its size; returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_rel.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    } as i32;
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: openat2 returned a new fd that nothing else owns.
+    let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(max as u64 + 1).read_to_end(&mut buf).ok()?;
+    (buf.len() <= max).then_some(buf)
+}
