@@ -6,6 +6,7 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 /// How a process ended.
@@ -594,11 +595,14 @@ pub fn remove_ns_mount(path: &std::path::Path) -> io::Result<()> {
 /// Reads `rel` (relative, e.g. `etc/passwd`) of the tree at `root` as the
 /// machine would see it: symlinks and `..` resolve inside `root`
 /// (`openat2` with `RESOLVE_IN_ROOT`, no magic links), so an image cannot
-/// point the host at its own files. At most `max` bytes; `None` when it
-/// cannot be read that way (missing, too big, or a kernel before 5.6).
+/// point the host at its own files; only a regular file is opened for
+/// reading (an image's device node or FIFO is never opened). At most `max`
+/// bytes; `None` when it cannot be read that way (missing, not a regular
+/// file, too big, or a kernel before 5.6).
 pub fn read_in_root(root: &std::path::Path, rel: &str, max: usize) -> Option<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileTypeExt;
     let c_root = std::ffi::CString::new(root.as_os_str().as_bytes()).ok()?;
     let c_rel = std::ffi::CString::new(rel).ok()?;
     // SAFETY: open of a NUL-terminated path; returns a new fd or -1.
@@ -615,7 +619,7 @@ pub fn read_in_root(root: &std::path::Path, rel: &str, max: usize) -> Option<Vec
     let dir = unsafe { OwnedFd::from_raw_fd(dir) };
     // SAFETY: open_how is plain data; all-zero is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY) as u64;
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     // SAFETY: openat2 with a live dir fd, a NUL-terminated path and a
     // pointer to `how` with its size; returns a new fd or -1.
@@ -632,10 +636,17 @@ pub fn read_in_root(root: &std::path::Path, rel: &str, max: usize) -> Option<Vec
         return None;
     }
     // SAFETY: openat2 returned a new fd that nothing else owns.
-    let file = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    if !file.metadata().ok()?.is_file() {
+    let path_fd = fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let t = path_fd.metadata().ok()?.file_type();
+    if !t.is_file() || t.is_fifo() || t.is_char_device() || t.is_block_device() {
         return None;
     }
+    // The same inode, opened for reading through our own descriptor.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", path_fd.as_raw_fd()))
+        .ok()?;
     let mut buf = Vec::new();
     file.take(max as u64 + 1).read_to_end(&mut buf).ok()?;
     (buf.len() <= max).then_some(buf)
