@@ -43,6 +43,9 @@ pub struct PreparedRootfs {
     pub config: ImageConfig,
     /// Run the image's init as PID 1 (system container) rather than its entrypoint.
     pub system: bool,
+    /// Set: `path` is this overlay, left unmounted for the runtime to mount
+    /// ([`RootfsProvider::prepare_spec_unmounted`]).
+    pub overlay: Option<moat_runtime::idmap::OverlayLayout>,
 }
 
 /// Supplies root file systems (the image store implements this).
@@ -65,6 +68,26 @@ pub trait RootfsProvider: Send + Sync {
     /// reboot, a snapshot or a restore). Called at every start.
     fn remount(&self, _ctx: &Ctx, _full_name: &str) -> std::result::Result<(), String> {
         Ok(())
+    }
+    /// [`RootfsProvider::prepare_spec`] for a runtime that mounts an overlay
+    /// root itself: an overlay may be left unmounted, its layers in
+    /// [`PreparedRootfs::overlay`] (the native supervisor mounts it with
+    /// idmapped lower layers at once, instead of replacing a plain mount).
+    fn prepare_spec_unmounted(
+        &self,
+        ctx: &Ctx,
+        spec: &MachineSpec,
+    ) -> std::result::Result<PreparedRootfs, String> {
+        self.prepare_spec(ctx, spec)
+    }
+    /// [`RootfsProvider::remount`] likewise: `Some` layers when the overlay
+    /// is left unmounted for the runtime.
+    fn remount_unmounted(
+        &self,
+        ctx: &Ctx,
+        full_name: &str,
+    ) -> std::result::Result<Option<moat_runtime::idmap::OverlayLayout>, String> {
+        self.remount(ctx, full_name).map(|()| None)
     }
 }
 
@@ -112,6 +135,7 @@ impl RootfsProvider for FolderRootfs {
             path,
             config: ImageConfig::default(),
             system: self.system,
+            overlay: None,
         })
     }
     fn release(&self, _ctx: &Ctx, _full_name: &str) -> std::result::Result<(), String> {
@@ -311,6 +335,7 @@ impl NativeDriver {
             ContainerKind::Application
         };
         let mut cs = ContainerSpec::new(&m.full_name, &rootfs.path, args);
+        cs.overlay = rootfs.overlay.clone();
         // Per-root cgroup parent: two roots may both have a machine `pro-dev`.
         cs.cgroup = Some(format!("/moat-{}/{}", ctx.root_tag, m.full_name));
         cs.kind = kind;
@@ -489,7 +514,7 @@ impl Driver for NativeDriver {
         })?;
         let rootfs = self
             .rootfs
-            .prepare_spec(ctx, spec)
+            .prepare_spec_unmounted(ctx, spec)
             .map_err(|e| Self::failed(name, format!("preparing the root file system: {e}")))?;
         let cs = self.container_spec(ctx, spec, &rootfs, id_number)?;
         let mut cfg = SupervisorConfig::new(cs);
@@ -542,10 +567,13 @@ impl Driver for NativeDriver {
             }
             _ => {}
         }
-        self.rootfs
-            .remount(ctx, full_name)
+        let overlay = self
+            .rootfs
+            .remount_unmounted(ctx, full_name)
             .map_err(|e| Self::failed(full_name, format!("mounting the root file system: {e}")))?;
-        let cfg = dir.read_config().map_err(Self::rt(full_name))?;
+        let mut cfg = dir.read_config().map_err(Self::rt(full_name))?;
+        // What is mounted now (or left to the supervisor to mount).
+        cfg.container.overlay = overlay;
         self.ensure_netns(ctx, full_name, &cfg)?;
         let sup = self.supervisor_path(full_name)?;
         let st = machine::launch(&dir, &cfg, &sup).map_err(Self::rt(full_name))?;
@@ -740,6 +768,7 @@ mod tests {
             path: "/r".into(),
             config: ImageConfig::default(),
             system: false,
+            overlay: None,
         };
         for (trust, untrusted) in [
             (TrustLevel::Untrusted, true),

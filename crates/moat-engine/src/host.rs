@@ -36,32 +36,7 @@ impl RootfsProvider for StoreRootfs {
         _ctx: &Ctx,
         machine: &Machine,
     ) -> std::result::Result<PreparedRootfs, String> {
-        let image = self
-            .store
-            .get(&machine.image)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("image '{}' is not in the store", machine.image))?;
-        let fs = if MachineFs::exists(&self.store, &machine.full_name) {
-            MachineFs::open(&self.store, &machine.full_name).map_err(|e| e.to_string())?
-        } else {
-            MachineFs::create(&self.store, &machine.full_name, &image, machine.disposable)
-                .map_err(|e| e.to_string())?
-        };
-        let path = fs.mount().map_err(|e| e.to_string())?;
-        let c = &image.config;
-        Ok(PreparedRootfs {
-            path,
-            config: DriverImageConfig {
-                entrypoint: c.entrypoint.clone(),
-                cmd: c.cmd.clone(),
-                env: c.env.clone(),
-                workdir: c.workdir.clone(),
-                user: parse_user(&c.user),
-            },
-            // A declared machine is long-lived: run the image's init when it has one
-            // (system container); `command:` overrides (the driver decides).
-            system: c.init.is_some(),
-        })
+        self.prepare_with(machine, true)
     }
 
     /// The root, plus the cloud-init seed when the machine has `cloud_init:`.
@@ -73,6 +48,34 @@ impl RootfsProvider for StoreRootfs {
         let prepared = self.prepare(ctx, &spec.machine)?;
         crate::cloudinit::write_seed(&prepared.path, spec).map_err(|e| e.to_string())?;
         Ok(prepared)
+    }
+
+    /// An overlay root is left for the supervisor to mount, unless a
+    /// cloud-init seed must be written into it first.
+    fn prepare_spec_unmounted(
+        &self,
+        ctx: &Ctx,
+        spec: &MachineSpec,
+    ) -> std::result::Result<PreparedRootfs, String> {
+        if spec.machine.cloud_init.is_some() {
+            return self.prepare_spec(ctx, spec);
+        }
+        self.prepare_with(&spec.machine, false)
+    }
+
+    fn remount_unmounted(
+        &self,
+        _ctx: &Ctx,
+        full_name: &str,
+    ) -> std::result::Result<Option<moat_runtime::idmap::OverlayLayout>, String> {
+        if !MachineFs::exists(&self.store, full_name) {
+            return Ok(None);
+        }
+        let fs = MachineFs::open(&self.store, full_name).map_err(|e| e.to_string())?;
+        match fs.overlay_unmounted().map_err(|e| e.to_string())? {
+            Some(o) => Ok(Some(layout(o))),
+            None => fs.mount().map(|_| None).map_err(|e| e.to_string()),
+        }
     }
 
     fn remount(&self, _ctx: &Ctx, full_name: &str) -> std::result::Result<(), String> {
@@ -91,6 +94,64 @@ impl RootfsProvider for StoreRootfs {
         // Unmounts first; a disposable machine's writable layer is not
         // emptied separately, it goes with the rest.
         fs.destroy().map_err(|e| e.to_string())
+    }
+}
+
+/// The runtime's name for an unmounted machine overlay.
+fn layout(o: moat_image::OverlaySpec) -> moat_runtime::idmap::OverlayLayout {
+    moat_runtime::idmap::OverlayLayout {
+        lowers: o.lowers,
+        upper: o.upper,
+        work: o.work,
+        volatile: o.volatile,
+    }
+}
+
+impl StoreRootfs {
+    /// The machine's root from the store: mounted, or (`mount` false, an
+    /// overlay not mounted yet) its layers for the runtime to mount.
+    fn prepare_with(
+        &self,
+        machine: &Machine,
+        mount: bool,
+    ) -> std::result::Result<PreparedRootfs, String> {
+        let image = self
+            .store
+            .get(&machine.image)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("image '{}' is not in the store", machine.image))?;
+        let fs = if MachineFs::exists(&self.store, &machine.full_name) {
+            MachineFs::open(&self.store, &machine.full_name).map_err(|e| e.to_string())?
+        } else {
+            MachineFs::create(&self.store, &machine.full_name, &image, machine.disposable)
+                .map_err(|e| e.to_string())?
+        };
+        let overlay = if mount {
+            None
+        } else {
+            fs.overlay_unmounted()
+                .map_err(|e| e.to_string())?
+                .map(layout)
+        };
+        let path = match overlay {
+            Some(_) => fs.rootfs(),
+            None => fs.mount().map_err(|e| e.to_string())?,
+        };
+        let c = &image.config;
+        Ok(PreparedRootfs {
+            path,
+            config: DriverImageConfig {
+                entrypoint: c.entrypoint.clone(),
+                cmd: c.cmd.clone(),
+                env: c.env.clone(),
+                workdir: c.workdir.clone(),
+                user: parse_user(&c.user),
+            },
+            // A declared machine is long-lived: run the image's init when it has one
+            // (system container); `command:` overrides (the driver decides).
+            system: c.init.is_some(),
+            overlay,
+        })
     }
 }
 

@@ -19,6 +19,6 @@ pub mod sources;
 pub mod store;
 
 pub use error::{ImageError, Result};
-pub use machine::{Backend, MachineFs, MachineFsState, SnapshotInfo};
+pub use machine::{Backend, MachineFs, MachineFsState, OverlaySpec, SnapshotInfo};
 pub use progress::{NoProgress, Progress, StderrProgress};
 pub use store::{describe_source, GcReport, Image, ImageConfig, ImageStore, LayerInfo};

@@ -30,6 +30,17 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ImageError, IoContext, Result};
 use crate::store::{check_simple_name, now, random_hex, read_json, write_json, Image, ImageStore};
 
+/// A machine's overlay, not mounted: what mounting it takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlaySpec {
+    /// Top-most first (overlayfs order).
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    /// A disposable machine's layer: mount it `volatile`.
+    pub volatile: bool,
+}
+
 /// What the store records about a machine's rootfs (also the machine's layer reference for gc).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineFsState {
@@ -297,6 +308,31 @@ impl MachineFs {
             fs::write(&a, b"").ctx("write", &a)?;
             return Ok(rootfs);
         }
+        let o = self.overlay_ready()?;
+        // A disposable machine's changes are thrown away: skip overlayfs's syncs (cheap unmount).
+        moat_host::mount::mount_overlay_with(
+            &o.lowers,
+            Some((&o.upper, &o.work)),
+            &rootfs,
+            o.volatile,
+        )?;
+        Ok(rootfs)
+    }
+
+    /// Everything [`MachineFs::mount`] does but the mount itself, for a
+    /// caller that mounts the overlay its own way (the native runtime's
+    /// supervisor mounts it with idmapped lower layers at once). `None` when
+    /// the rootfs is mounted already or is a btrfs snapshot (then
+    /// [`MachineFs::mount`] it instead).
+    pub fn overlay_unmounted(&self) -> Result<Option<OverlaySpec>> {
+        if self.state.backend == Backend::Btrfs || self.is_mounted()? {
+            return Ok(None);
+        }
+        self.overlay_ready().map(Some)
+    }
+
+    /// The overlay's folders made (a disposable machine's emptied).
+    fn overlay_ready(&self) -> Result<OverlaySpec> {
         if self.state.disposable {
             // Normally emptied at unmount already; a crash may have left changes behind.
             if !is_empty_dir(&self.upper())? {
@@ -309,16 +345,12 @@ impl MachineFs {
         for d in ["upper", "work", "rootfs"] {
             fs::create_dir_all(self.dir.join(d)).ctx("create directory", self.dir.join(d))?;
         }
-        let upper = self.upper();
-        let work = self.dir.join("work");
-        // A disposable machine's changes are thrown away: skip overlayfs's syncs (cheap unmount).
-        moat_host::mount::mount_overlay_with(
-            &self.lowers()?,
-            Some((&upper, &work)),
-            &rootfs,
-            self.state.disposable,
-        )?;
-        Ok(rootfs)
+        Ok(OverlaySpec {
+            lowers: self.lowers()?,
+            upper: self.upper(),
+            work: self.dir.join("work"),
+            volatile: self.state.disposable,
+        })
     }
 
     /// Unmount the rootfs (idempotent; detaches lazily when busy). Disposable machines lose their

@@ -87,16 +87,19 @@ fn dev_null() -> Result<OwnedFd, RuntimeError> {
 /// Writes config.json, prepares the rootfs (ownership, /etc files) and creates
 /// the container. On return the namespaces exist and init waits for [`start`].
 pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Created, RuntimeError> {
-    let config = oci_config(spec)?;
+    spec.validate()?;
     fs::create_dir_all(&paths.bundle).map_err(|e| RuntimeError::io(&paths.bundle, e))?;
     fs::create_dir_all(&paths.state_root).map_err(|e| RuntimeError::io(&paths.state_root, e))?;
+    // The root first: it may be mounted only now (`ContainerSpec::overlay`),
+    // and the spec reads the image's /etc/passwd in it.
+    rootfs::prepare(spec, &paths.bundle)?;
+    let config = oci_config(spec)?;
     let cfg_path = paths.bundle.join("config.json");
     let text = serde_json::to_vec_pretty(&config).map_err(|e| RuntimeError::InvalidSpec {
         container: spec.name.clone(),
         reason: e.to_string(),
     })?;
     fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
-    rootfs::prepare(spec, &paths.bundle)?;
 
     // A stale state folder from a crashed supervisor would make create fail.
     let stale = paths.state_root.join(&spec.name);

@@ -97,14 +97,25 @@ pub(crate) fn prepare(
             std::io::Error::other("the rootfs is not a folder"),
         ));
     }
+    // An overlay the caller left to us (`ContainerSpec::overlay`), when
+    // nothing is mounted there yet.
+    let pending = spec
+        .overlay
+        .as_ref()
+        .filter(|_| top_mount(root).is_none_or(|m| m.fstype != "overlay"));
     let mut rec = match (spec.idmap, spec.privileged) {
-        (Some(r), false) => ensure_ownership(root, r.host_id, r.size, record_dir)?,
-        _ => RootfsRecord {
-            ownership: RootfsOwnership::Unmapped,
-            base: 0,
-            overlay: None,
-            fallback_reason: None,
-        },
+        (Some(r), false) => ensure_ownership(root, r.host_id, r.size, record_dir, pending)?,
+        _ => {
+            if let Some(l) = pending {
+                remount_plain(root, l)?;
+            }
+            RootfsRecord {
+                ownership: RootfsOwnership::Unmapped,
+                base: 0,
+                overlay: None,
+                fallback_reason: None,
+            }
+        }
     };
     let owner = match (rec.ownership, spec.idmap) {
         (RootfsOwnership::Unmapped, _) | (_, None) => None,
@@ -253,6 +264,7 @@ fn ensure_ownership(
     base: u32,
     size: u32,
     record_dir: &Path,
+    pending: Option<&OverlayLayout>,
 ) -> Result<RootfsRecord, RuntimeError> {
     let tag = format!("{SOURCE_PREFIX}{base}");
     let top = top_mount(root).filter(|m| m.fstype == "overlay");
@@ -290,17 +302,26 @@ fn ensure_ownership(
         if layout.is_none() {
             reason = Some(format!("unusual overlay options: {}", m.super_opts));
         }
+    } else if let Some(l) = pending {
+        layout = Some(l.clone());
     } else {
         reason = Some("not an overlay mount (folder or btrfs root)".into());
     }
-    if let (Some(l), Some(m)) = (&layout, &top) {
+    if let Some(l) = &layout {
+        let mounted = top.is_some();
         if forced_shift() {
             reason = Some("MOAT_ROOTFS_OWNERSHIP=shifted".into());
-            if m.source.starts_with(SOURCE_PREFIX) {
+            if !mounted
+                || top
+                    .as_ref()
+                    .is_some_and(|m| m.source.starts_with(SOURCE_PREFIX))
+            {
                 remount_plain(root, l)?;
             }
         } else {
-            match idmap::probe(record_dir).and_then(|()| idmap_overlay(root, l, base, size, &tag)) {
+            match idmap::probe(record_dir)
+                .and_then(|()| idmap_overlay(root, l, base, size, &tag, mounted))
+            {
                 Ok(()) => {
                     return Ok(RootfsRecord {
                         ownership: RootfsOwnership::Idmapped,
@@ -315,6 +336,9 @@ fn ensure_ownership(
                         root.display()
                     );
                     reason = Some(e);
+                    if top_mount(root).is_none_or(|m| m.fstype != "overlay") {
+                        remount_plain(root, l)?;
+                    }
                 }
             }
         }
@@ -333,18 +357,21 @@ fn ensure_ownership(
     })
 }
 
-/// Replaces the overlay at `root` by one with idmapped lowers. Before the
-/// old mount goes, nothing has changed; after, a failure mounts the plain
-/// overlay again (the caller then shifts).
+/// Mounts the overlay at `root` with idmapped lowers, replacing the plain
+/// one there when `mounted`. Before the old mount goes, nothing has changed;
+/// after, a failure mounts the plain overlay again (the caller then shifts).
 fn idmap_overlay(
     root: &Path,
     layout: &OverlayLayout,
     base: u32,
     size: u32,
     tag: &str,
+    mounted: bool,
 ) -> Result<(), String> {
     let pending = idmap::prepare_overlay(layout, base, size, tag).map_err(|e| e.to_string())?;
-    moat_host::mount::unmount(root, false).map_err(|e| e.to_string())?;
+    if mounted {
+        moat_host::mount::unmount(root, false).map_err(|e| e.to_string())?;
+    }
     let done = (|| -> Result<(), String> {
         reset_volatile_work(layout).map_err(|e| e.to_string())?;
         shift_tree(&layout.upper, base, size).map_err(|e| e.to_string())?;

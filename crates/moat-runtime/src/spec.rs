@@ -112,6 +112,12 @@ pub struct ContainerSpec {
     /// (see `machine::attach_console`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub terminal: bool,
+    /// `rootfs` is this overlay, left unmounted by the caller: the
+    /// supervisor mounts it, with idmapped lower layers when it can (see
+    /// `rootfs`), instead of replacing a plain mount the caller made. Only
+    /// used when nothing is mounted at `rootfs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<crate::idmap::OverlayLayout>,
 }
 
 impl ContainerSpec {
@@ -145,6 +151,7 @@ impl ContainerSpec {
             cgroup: None,
             userns_path: None,
             terminal: false,
+            overlay: None,
         }
     }
 

@@ -257,3 +257,78 @@ fn folder_root_is_shifted() {
     let m = std::fs::metadata(fx.rootfs.join("bin/busybox")).expect("stat");
     assert_eq!(m.uid(), ids.host_id);
 }
+
+/// The store can leave a machine's overlay unmounted and name its layers
+/// (`ContainerSpec::overlay`): the supervisor mounts it idmapped at once (no
+/// plain mount to replace), and a privileged machine gets it plain.
+#[test]
+fn an_overlay_left_unmounted_is_mounted_by_the_supervisor() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let layer = fx.rootfs.clone();
+    let base = fx.tmp.path();
+    let o = Overlay::new(base, "u", std::slice::from_ref(&layer));
+    o.unmount();
+    let layout = moat_runtime::idmap::OverlayLayout {
+        lowers: vec![layer.clone()],
+        upper: o.upper.clone(),
+        work: o.upper.with_file_name("work"),
+        volatile: false,
+    };
+    let ids = IdRange::for_machine(machine_number());
+    let name = unique("idmu");
+    let dir = MachineDir::new(base.join("u/machine"));
+    let guard = Guard(dir.clone());
+    let mut spec = ContainerSpec::new(&name, &o.rootfs, sh("exec sleep 1000"));
+    spec.idmap = Some(ids);
+    spec.overlay = Some(layout.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 300;
+    let sup = machine::find_supervisor().expect("moat-supervisor");
+    let st = machine::launch(&dir, &cfg, &sup).expect("launch");
+    assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
+    assert_idmapped(&dir, &o, ids);
+    assert_eq!(
+        exec(&dir, "stat -c %u:%g / /bin/busybox /etc/hostname | sort -u"),
+        "0:0"
+    );
+    assert!(not_root_owned(&layer).is_empty(), "layer chowned");
+
+    // Stopped and unmounted (a host reboot): the next launch mounts it again.
+    machine::stop(&dir, Duration::from_millis(300)).expect("stop");
+    o.unmount();
+    machine::launch(&dir, &cfg, &sup).expect("launch again");
+    assert_idmapped(&dir, &o, ids);
+    machine::stop(&dir, Duration::from_millis(300)).expect("stop");
+    drop(guard);
+    o.unmount();
+
+    // Privileged (no user namespace): a plain overlay.
+    let pname = unique("idmp");
+    let pdir = MachineDir::new(base.join("u/pmachine"));
+    let pguard = Guard(pdir.clone());
+    let mut spec = ContainerSpec::new(&pname, &o.rootfs, sh("exec sleep 1000"));
+    spec.privileged = true;
+    spec.overlay = Some(layout);
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 300;
+    let st = machine::launch(&pdir, &cfg, &sup).expect("launch privileged");
+    assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
+    let at = mounts_at(&o.rootfs);
+    assert!(
+        at.len() == 1 && at[0].contains(" overlay ") && !at[0].contains("moat-idmapped"),
+        "{at:?}"
+    );
+    assert_eq!(exec(&pdir, "stat -c %u /bin/busybox"), "0");
+    drop(pguard);
+    o.unmount();
+    for n in [&name, &pname] {
+        assert!(
+            leftovers(n, base).is_empty(),
+            "{n}: {:?}",
+            leftovers(n, base)
+        );
+    }
+}
