@@ -373,9 +373,7 @@ pub fn launch(
 ) -> Result<MachineState, RuntimeError> {
     config.container.validate()?;
     if let Some(s) = dir.read_status() {
-        if sys::alive(s.supervisor_pid, s.supervisor_start)
-            && !(s.phase.is_final() && wait_finished(dir, &s))
-        {
+        if !wait_finished(dir, &s)? && sys::alive(s.supervisor_pid, s.supervisor_start) {
             return Err(dir.err("a supervisor is already running for this machine; stop it first"));
         }
     }
@@ -620,19 +618,24 @@ pub fn start(dir: &MachineDir) -> Result<(), RuntimeError> {
     Ok(())
 }
 
-/// Waits for a supervisor whose container has ended (`s` has a final phase)
-/// to finish removing it and exit; false if it is still there after 30 s
-/// (a v1 cgroup removal can take a while on a loaded host).
-fn wait_finished(dir: &MachineDir, s: &Status) -> bool {
-    let gone = sys::wait_gone(
+/// When `s` says the container has ended while its supervisor is still
+/// alive (see [`Phase::is_final`]), waits for it to finish removing the
+/// container and exit: true then, false when there was nothing to wait for,
+/// an error if it is still there after 30 s (a v1 cgroup removal can take a
+/// while on a loaded host).
+fn wait_finished(dir: &MachineDir, s: &Status) -> Result<bool, RuntimeError> {
+    if !s.phase.is_final() || !sys::alive(s.supervisor_pid, s.supervisor_start) {
+        return Ok(false);
+    }
+    if !sys::wait_gone(
         s.supervisor_pid,
         s.supervisor_start,
         Duration::from_secs(30),
-    );
-    if gone {
-        forget_notify(dir);
+    ) {
+        return Err(dir.err("the supervisor did not exit after its container ended"));
     }
-    gone
+    forget_notify(dir);
+    Ok(true)
 }
 
 /// Asks PID 1 to stop (SIGRTMIN+3 for systemd, SIGTERM otherwise, or the
@@ -645,11 +648,8 @@ pub fn stop(dir: &MachineDir, timeout: Duration) -> Result<(), RuntimeError> {
     if !sys::alive(s.supervisor_pid, s.supervisor_start) {
         return cleanup_dead(dir);
     }
-    if s.phase.is_final() {
-        // PID 1 has ended: the supervisor removes the container and exits.
-        if !wait_finished(dir, &s) {
-            return Err(dir.err("the supervisor did not exit after its container ended"));
-        }
+    if wait_finished(dir, &s)? {
+        // PID 1 had ended: the supervisor removed the container and exited.
         return Ok(());
     }
     if let Err(e) = dir.request(&format!("stop {}", timeout.as_millis())) {
@@ -760,12 +760,7 @@ pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
     if let Some(s) = dir.read_status() {
         // A supervisor still removing its ended container: not at the same
         // time (what it could not remove is seen to below).
-        if s.phase.is_final()
-            && sys::alive(s.supervisor_pid, s.supervisor_start)
-            && !wait_finished(dir, &s)
-        {
-            return Err(dir.err("the supervisor did not exit after its container ended"));
-        }
+        wait_finished(dir, &s)?;
     }
     let Ok(cfg) = dir.read_config() else {
         return Ok(());

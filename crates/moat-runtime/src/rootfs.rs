@@ -99,12 +99,11 @@ pub(crate) fn prepare(
     }
     // An overlay the caller left to us (`ContainerSpec::overlay`), when
     // nothing is mounted there yet.
-    let pending = spec
-        .overlay
-        .as_ref()
-        .filter(|_| top_mount(root).is_none_or(|m| m.fstype != "overlay"));
+    // One read of the mount table for both.
+    let top = top_mount(root).filter(|m| m.fstype == "overlay");
+    let pending = spec.overlay.as_ref().filter(|_| top.is_none());
     let mut rec = match (spec.idmap, spec.privileged) {
-        (Some(r), false) => ensure_ownership(root, r.host_id, r.size, record_dir, pending)?,
+        (Some(r), false) => ensure_ownership(root, r.host_id, r.size, record_dir, top, pending)?,
         _ => {
             if let Some(l) = pending {
                 remount_plain(root, l)?;
@@ -259,15 +258,16 @@ fn forced_shift() -> bool {
     std::env::var("MOAT_ROOTFS_OWNERSHIP").is_ok_and(|v| v == "shifted")
 }
 
+/// `top`: the overlay mounted at `root` now, if any.
 fn ensure_ownership(
     root: &Path,
     base: u32,
     size: u32,
     record_dir: &Path,
+    top: Option<MountEntry>,
     pending: Option<&OverlayLayout>,
 ) -> Result<RootfsRecord, RuntimeError> {
     let tag = format!("{SOURCE_PREFIX}{base}");
-    let top = top_mount(root).filter(|m| m.fstype == "overlay");
     let mut reason = None;
     let mut layout = None;
     if let Some(m) = &top {
