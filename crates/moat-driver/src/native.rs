@@ -261,7 +261,14 @@ impl NativeDriver {
             .map_err(|_| Self::failed(full_name, "driver state poisoned"))?
             .get(full_name)
             .cloned();
-        if moat_runtime::sys::is_ns_mount(path) {
+        // An apply killed between binding the network namespace and its
+        // user namespace leaves half a pair: made again from scratch.
+        let user_bound = cfg
+            .container
+            .userns_path
+            .as_deref()
+            .is_none_or(moat_runtime::sys::is_ns_mount);
+        if user_bound && moat_runtime::sys::is_ns_mount(path) {
             // An apply killed between creating the veth and enslaving it to
             // the bridge leaves the namespace with a NIC that goes nowhere:
             // attach again (it replaces the pair) unless it is on its bridge.
@@ -625,6 +632,20 @@ impl Driver for NativeDriver {
         if !released {
             release()?;
         }
+        // The namespaces before the folder: a destroy killed in between
+        // leaves the folder, so the machine is still seen and destroyed
+        // again; the other way round, nothing would name the namespaces.
+        for ns in [
+            Self::netns_path(ctx, full_name),
+            Self::userns_path(ctx, full_name),
+        ] {
+            moat_runtime::sys::remove_ns_mount(&ns).map_err(|e| {
+                Self::failed(
+                    full_name,
+                    format!("removing its namespace file {}: {e}", ns.display()),
+                )
+            })?;
+        }
         // A disposable machine's folder is a tmpfs: unmounting it removes
         // everything in it at once.
         if moat_host::mount::is_mount_point(&dir.dir).unwrap_or(false) {
@@ -641,17 +662,6 @@ impl Driver for NativeDriver {
             }
         }
         machine::destroy(&dir, self.stop_timeout).map_err(Self::rt(full_name))?;
-        for ns in [
-            Self::netns_path(ctx, full_name),
-            Self::userns_path(ctx, full_name),
-        ] {
-            moat_runtime::sys::remove_ns_mount(&ns).map_err(|e| {
-                Self::failed(
-                    full_name,
-                    format!("removing its namespace file {}: {e}", ns.display()),
-                )
-            })?;
-        }
         if let Ok(mut s) = self.specs.lock() {
             s.remove(full_name);
         }

@@ -437,15 +437,23 @@ pub fn create_persistent_netns(
     user: Option<(&std::path::Path, crate::spec::IdRange)>,
 ) -> io::Result<()> {
     let touch = |p: &std::path::Path| -> io::Result<()> {
-        if let Some(dir) = p.parent() {
-            fs::create_dir_all(dir)?;
-        }
-        fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(p)
-            .map(|_| ())
+        // A namespace still bound there (a caller killed half-way through
+        // this function or through removing a pair) is replaced: opening an
+        // nsfs file for writing fails with EPERM.
+        remove_ns_mount(p)
+            .and_then(|()| match p.parent() {
+                Some(dir) => fs::create_dir_all(dir),
+                None => Ok(()),
+            })
+            .and_then(|()| {
+                fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(p)
+                    .map(|_| ())
+            })
+            .map_err(|e| io::Error::new(e.kind(), format!("preparing {}: {e}", p.display())))
     };
     touch(net)?;
     if let Some((u, _)) = user {
