@@ -9,6 +9,7 @@
 //! <dir>/supervisor.json   what to run (SupervisorConfig), written by launch()
 //! <dir>/status.json       written by the supervisor (atomic rename)
 //! <dir>/supervisor.sock   requests: start | stop <ms> | kill <sig>
+//! <dir>/supervisor.lock   flock held by the one supervisor of the machine
 //! <dir>/supervisor.log    the supervisor's own messages
 //! <dir>/logs/{stdout,stderr}.log[.N]
 //! <dir>/bundle/config.json, <dir>/state/<name>/ (libcontainer)
@@ -173,6 +174,11 @@ impl MachineDir {
     }
     pub fn socket_path(&self) -> PathBuf {
         self.dir.join("supervisor.sock")
+    }
+    /// Held (`flock`) by the machine's supervisor for its whole life: a
+    /// second one for the same folder exits at once ([`SUPERVISOR_BUSY`]).
+    pub fn lock_path(&self) -> PathBuf {
+        self.dir.join("supervisor.lock")
     }
     pub fn logs_dir(&self) -> PathBuf {
         self.dir.join("logs")
@@ -399,7 +405,10 @@ pub fn launch(
     // Non-blocking: two waiters (daemon threads) may both see it readable.
     sys::set_nonblock(&notify_r);
     remember_notify(dir, notify_r);
-    if let Some(st) = st.filter(|st| !st.success()) {
+    // Another supervisor holds the machine: one started by a launch that
+    // was killed after it removed the old status and before that supervisor
+    // wrote its first one. That one runs the machine; wait for it as for ours.
+    if let Some(st) = st.filter(|st| !st.success() && st.code() != Some(SUPERVISOR_BUSY)) {
         return Err(dir.err(format!(
             "{} {} exited with {st}; see {}",
             supervisor.display(),
@@ -551,6 +560,10 @@ fn take_warm(supervisor: &Path) -> Option<Warm> {
 }
 
 /// The environment variable that gives the supervisor its notify fd.
+/// Exit code of a supervisor that found another one holding its machine's
+/// [`MachineDir::lock_path`]: it touched nothing of the machine.
+pub const SUPERVISOR_BUSY: i32 = 75;
+
 pub(crate) const NOTIFY_FD_ENV: &str = "MOAT_SUPERVISOR_NOTIFY_FD";
 
 /// Read ends of the notify pipes of the supervisors this process launched,

@@ -90,6 +90,30 @@ pub fn main_entry() -> i32 {
         }
     };
     let dir = MachineDir::new(dir);
+    // One supervisor per machine, before anything of the machine is read or
+    // touched (socket, status, container state). The lock lives as long as
+    // this open file: the forked supervisor below keeps it (close-on-exec, so
+    // no container process does).
+    let _lock = match fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.lock_path())
+        .map(|f| (f.try_lock(), f))
+    {
+        Ok((Ok(()), f)) => f,
+        Ok((Err(fs::TryLockError::WouldBlock), _)) => {
+            eprintln!(
+                "moat-supervisor: another supervisor runs {}",
+                dir.dir.display()
+            );
+            return crate::machine::SUPERVISOR_BUSY;
+        }
+        Ok((Err(fs::TryLockError::Error(e)), _)) | Err(e) => {
+            eprintln!("moat-supervisor: {}: {e}", dir.lock_path().display());
+            return 1;
+        }
+    };
     let cfg = match dir.read_config() {
         Ok(c) => c,
         Err(e) => {

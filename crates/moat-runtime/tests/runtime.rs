@@ -499,3 +499,63 @@ fn an_ended_machine_relaunches_at_once_and_stop_waits_for_its_cleanup() {
     );
     eprintln!("5 runs of /bin/true; the supervisor was still finishing when 'exited' was read in {ending_seen} of them");
 }
+
+/// One supervisor per machine. A launch killed after it removed the old
+/// status and before its supervisor wrote the first one left the next launch
+/// nothing to see: it started a second supervisor, which failed on the
+/// existing container. Now the second one finds the machine's lock held,
+/// exits with `SUPERVISOR_BUSY` touching nothing, and the launch waits for
+/// the first one's status instead of failing.
+#[test]
+fn a_second_supervisor_for_a_machine_touches_nothing() {
+    if !can_run() {
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("lock");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh("sleep 1000"));
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let cfg = SupervisorConfig::new(spec);
+    std::fs::create_dir_all(&dir.dir).expect("mkdir");
+    // The test plays the first supervisor (that of the killed launch): it
+    // holds the lock while `launch` runs.
+    let lock = std::fs::File::create(dir.lock_path()).expect("lock file");
+    lock.lock().expect("lock");
+    let (d, c) = (dir.clone(), cfg.clone());
+    let launching = std::thread::spawn(move || machine::launch(&d, &c, &supervisor()));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!launching.is_finished(), "launch waits for the lock holder");
+    assert!(
+        dir.read_status().is_none(),
+        "the busy supervisor wrote a status"
+    );
+    assert!(
+        !dir.socket_path().exists(),
+        "the busy supervisor made a socket"
+    );
+    // The first supervisor gets going: the launch sees its machine running.
+    drop(lock);
+    let st = std::process::Command::new(supervisor())
+        .arg(&dir.dir)
+        .status()
+        .expect("supervisor");
+    assert!(st.success(), "{st}");
+    let state = launching.join().expect("join").expect("launch");
+    assert!(matches!(state, MachineState::Running { .. }), "{state:?}");
+    let pid = dir.read_status().and_then(|s| s.pid);
+
+    // A supervisor started for the running machine leaves it alone.
+    let st = std::process::Command::new(supervisor())
+        .arg(&dir.dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("supervisor");
+    assert_eq!(st.code(), Some(machine::SUPERVISOR_BUSY));
+    assert_eq!(dir.read_status().and_then(|s| s.pid), pid);
+    let (code, out, _) = exec_ok(&dir, "echo alive");
+    assert_eq!((code, out.trim()), (0, "alive"));
+    machine::stop(&dir, Duration::from_millis(300)).expect("stop");
+    assert!(!dir.supervisor_alive());
+}
