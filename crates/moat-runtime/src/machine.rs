@@ -559,11 +559,11 @@ fn take_warm(supervisor: &Path) -> Option<Warm> {
     (w.supervisor == supervisor).then_some(w)
 }
 
-/// The environment variable that gives the supervisor its notify fd.
 /// Exit code of a supervisor that found another one holding its machine's
 /// [`MachineDir::lock_path`]: it touched nothing of the machine.
 pub const SUPERVISOR_BUSY: i32 = 75;
 
+/// The environment variable that gives the supervisor its notify fd.
 pub(crate) const NOTIFY_FD_ENV: &str = "MOAT_SUPERVISOR_NOTIFY_FD";
 
 /// Read ends of the notify pipes of the supervisors this process launched,
