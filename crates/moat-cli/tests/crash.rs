@@ -5,10 +5,11 @@
 //! the host (`common::scan`) must find host and state store consistent; each
 //! time the root is destroyed the scan must find nothing left at all.
 //!
-//! The kill moment is uniform in [0, 1.2 × the duration of an un-killed apply
-//! from scratch], measured at the start. Runs start from varied states (from
-//! scratch, partly destroyed, crashed machines and DHCP server, another
-//! version of the project) so that kills land in every kind of action.
+//! Runs start from varied states (from scratch, partly destroyed, crashed
+//! machines and DHCP server, another version of the project) so that kills
+//! land in every kind of action. The kill moment is uniform in [0, 1.2 × the
+//! duration of an un-killed apply from the same kind of start], each measured
+//! once at the start of the test.
 //!
 //! `MOAT_KILL_RUNS` sets the number of runs (default 50), `MOAT_KILL_SEED` the
 //! random seed (printed by every run). Needs root, `ip`, `nft`, `dnsmasq` and
@@ -484,6 +485,38 @@ fn prepare(lab: &Lab, run: u32, ignore: &[u32], tally: &mut Tally) {
     }
 }
 
+/// Kill windows per kind of start ([`Start`] order): 1.2 × the duration of
+/// an un-killed `apply --prune` from that start. Starts from a partly applied
+/// host take a fraction of an apply from scratch; one window for all would
+/// put most of their kills after the apply ended. Runs the three non-scratch
+/// starts once, in cycle order, from the applied project; panics if one of
+/// those applies fails or leaves the host inconsistent.
+fn windows(lab: &Lab, ignore: &[u32], scratch: Duration) -> [u64; 4] {
+    let mut w = [(scratch.as_millis() as u64) * 6 / 5; 4];
+    let mut tally = Tally::default();
+    for run in 1..4 {
+        prepare(lab, run, ignore, &mut tally);
+        let t = Instant::now();
+        let o = lab.run(&["apply", "--prune"]);
+        let took = t.elapsed();
+        assert!(
+            o.status.success(),
+            "un-killed apply from the {:?} start failed:\n{}",
+            Start::of(run),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let bad = lab.converges(ignore);
+        assert!(
+            bad.is_empty(),
+            "un-killed apply from the {:?} start is inconsistent: {bad:?}",
+            Start::of(run)
+        );
+        w[run as usize] = ((took.as_millis() as u64) * 6 / 5).max(1);
+    }
+    eprintln!("kill windows (ms) per start (scratch, partial, crashed, changed): {w:?}");
+    w
+}
+
 #[test]
 fn apply_killed_at_random_moments_converges() {
     if let Some(why) = skip_reason() {
@@ -508,14 +541,14 @@ fn apply_killed_at_random_moments_converges() {
         "un-killed apply is inconsistent: {first:?}"
     );
     eprintln!("un-killed apply from scratch: {} ms", full.as_millis());
-    let window = (full.as_millis() as u64) * 6 / 5;
+    let window = windows(&lab, &[], full);
 
     let mut rng = Rng::new(1);
     let mut tally = Tally::default();
     let n = runs();
     for run in 0..n {
         prepare(&lab, run, &[], &mut tally);
-        let delay = rng.below(window.max(1));
+        let delay = rng.below(window[(run % 4) as usize].max(1));
         let t = Instant::now();
         let mut child = lab.spawn(&["apply", "--prune"]);
         std::thread::sleep(Duration::from_millis(delay).saturating_sub(t.elapsed()));
@@ -667,7 +700,7 @@ fn daemon_killed_at_random_moments_converges() {
         "un-killed apply through the daemon: {} ms",
         full.as_millis()
     );
-    let window = (full.as_millis() as u64) * 6 / 5;
+    let window = windows(&lab, &[first_pid], full);
 
     let mut rng = Rng::new(2);
     let mut tally = Tally::default();
@@ -675,7 +708,7 @@ fn daemon_killed_at_random_moments_converges() {
     for run in 0..n {
         let pids: Vec<u32> = daemon.iter().map(Daemon::pid).collect();
         prepare(&lab, run, &pids, &mut tally);
-        let delay = rng.below(window.max(1));
+        let delay = rng.below(window[(run % 4) as usize].max(1));
         let t = Instant::now();
         // The client asks the daemon for the apply and prints its progress.
         let mut client = lab.spawn(&["apply", "--prune"]);
