@@ -80,6 +80,38 @@ fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// One write of as much of `buf` as `fd` takes now (it may be non-blocking:
+/// `WouldBlock` then).
+fn write_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: write from a live slice.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Writes what `fd` takes now of `pending` and drops it from there. A
+/// process that is gone takes nothing more: its output decides the end.
+fn flush(fd: RawFd, pending: &mut Vec<u8>) {
+    match write_some(fd, pending) {
+        Ok(n) => {
+            pending.drain(..n);
+        }
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        Err(_) => pending.clear(),
+    }
+}
+
+/// Input read from our stdin but not yet taken by the process, at most this
+/// much: beyond it the relay stops reading its stdin until the process reads.
+const MAX_PENDING: usize = 256 * 1024;
+
 fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: read into a live buffer.
@@ -128,13 +160,25 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
         }
     }
     let io_fd = session.io.as_raw_fd();
+    // Writes to the process never block: input it does not read yet waits
+    // in `pending` while its output keeps flowing (a blocking write could
+    // deadlock with a process blocked on printing what we did not read).
+    // SAFETY: fcntl on our own descriptor.
+    let io_flags = unsafe { libc::fcntl(io_fd, libc::F_GETFL) };
+    if io_flags >= 0 {
+        // SAFETY: as above.
+        unsafe { libc::fcntl(io_fd, libc::F_SETFL, io_flags | libc::O_NONBLOCK) };
+    }
+    let mut pending: Vec<u8> = Vec::new();
+    // Our stdin ended: the process's input is closed once `pending` is written.
+    let mut close_when_written = false;
     let mut stdin_open = true;
     let mut buf = vec![0u8; 32 * 1024];
     let result = loop {
         let mut pfd = [
             libc::pollfd {
                 fd: io_fd,
-                events: libc::POLLIN,
+                events: libc::POLLIN | if pending.is_empty() { 0 } else { libc::POLLOUT },
                 revents: 0,
             },
             libc::pollfd {
@@ -143,7 +187,11 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
                 revents: 0,
             },
             libc::pollfd {
-                fd: if stdin_open { 0 } else { -1 },
+                fd: if stdin_open && pending.len() < MAX_PENDING {
+                    0
+                } else {
+                    -1
+                },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -157,11 +205,19 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
             }
             break Err(e);
         }
-        if pfd[0].revents != 0 {
+        if pfd[0].revents & libc::POLLOUT != 0 && !pending.is_empty() {
+            flush(io_fd, &mut pending);
+            if pending.is_empty() && close_when_written {
+                close_when_written = false;
+                let _ = session.close_stdin();
+            }
+        }
+        if pfd[0].revents & !libc::POLLOUT != 0 {
             match read(io_fd, &mut buf) {
                 // EIO: the pty's last slave was closed (the process ended).
                 Ok(0) => break Ok(false),
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => break Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => break Err(e),
                 Ok(n) => {
                     if let Err(e) = write_all(1, &buf[..n]) {
@@ -182,16 +238,21 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
                 Ok(0) | Err(_) => {
                     stdin_open = false;
                     // A console leaves the process alone; a session's
-                    // process gets the end of its input.
+                    // process gets the end of its input, after the rest of it.
                     if detach.is_none() {
-                        let _ = session.close_stdin();
+                        if pending.is_empty() {
+                            let _ = session.close_stdin();
+                        } else {
+                            close_when_written = true;
+                        }
                     }
                 }
                 Ok(n) => {
                     let chunk = &buf[..n];
                     let at = detach.and_then(|d| chunk.iter().position(|&b| b == d));
-                    // The process may be gone already: its output decides.
-                    let _ = write_all(io_fd, &chunk[..at.unwrap_or(n)]);
+                    pending.extend_from_slice(&chunk[..at.unwrap_or(n)]);
+                    // At once if the process takes it (the usual case).
+                    flush(io_fd, &mut pending);
                     if at.is_some() {
                         break Ok(true);
                     }
@@ -199,6 +260,10 @@ pub fn relay_until(session: &mut ExecSession, detach: Option<u8>) -> io::Result<
             }
         }
     };
+    if io_flags >= 0 {
+        // SAFETY: fcntl on our own descriptor, back to its flags.
+        unsafe { libc::fcntl(io_fd, libc::F_SETFL, io_flags) };
+    }
     if session.tty {
         // SAFETY: back to the default disposition.
         unsafe { libc::signal(libc::SIGWINCH, libc::SIG_DFL) };

@@ -94,11 +94,15 @@ impl Term {
             if let Some(i) = t.get(from..).and_then(|s| s.find(needle)) {
                 return from + i + needle.len();
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the terminal output: {:?}",
-                &t[from.min(t.len())..]
-            );
+            if Instant::now() >= deadline {
+                // The end of it (a flood would drown the message).
+                let rest: Vec<char> = t[from.min(t.len())..].chars().collect();
+                let tail: String = rest[rest.len().saturating_sub(2000)..].iter().collect();
+                panic!(
+                    "no {needle:?} in the terminal output ({} chars); its end: {tail:?}",
+                    rest.len()
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -317,4 +321,97 @@ fn run_t_gives_pid_1_a_terminal() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not running"));
     r.ok(&["destroy", "td", "--force"]);
     assert!(r.mounts().is_empty(), "{:?}", r.mounts());
+}
+
+/// Input the process does not read yet never stops its output: the relay
+/// queues what it cannot write (up to a bound, then it stops reading its own
+/// stdin) instead of blocking on it. A blocking write once deadlocked
+/// `exec -i` fed more than a pipe's worth while the command was printing,
+/// and a paste into `exec -t` larger than the pty's input buffer.
+#[test]
+fn relay_keeps_output_flowing_while_input_waits() {
+    let Some(r) = common::root_or_skip() else {
+        return;
+    };
+    r.ok(&[
+        "run", "-d", "--name", "fl", "busybox", "--", "sleep", "100000",
+    ]);
+    // exec -i: 1 MB in, 1 MB out first, then the input is counted.
+    let mut ex = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg("--root")
+        .arg(r.path())
+        .args([
+            "exec",
+            "-i",
+            "fl",
+            "--",
+            "sh",
+            "-c",
+            "head -c 1000000 /dev/zero | tr '\\0' x; echo; wc -c",
+        ])
+        .env("MOAT_SUPERVISOR", &r.sup)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = ex.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        let line = [b'a'; 1000];
+        for _ in 0..1000 {
+            if input.write_all(&line).is_err() {
+                break;
+            }
+        }
+    });
+    let pid = ex.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(ex.wait_with_output());
+    });
+    let o = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(o) => o.unwrap(),
+        Err(_) => {
+            // SAFETY: kill of the child we spawned (not yet reaped).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("exec -i deadlocked: input waiting blocked the output");
+        }
+    };
+    let _ = feeder.join();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(text.bytes().filter(|&b| b == b'x').count(), 1_000_000);
+    assert_eq!(
+        text.trim_end().rsplit('\n').next().map(str::trim),
+        Some("1000000")
+    );
+
+    // exec -t: a 2 MB paste while the command (in raw mode, as an editor
+    // is: the line discipline then holds input back instead of dropping it)
+    // prints and has not read yet.
+    let term = Term::new(24, 80);
+    let mut ex = term.spawn(
+        &r,
+        &[
+            "exec",
+            "-t",
+            "fl",
+            "--",
+            "sh",
+            "-c",
+            "stty raw -echo; sleep 1; head -c 300000 /dev/zero | tr '\\0' y; echo; echo done-$((1+1))",
+        ],
+    );
+    let mut paste = term.master.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let chunk = [b'p'; 1000];
+        for _ in 0..2000 {
+            if paste.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    term.expect(0, "done-2");
+    assert_eq!(wait_exit(&mut ex), Some(0));
+    r.ok(&["destroy", "fl", "--force"]);
 }
