@@ -33,6 +33,23 @@ fn run_exec_snapshot_clone_destroy() {
     assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
     assert!(String::from_utf8_lossy(&o.stderr).contains("err"));
     assert!(r.mounts().is_empty(), "--rm left mounts: {:?}", r.mounts());
+    // The root's cgroup parent stays for the next machine, empty; the
+    // machine's own cgroup is gone. `destroy --all` removes the parent (end).
+    let parents = root_cgroup_parents(r.path());
+    assert!(!parents.is_empty(), "no /moat-<tag> cgroup parent was kept");
+    for p in &parents {
+        let inside: Vec<_> = std::fs::read_dir(p)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            inside.is_empty(),
+            "--rm left cgroups in {}: {inside:?}",
+            p.display()
+        );
+    }
 
     // A `--rm` machine that cannot start leaves nothing either.
     let o = r.moat(&["run", "--rm", "busybox", "--", "/nonexistent"]);
@@ -208,6 +225,8 @@ fn run_exec_snapshot_clone_destroy() {
         "processes left: {}",
         String::from_utf8_lossy(&procs.stdout)
     );
+    let parents = root_cgroup_parents(r.path());
+    assert!(parents.is_empty(), "cgroup parents left: {parents:?}");
     for ctl in ["memory", "pids", "cpu,cpuacct", "unified"] {
         let base = Path::new("/sys/fs/cgroup").join(ctl);
         if let Ok(rd) = std::fs::read_dir(&base) {
@@ -221,4 +240,23 @@ fn run_exec_snapshot_clone_destroy() {
             }
         }
     }
+}
+
+/// The root's cgroup parent (`/moat-<tag>`) in each hierarchy where it exists.
+fn root_cgroup_parents(root: &Path) -> Vec<std::path::PathBuf> {
+    let tag = moat_core::naming::root_tag(&root.to_string_lossy());
+    let mut found = Vec::new();
+    for base in ["/sys/fs/cgroup".to_string()].into_iter().chain(
+        std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().to_string_lossy().into_owned()),
+    ) {
+        let p = Path::new(&base).join(format!("moat-{tag}"));
+        if p.is_dir() {
+            found.push(p);
+        }
+    }
+    found
 }

@@ -345,6 +345,9 @@ impl NativeDriver {
         cs.overlay = rootfs.overlay.clone();
         // Per-root cgroup parent: two roots may both have a machine `pro-dev`.
         cs.cgroup = Some(format!("/moat-{}/{}", ctx.root_tag, m.full_name));
+        // The root's `/moat-<tag>` stays for the next machine (`moat destroy`
+        // removes it when it is empty).
+        cs.keep_cgroup_parent = true;
         cs.kind = kind;
         cs.env = rootfs.config.env.clone();
         cs.cwd = rootfs.config.workdir.clone().unwrap_or_else(|| "/".into());
@@ -648,7 +651,11 @@ impl Driver for NativeDriver {
         }
         // A disposable machine's folder is a tmpfs: unmounting it removes
         // everything in it at once.
-        if moat_host::mount::is_mount_point(&dir.dir).unwrap_or(false) {
+        // Most often nothing is mounted below it any more (the root file
+        // system was released above): one unmount, no read of the mount table.
+        if moat_host::mount::is_mount_point(&dir.dir).unwrap_or(false)
+            && moat_host::mount::unmount(&dir.dir, false).is_err()
+        {
             // What is still mounted below it first (best effort: a detach of
             // the folder takes the rest with it).
             for m in moat_host::mount::mounts_under(&dir.dir).unwrap_or_default() {

@@ -126,7 +126,9 @@ pub struct NspawnDriver {
     rootfs: Arc<dyn RootfsProvider>,
     network: Option<Arc<dyn NetnsAttacher>>,
     supervisor: Option<PathBuf>,
-    nspawn: PathBuf,
+    /// systemd-nspawn, looked up on PATH at first use (not when the driver
+    /// is made: every `moat` command makes one).
+    nspawn: std::sync::OnceLock<PathBuf>,
     stop_timeout: Duration,
     /// Forces a supervision mode (tests); `None` detects.
     force: Option<Supervision>,
@@ -172,10 +174,16 @@ impl NspawnDriver {
             rootfs,
             network: None,
             supervisor: None,
-            nspawn: which("systemd-nspawn").unwrap_or_else(|| "/usr/bin/systemd-nspawn".into()),
+            nspawn: std::sync::OnceLock::new(),
             stop_timeout: Duration::from_secs(10),
             force: None,
         }
+    }
+
+    fn nspawn(&self) -> &PathBuf {
+        self.nspawn.get_or_init(|| {
+            which("systemd-nspawn").unwrap_or_else(|| "/usr/bin/systemd-nspawn".into())
+        })
     }
 
     pub fn with_network(mut self, attacher: Arc<dyn NetnsAttacher>) -> Self {
@@ -641,9 +649,9 @@ impl Driver for NspawnDriver {
                 hint: "run moat as root".into(),
             };
         }
-        if !self.nspawn.is_file() {
+        if !self.nspawn().is_file() {
             return Probe::Unavailable {
-                reason: format!("{} is not installed", self.nspawn.display()),
+                reason: format!("{} is not installed", self.nspawn().display()),
                 hint: "install it: apt-get install systemd-container".into(),
             };
         }
@@ -788,7 +796,7 @@ impl Driver for NspawnDriver {
         let id_base = (!args::wants_no_userns(m)).then(|| args::id_base_for(id_number));
         let moat_shifts = id_base.is_some() && shift::is_overlay(&rootfs.path);
         let argv = args::nspawn_argv(
-            &self.nspawn,
+            self.nspawn(),
             &Plan {
                 machine: m,
                 rootfs: &rootfs.path,

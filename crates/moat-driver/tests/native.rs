@@ -79,7 +79,8 @@ fn setup(full: &str) -> Option<(tempfile::TempDir, Ctx, FolderRootfs, String)> {
     let ctx = Ctx {
         root: tmp.path().join("root"),
         run_dir: tmp.path().join("run"),
-        root_tag: "t".into(),
+        // Unique per test process (the root's cgroup parent is `/moat-<tag>`).
+        root_tag: format!("t{}", std::process::id()),
     };
     let provider = FolderRootfs {
         base: tmp.path().join("rootfs"),
@@ -93,6 +94,14 @@ struct Cleanup<'a>(&'a NativeDriver, &'a Ctx, &'a str);
 impl Drop for Cleanup<'_> {
     fn drop(&mut self) {
         let _ = self.0.destroy(self.1, self.2);
+        // The root's cgroup parent, kept by the driver for the next machine
+        // (`moat destroy` removes it); refused while another test's machine
+        // of this process is in it, whose own clean-up then removes it.
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(format!("moat-{}", self.1.root_tag)));
+            }
+        }
     }
 }
 

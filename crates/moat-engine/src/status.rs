@@ -462,17 +462,18 @@ impl Engine {
                 .close_incomplete("superseded by destroy --all")
                 .map_err(state_err)?;
             let _ = std::fs::remove_file(self.applied_rules_path());
-            // The per-root cgroup parents (`/moat-<tag>` in each hierarchy), now empty.
-            if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-                for h in rd.flatten() {
-                    let _ = std::fs::remove_dir(h.path().join(format!("moat-{}", self.tag)));
-                }
-            }
-            let _ =
-                std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(format!("moat-{}", self.tag)));
             remove_stale_sockets(&self.cfg.run_dir);
             destroyed.push(format!("nftables tables {t}"));
         }
+        // The root's cgroup parents (`/moat-<tag>` in each hierarchy), kept
+        // by its machines for the next one: removed when now empty (an rmdir
+        // refuses a folder that still holds a machine's).
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let _ = std::fs::remove_dir(h.path().join(format!("moat-{}", self.tag)));
+            }
+        }
+        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(format!("moat-{}", self.tag)));
         Ok(DestroyReport { destroyed })
     }
 

@@ -394,7 +394,18 @@ impl MachineFs {
                 crate::btrfs::delete(&self.snapshot_subvol(&s.name))?;
             }
         }
-        fs::remove_dir_all(&self.dir).ctx("remove", &self.dir)?;
+        // A disposable machine whose folder is a tmpfs of its own (the
+        // native driver's): the files go when its owner unmounts it, right
+        // after this; removing them one by one first only costs time.
+        let own_tmpfs = self.state.backend == Backend::Overlay
+            && self.state.disposable
+            && self
+                .dir
+                .parent()
+                .is_some_and(|p| moat_host::mount::is_mount_point(p).unwrap_or(false));
+        if !own_tmpfs {
+            fs::remove_dir_all(&self.dir).ctx("remove", &self.dir)?;
+        }
         if let Some(parent) = self.dir.parent() {
             // The machine's folder may hold other tools' files; remove it only when empty.
             let _ = fs::remove_dir(parent);

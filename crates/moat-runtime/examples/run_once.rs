@@ -69,7 +69,7 @@ fn main() {
         };
         let created = container::create(&spec, &paths, stdio).unwrap_or_else(|e| {
             eprintln!("{e}");
-            let _ = container::delete(&name, &paths.state_root, true);
+            let _ = container::delete(&name, &paths.state_root, true, false);
             let _ = std::fs::remove_dir_all(&work);
             std::process::exit(1)
         });
@@ -79,7 +79,7 @@ fn main() {
         let st = moat_runtime::sys::wait_pid(created.pid)
             .map(|s| s.code())
             .unwrap_or(1);
-        if let Err(e) = container::delete(&name, &paths.state_root, true) {
+        if let Err(e) = container::delete(&name, &paths.state_root, true, false) {
             eprintln!("{e}");
         }
         let _ = std::fs::remove_dir_all(&work);

@@ -57,6 +57,60 @@ pub fn layout() -> Layout {
     }
 }
 
+/// How long a [`preload`]ed mount table is trusted.
+const TABLE_FRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The cgroup mounts of /proc/self/mountinfo (their lines), when read by
+/// [`preload`], and when.
+static TABLE: std::sync::Mutex<Option<(std::time::Instant, String)>> = std::sync::Mutex::new(None);
+
+/// Reads the cgroup part of the mount table now, for the next
+/// [`TABLE_FRESH`] of this process. A warm supervisor does it while it waits
+/// for its machine (its CLI is still preparing): then neither the cgroup set-up
+/// nor the removal at the end of a short run reads the whole table again
+/// (the kernel renders every mount of it, ~0.1 ms each time here). Cgroup
+/// hierarchies are mounted at boot and stay; a longer-lived process reads the
+/// table again.
+/// It also does [`favor_dynmods`], with the same read.
+pub fn preload() {
+    let all = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    favor_dynmods_with(&all);
+    let t = cgroup_lines(&all);
+    if let Ok(mut g) = TABLE.lock() {
+        *g = Some((std::time::Instant::now(), t));
+    }
+}
+
+fn read_cgroup_lines() -> String {
+    cgroup_lines(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+}
+
+fn cgroup_lines(all: &str) -> String {
+    all.lines()
+        .filter(|l| {
+            l.split_once(" - ")
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .is_some_and(|t| t == "cgroup" || t == "cgroup2")
+        })
+        .fold(String::new(), |mut acc, l| {
+            acc.push_str(l);
+            acc.push('\n');
+            acc
+        })
+}
+
+/// The cgroup lines of the mount table: [`preload`]ed if recent, else read.
+fn mount_table() -> String {
+    if let Ok(g) = TABLE.lock() {
+        if let Some((at, t)) = g.as_ref() {
+            if at.elapsed() < TABLE_FRESH {
+                return t.clone();
+            }
+        }
+    }
+    read_cgroup_lines()
+}
+
 /// Turn on the cgroup2 `favordynmods` option (kernel 6.0+) once per host
 /// boot, unless `MOAT_CGROUP_FAVORDYNMODS=0`.
 ///
@@ -74,13 +128,17 @@ pub fn layout() -> Layout {
 /// `nsdelegate` and the other flags stay. Errors are ignored: inside a
 /// container, or on an older kernel, moat simply runs without it.
 pub fn favor_dynmods() {
+    favor_dynmods_with(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+}
+
+/// [`favor_dynmods`] with the mount table (all of it) read by the caller.
+fn favor_dynmods_with(info: &str) {
     static DONE: std::sync::Once = std::sync::Once::new();
     DONE.call_once(|| {
         if std::env::var_os("MOAT_CGROUP_FAVORDYNMODS").is_some_and(|v| v == "0") {
             return;
         }
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let Some((mnt, flags, data)) = favordynmods_remount(&info) else {
+        let Some((mnt, flags, data)) = favordynmods_remount(info) else {
             return;
         };
         let (Ok(m), Ok(d)) = (std::ffi::CString::new(mnt), std::ffi::CString::new(data)) else {
@@ -151,7 +209,7 @@ fn favordynmods_remount(mountinfo: &str) -> Option<(String, libc::c_ulong, Strin
 
 /// The v1 hierarchies mounted under /sys/fs/cgroup (their mount points).
 fn v1_mounts() -> Vec<PathBuf> {
-    v1_mounts_in(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default())
+    v1_mounts_in(&mount_table())
 }
 
 fn v1_mounts_in(mountinfo: &str) -> Vec<PathBuf> {
@@ -171,7 +229,7 @@ fn v1_mounts_in(mountinfo: &str) -> Vec<PathBuf> {
 fn container_dirs(cgroup: &str) -> Vec<PathBuf> {
     let mountinfo = match layout() {
         Layout::Unified => String::new(),
-        Layout::Legacy => fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        Layout::Legacy => mount_table(),
     };
     container_dirs_in(cgroup, &mountinfo)
 }
@@ -264,7 +322,7 @@ fn chown_delegated(dir: &Path, id: u32) -> io::Result<()> {
 
 /// The `name=systemd` hierarchy's mount point, on a v1/hybrid host.
 fn systemd_v1_mount() -> Option<PathBuf> {
-    systemd_v1_mount_in(&fs::read_to_string("/proc/self/mountinfo").ok()?)
+    systemd_v1_mount_in(&mount_table())
 }
 
 fn systemd_v1_mount_in(mountinfo: &str) -> Option<PathBuf> {
@@ -337,9 +395,16 @@ pub fn delegate_after_create(cgroup: &str, host_id: u32) -> io::Result<()> {
 /// that one), with the sub-cgroups the container made below them, deepest
 /// first. The container's processes must be gone. True when none of the
 /// container's cgroup folders is left (a folder holding a process stays).
+/// The parent folder (`/moat` or `/moat-<tag>`) goes too when it is left
+/// empty, unless `keep_parent` (see `ContainerSpec::keep_cgroup_parent`).
 pub fn remove_tree(cgroup: &str) -> bool {
+    remove_tree_with(cgroup, false)
+}
+
+/// [`remove_tree`], keeping the parent folder when `keep_parent`.
+pub fn remove_tree_with(cgroup: &str, keep_parent: bool) -> bool {
     let mut gone = true;
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mountinfo = mount_table();
     let mut dirs = container_dirs_in(cgroup, &mountinfo);
     if let Some(m) = systemd_v1_mount_in(&mountinfo) {
         let d = m.join(cgroup.trim_start_matches('/'));
@@ -367,6 +432,9 @@ pub fn remove_tree(cgroup: &str) -> bool {
             }
         }
         // The parent (`/moat` or `/moat-<tag>`) goes with its last container.
+        if keep_parent {
+            continue;
+        }
         if let Some(parent) = d.parent() {
             if parent
                 .file_name()
@@ -394,6 +462,28 @@ fn collect_dirs(d: &Path, out: &mut Vec<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cached_table_keeps_the_cgroup_mounts_only() {
+        let all = "22 27 0:21 / /proc rw,relatime - proc proc rw\n\
+                   29 24 0:26 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                   30 29 0:27 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+                   31 29 0:28 / /sys/fs/cgroup/systemd rw - cgroup cgroup rw,xattr,name=systemd\n\
+                   35 29 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                   90 27 0:50 / /tmp/x rw - overlay overlay rw,lowerdir=/a:/b\n";
+        let t = cgroup_lines(all);
+        assert_eq!(t.lines().count(), 3, "{t}");
+        // What the parsers find in it is what they find in the whole table.
+        assert_eq!(v1_mounts_in(&t), v1_mounts_in(all));
+        assert_eq!(systemd_v1_mount_in(&t), systemd_v1_mount_in(all));
+        assert_eq!(
+            v1_mounts_in(&t),
+            vec![
+                PathBuf::from("/sys/fs/cgroup/systemd"),
+                PathBuf::from("/sys/fs/cgroup/memory")
+            ]
+        );
+    }
 
     #[test]
     fn favordynmods_keeps_the_mount_flags_and_options() {

@@ -104,7 +104,7 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
     // A stale state folder from a crashed supervisor would make create fail.
     let stale = paths.state_root.join(&spec.name);
     if stale.exists() {
-        let _ = delete(&spec.name, &paths.state_root, true);
+        let _ = delete(&spec.name, &paths.state_root, true, spec.keep_cgroup_parent);
         let _ = fs::remove_dir_all(&stale);
     }
 
@@ -309,8 +309,14 @@ fn recorded_cgroup(c: &Container) -> Option<String> {
 }
 
 /// Removes the container: its processes (when `force`), cgroups and state.
-/// A missing container is not an error.
-pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeError> {
+/// A missing container is not an error. `keep_cgroup_parent`: see
+/// `ContainerSpec::keep_cgroup_parent`.
+pub fn delete(
+    name: &str,
+    state_root: &Path,
+    force: bool,
+    keep_cgroup_parent: bool,
+) -> Result<(), RuntimeError> {
     let mut c = match load(name, state_root) {
         Ok(c) => c,
         Err(RuntimeError::NoSuchContainer { .. }) => return Ok(()),
@@ -329,7 +335,7 @@ pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeE
         .pid()
         .is_some_and(|p| crate::sys::start_time(p.as_raw()).is_none());
     if let Some(cg) = recorded.as_deref().filter(|_| pid1_gone) {
-        if crate::cgroups::remove_tree(cg) {
+        if crate::cgroups::remove_tree_with(cg, keep_cgroup_parent) {
             let dir = state_root.join(name);
             return match fs::remove_dir_all(&dir) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -352,8 +358,8 @@ pub fn delete(name: &str, state_root: &Path, force: bool) -> Result<(), RuntimeE
         }
     }
     // An init such as systemd made sub-cgroups: they must go first.
-    crate::cgroups::remove_tree(&cgroup);
+    crate::cgroups::remove_tree_with(&cgroup, keep_cgroup_parent);
     let r = c.delete(force).map_err(lc_err(name, "delete"));
-    crate::cgroups::remove_tree(&cgroup);
+    crate::cgroups::remove_tree_with(&cgroup, keep_cgroup_parent);
     r
 }

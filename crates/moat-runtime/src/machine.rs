@@ -819,7 +819,7 @@ pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
                 sys::wait_gone(pid, started, Duration::from_secs(5));
             }
         }
-        container::delete(name, &root, true)?;
+        container::delete(name, &root, true, cfg.container.keep_cgroup_parent)?;
     }
     Ok(())
 }

@@ -171,6 +171,11 @@ struct MountEntry {
 
 /// The top-most mount whose mount point is `path`.
 fn top_mount(path: &Path) -> Option<MountEntry> {
+    // One statx tells most starts (nothing mounted there yet) without
+    // reading the whole mount table.
+    if moat_host::mount::is_mount_point(path).is_ok_and(|m| !m) {
+        return None;
+    }
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let want = path.to_string_lossy();
     let mut found = None;

@@ -70,7 +70,7 @@ pub fn main_entry() -> i32 {
     let dir = if args.get(1).is_some_and(|a| a == "--wait") {
         // Started ahead of its machine (`machine::prespawn`): set up what
         // does not depend on it, then wait for the folder.
-        crate::cgroups::favor_dynmods();
+        crate::cgroups::preload();
         match wait_for_go() {
             Ok(Some(d)) => d,
             // The launcher went away without a machine for us.
@@ -416,6 +416,7 @@ impl Supervisor {
     fn run(&mut self) -> i32 {
         self.save();
         let name = self.cfg.container.name.clone();
+        let keep = self.cfg.container.keep_cgroup_parent;
         let root = self.dir.state_root();
         let mut first = true;
         let mut quick_failures = 0u32;
@@ -423,7 +424,7 @@ impl Supervisor {
             if let Err(e) = self.create() {
                 eprintln!("moat-supervisor: {e}");
                 self.status.message = Some(e.to_string());
-                let _ = container::delete(&name, &root, true);
+                let _ = container::delete(&name, &root, true, keep);
                 self.set_phase(Phase::Failed);
                 return self.finish(1);
             }
@@ -447,7 +448,7 @@ impl Supervisor {
                     self.status.message = Some(e.to_string());
                     let _ = self.kill_init(libc::SIGKILL);
                     self.wait_init_exit();
-                    let _ = container::delete(&name, &root, true);
+                    let _ = container::delete(&name, &root, true, keep);
                     self.set_phase(Phase::Failed);
                     return self.finish(1);
                 }
@@ -496,7 +497,7 @@ impl Supervisor {
                 });
             }
             if self.cfg.process.is_none() {
-                if let Err(e) = container::delete(&name, &root, true) {
+                if let Err(e) = container::delete(&name, &root, true, keep) {
                     eprintln!("moat-supervisor: {e}");
                 }
             }
