@@ -51,6 +51,22 @@ fn run_exec_snapshot_clone_destroy() {
         );
     }
 
+    // The warm supervisor starts off the launcher's CPU (see
+    // `machine::prespawn`); what it runs gets all the launcher's CPUs back.
+    let cpus = |status: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with("Cpus_allowed_list:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_string())
+    };
+    let inside = r.ok(&["run", "--rm", "busybox", "--", "cat", "/proc/self/status"]);
+    let here = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert_eq!(
+        cpus(&inside),
+        cpus(&here),
+        "CPU affinity inside the machine"
+    );
+
     // A `--rm` machine that cannot start leaves nothing either.
     let o = r.moat(&["run", "--rm", "busybox", "--", "/nonexistent"]);
     assert!(!o.status.success());

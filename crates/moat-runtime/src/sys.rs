@@ -659,3 +659,41 @@ pub fn read_in_root(root: &std::path::Path, rel: &str, max: usize) -> Option<Vec
     file.take(max as u64 + 1).read_to_end(&mut buf).ok()?;
     (buf.len() <= max).then_some(buf)
 }
+
+/// This process's CPU affinity, when it allows more than one CPU.
+pub fn affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is valid; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 (this thread) and a live cpu_set_t of the size given.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    // SAFETY: CPU_COUNT reads a valid cpu_set_t.
+    (rc == 0 && unsafe { libc::CPU_COUNT(&set) } > 1).then_some(set)
+}
+
+/// Moves the calling thread off the CPU it runs on, to the others of `set`
+/// (nothing when that leaves none). Async-signal-safe (two system calls), for
+/// a `pre_exec` hook.
+pub fn leave_this_cpu(set: &libc::cpu_set_t) {
+    // SAFETY: sched_getcpu takes no argument.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu < 0 || cpu as usize >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return;
+    }
+    let mut others = *set;
+    // SAFETY: CPU_CLR and CPU_COUNT on a valid cpu_set_t; a CPU number the
+    // kernel gave is within its size.
+    let left = unsafe {
+        libc::CPU_CLR(cpu as usize, &mut others);
+        libc::CPU_COUNT(&others)
+    };
+    if left > 0 {
+        set_affinity(0, &others);
+    }
+}
+
+/// Best effort: `pid`'s CPU affinity becomes `set`.
+pub fn set_affinity(pid: i32, set: &libc::cpu_set_t) {
+    // SAFETY: a live cpu_set_t of the size given; errors are ignored.
+    unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), set) };
+}
