@@ -112,6 +112,9 @@ stop() {
       kill -9 "$pid" 2>/dev/null || true
     fi
     rm -f "$state/incusd.pid"
+    # The firewall table our incusd made for its networks (all deleted
+    # above); it makes it again when it next starts.
+    if command -v nft >/dev/null; then nft delete table inet incus 2>/dev/null || true; fi
   fi
   if [[ -f $state/ip_forward ]]; then
     sysctl -qw net.ipv4.ip_forward="$(cat "$state/ip_forward")"

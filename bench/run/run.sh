@@ -2,7 +2,9 @@
 # `run --rm busybox -- true` through moat's runtime against unshare+chroot,
 # runc, systemd-nspawn and podman, on the same busybox rootfs, in one
 # hyperfine run (medians and ratios), plus one idle supervisor's RSS.
-# podman gets explicit nofile/nproc ulimits: root here lacks CAP_SYS_RESOURCE.
+# podman gets explicit nofile/nproc ulimits (root here lacks CAP_SYS_RESOURCE)
+# and no network, like the others: its default bridge would also put a NATed
+# bridge and firewall rules on the host.
 # Needs root, hyperfine, busybox-static; runc/nspawn/podman are skipped when absent.
 # Build first: scripts/build-release.sh && cargo build --release -p moat-runtime --examples
 set -euo pipefail
@@ -58,7 +60,7 @@ if command -v systemd-nspawn >/dev/null; then
 fi
 if command -v podman >/dev/null; then
   tar -C "$root" -c . | podman import -q - "$img" >/dev/null
-  cmds+=(-n podman "podman run --rm --runtime runc --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 $img /bin/true")
+  cmds+=(-n podman "podman run --rm --network none --runtime runc --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 $img /bin/true")
 fi
 
 hyperfine -N --warmup 3 --runs "$runs" --export-json "$work/result.json" "${cmds[@]}" >&2 || true
