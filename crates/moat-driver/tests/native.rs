@@ -97,11 +97,7 @@ impl Drop for Cleanup<'_> {
         // The root's cgroup parent, kept by the driver for the next machine
         // (`moat destroy` removes it); refused while another test's machine
         // of this process is in it, whose own clean-up then removes it.
-        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-            for h in rd.flatten() {
-                let _ = std::fs::remove_dir(h.path().join(format!("moat-{}", self.1.root_tag)));
-            }
-        }
+        moat_runtime::cgroups::remove_if_empty(&format!("/moat-{}", self.1.root_tag));
     }
 }
 

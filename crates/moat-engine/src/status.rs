@@ -466,14 +466,8 @@ impl Engine {
             destroyed.push(format!("nftables tables {t}"));
         }
         // The root's cgroup parents (`/moat-<tag>` in each hierarchy), kept
-        // by its machines for the next one: removed when now empty (an rmdir
-        // refuses a folder that still holds a machine's).
-        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
-            for h in rd.flatten() {
-                let _ = std::fs::remove_dir(h.path().join(format!("moat-{}", self.tag)));
-            }
-        }
-        let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(format!("moat-{}", self.tag)));
+        // by its machines for the next one: removed when now empty.
+        moat_runtime::cgroups::remove_if_empty(&format!("/moat-{}", self.tag));
         Ok(DestroyReport { destroyed })
     }
 

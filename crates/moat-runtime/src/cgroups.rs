@@ -251,6 +251,20 @@ fn container_dirs_in(cgroup: &str, mountinfo: &str) -> Vec<PathBuf> {
     }
 }
 
+/// Removes the folder `cgroup` (e.g. a root's `/moat-<tag>`) in every
+/// hierarchy where it is empty; an rmdir refuses one that still holds a
+/// container's folder or a process, which then stays.
+pub fn remove_if_empty(cgroup: &str) {
+    let mountinfo = mount_table();
+    let mut dirs = container_dirs_in(cgroup, &mountinfo);
+    if let Some(m) = systemd_v1_mount_in(&mountinfo) {
+        dirs.push(m.join(cgroup.trim_start_matches('/')));
+    }
+    for d in dirs {
+        let _ = fs::remove_dir(d);
+    }
+}
+
 /// Freeze (`frozen`) or thaw every process of the container's cgroup
 /// (`cgroup` as for [`container_dirs`]), subtree included, and wait until the
 /// kernel reports it done: v2 `cgroup.freeze` / `cgroup.events`, v1 the

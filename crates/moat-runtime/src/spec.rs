@@ -104,8 +104,8 @@ pub struct ContainerSpec {
     /// When the container is removed, its cgroup's parent folder (the
     /// `/moat-<root tag>` of `cgroup`) stays even if it is now empty: it is
     /// the root's, made once and reused by every later machine (creating and
-    /// removing it in each hierarchy cost ~0.8 ms per `run --rm`), and
-    /// removed by `moat destroy`. False: the parent goes with its last
+    /// removing it in each hierarchy cost ~2 ms per `run --rm` here), and
+    /// removed by `moat destroy` (`cgroups::remove_if_empty`). False: the parent goes with its last
     /// container (the library's default `/moat`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub keep_cgroup_parent: bool,
