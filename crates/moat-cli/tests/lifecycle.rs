@@ -67,6 +67,29 @@ fn run_exec_snapshot_clone_destroy() {
         "CPU affinity inside the machine"
     );
 
+    // `run` joins the user and network namespaces that its warm supervisor
+    // made while the CLI prepared (`machine::prespawn_hint`), the user one
+    // also idmapping the image's layers: as it would have made them itself.
+    let inside = r.ok(&[
+        "run",
+        "--rm",
+        "busybox",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/self/uid_map; ls /sys/class/net; stat -c %u:%g /proc/self/net/dev /bin/busybox",
+    ]);
+    let lines: Vec<&str> = inside.lines().map(str::trim).collect();
+    let map: Vec<u64> = lines[0]
+        .split_whitespace()
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        map.len() == 3 && map[0] == 0 && map[1] >= 1_000_000 && map[2] == 65536,
+        "{inside}"
+    );
+    assert_eq!(lines[1..], ["lo", "0:0", "0:0"], "{inside}");
+
     // A `--rm` machine that cannot start leaves nothing either.
     let o = r.moat(&["run", "--rm", "busybox", "--", "/nonexistent"]);
     assert!(!o.status.success());

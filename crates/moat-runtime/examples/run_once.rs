@@ -67,7 +67,7 @@ fn main() {
             stdout: std::io::stdout().as_fd_owned(),
             stderr: std::io::stderr().as_fd_owned(),
         };
-        let created = container::create(&spec, &paths, stdio).unwrap_or_else(|e| {
+        let created = container::create(&spec, &paths, stdio, None).unwrap_or_else(|e| {
             eprintln!("{e}");
             let _ = container::delete(&name, &paths.state_root, true, false);
             let _ = std::fs::remove_dir_all(&work);

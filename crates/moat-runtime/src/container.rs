@@ -15,7 +15,7 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use std::fs;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Where libcontainer keeps container state and where bundles are written.
@@ -86,13 +86,42 @@ fn dev_null() -> Result<OwnedFd, RuntimeError> {
 
 /// Writes config.json, prepares the rootfs (ownership, /etc files) and creates
 /// the container. On return the namespaces exist and init waits for [`start`].
-pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Created, RuntimeError> {
+///
+/// `premade`: a user namespace mapped as `spec.idmap` and a network
+/// namespace it owns, `lo` up (`sys::fresh_namespaces`, made ahead by a warm
+/// supervisor), which the container joins instead of creating its own
+/// (the caller checked that `spec` would make the same ones); the user
+/// namespace also idmaps the root's image layers.
+pub fn create(
+    spec: &ContainerSpec,
+    paths: &Paths,
+    stdio: Stdio,
+    premade: Option<crate::sys::FreshNamespaces>,
+) -> Result<Created, RuntimeError> {
     spec.validate()?;
+    let joining;
+    let spec = match &premade {
+        Some(p) => {
+            // The library opens these paths in its own processes, forked
+            // from this one: they hold the same descriptors.
+            let fd_path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+            let mut s = spec.clone();
+            s.userns_path = Some(fd_path(&p.user));
+            s.network = NetworkSpec::Join(fd_path(&p.net));
+            joining = s;
+            &joining
+        }
+        None => spec,
+    };
     fs::create_dir_all(&paths.bundle).map_err(|e| RuntimeError::io(&paths.bundle, e))?;
     fs::create_dir_all(&paths.state_root).map_err(|e| RuntimeError::io(&paths.state_root, e))?;
     // The root first: it may be mounted only now (`ContainerSpec::overlay`),
     // and the spec reads the image's /etc/passwd in it.
-    rootfs::prepare(spec, &paths.bundle)?;
+    rootfs::prepare(
+        spec,
+        &paths.bundle,
+        premade.as_ref().map(|p| p.user.as_fd()),
+    )?;
     let config = oci_config(spec)?;
     let cfg_path = paths.bundle.join("config.json");
     let text = serde_json::to_vec_pretty(&config).map_err(|e| RuntimeError::InvalidSpec {
@@ -188,6 +217,7 @@ pub fn create(spec: &ContainerSpec, paths: &Paths, stdio: Stdio) -> Result<Creat
             op: "create",
             message: "no init pid after create".into(),
         })?;
+    // (A premade network namespace, joined, has `lo` up already.)
     if matches!(spec.network, NetworkSpec::Own | NetworkSpec::None) {
         crate::sys::loopback_up(pid).map_err(|e| RuntimeError::Sys {
             container: spec.name.clone(),

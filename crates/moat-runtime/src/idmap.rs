@@ -24,7 +24,7 @@ use std::collections::BTreeMap;
 use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -242,12 +242,16 @@ fn kernel_messages(fsfd: &OwnedFd) -> String {
 }
 
 /// Sets up an overlay context for `layout` whose lowers show on-disk ids
-/// `b..b+size` (`b` from [`layer_base`]) as `base..base+size`.
+/// `b..b+size` (`b` from [`layer_base`]) as `base..base+size`. `userns`,
+/// when given, maps `0..size` to `base..base+size` (the machine's own user
+/// namespace): image layers (`b` = 0) are idmapped through it instead of a
+/// user namespace made here.
 pub fn prepare_overlay(
     layout: &OverlayLayout,
     base: u32,
     size: u32,
     source: &str,
+    userns: Option<BorrowedFd<'_>>,
 ) -> io::Result<PendingOverlay> {
     // SAFETY: the type name is a valid C string; the result is checked.
     let fsfd =
@@ -264,6 +268,9 @@ pub fn prepare_overlay(
     )
     .map_err(with_context("fsconfig source".into()))?;
     let mut namespaces: BTreeMap<u32, OwnedFd> = BTreeMap::new();
+    if let Some(u) = userns {
+        namespaces.insert(0, u.try_clone_to_owned()?);
+    }
     let mut trees = Vec::with_capacity(layout.lowers.len());
     for lower in &layout.lowers {
         let b = layer_base(lower, size);
@@ -390,7 +397,7 @@ pub fn probe(scratch: &Path) -> Result<(), String> {
                 }
                 let base = crate::profile::ID_BASE;
                 let size = crate::profile::IDS_PER_MACHINE;
-                prepare_overlay(&layout, base, size, "moat-idmap-probe")?
+                prepare_overlay(&layout, base, size, "moat-idmap-probe", None)?
                     .create()
                     .map(drop)
             })();

@@ -27,6 +27,7 @@ use crate::spec::ContainerSpec;
 use crate::RuntimeError;
 use serde::{Deserialize, Serialize};
 use std::fs;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -85,9 +86,13 @@ fn write_record(record_dir: &Path, rec: &RootfsRecord) -> Result<(), RuntimeErro
 
 /// Ownership first (it may replace the mount at the rootfs), then the /etc
 /// files, then the record.
+///
+/// `userns`: a user namespace mapping root to `spec.idmap`, used to idmap
+/// image layers instead of making one (see `idmap::prepare_overlay`).
 pub(crate) fn prepare(
     spec: &ContainerSpec,
     record_dir: &Path,
+    userns: Option<BorrowedFd<'_>>,
 ) -> Result<RootfsOwnership, RuntimeError> {
     let root = &spec.rootfs;
     let meta = fs::metadata(root).map_err(|e| RuntimeError::io(root, e))?;
@@ -103,7 +108,9 @@ pub(crate) fn prepare(
     let top = top_mount(root).filter(|m| m.fstype == "overlay");
     let pending = spec.overlay.as_ref().filter(|_| top.is_none());
     let mut rec = match (spec.idmap, spec.privileged) {
-        (Some(r), false) => ensure_ownership(root, r.host_id, r.size, record_dir, top, pending)?,
+        (Some(r), false) => {
+            ensure_ownership(root, r.host_id, r.size, record_dir, top, pending, userns)?
+        }
         _ => {
             if let Some(l) = pending {
                 remount_plain(root, l)?;
@@ -271,6 +278,7 @@ fn ensure_ownership(
     record_dir: &Path,
     top: Option<MountEntry>,
     pending: Option<&OverlayLayout>,
+    userns: Option<BorrowedFd<'_>>,
 ) -> Result<RootfsRecord, RuntimeError> {
     let tag = format!("{SOURCE_PREFIX}{base}");
     let mut reason = None;
@@ -325,7 +333,7 @@ fn ensure_ownership(
             }
         } else {
             match idmap::probe(record_dir)
-                .and_then(|()| idmap_overlay(root, l, base, size, &tag, mounted))
+                .and_then(|()| idmap_overlay(root, l, base, size, &tag, mounted, userns))
             {
                 Ok(()) => {
                     return Ok(RootfsRecord {
@@ -372,8 +380,10 @@ fn idmap_overlay(
     size: u32,
     tag: &str,
     mounted: bool,
+    userns: Option<BorrowedFd<'_>>,
 ) -> Result<(), String> {
-    let pending = idmap::prepare_overlay(layout, base, size, tag).map_err(|e| e.to_string())?;
+    let pending =
+        idmap::prepare_overlay(layout, base, size, tag, userns).map_err(|e| e.to_string())?;
     if mounted {
         moat_host::mount::unmount(root, false).map_err(|e| e.to_string())?;
     }

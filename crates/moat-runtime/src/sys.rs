@@ -429,9 +429,7 @@ pub fn is_ns_mount(path: &std::path::Path) -> bool {
 /// With `user = Some((file, range))` the network namespace is owned by a new
 /// user namespace mapping root to `range` (bind-mounted on `file` too): a
 /// container with a user namespace can only join a network namespace its
-/// user namespace owns, so it joins both. Done in a forked child (the
-/// caller never changes namespace) that the caller maps and mounts from
-/// outside; pipes order the steps.
+/// user namespace owns, so it joins both. See [`with_ns_helper`].
 pub fn create_persistent_netns(
     net: &std::path::Path,
     user: Option<(&std::path::Path, crate::spec::IdRange)>,
@@ -459,6 +457,83 @@ pub fn create_persistent_netns(
     if let Some((u, _)) = user {
         touch(u)?;
     }
+    let result = with_ns_helper(user.map(|(_, r)| r), |child| {
+        bind(&format!("/proc/{child}/ns/net"), net)?;
+        if let Some((u, _)) = user {
+            bind(&format!("/proc/{child}/ns/user"), u)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = result {
+        let _ = remove_ns_mount(net);
+        if let Some((u, _)) = user {
+            let _ = remove_ns_mount(u);
+        }
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "creating a network namespace on {} failed: {e}",
+                net.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A user namespace mapping root to `range` and a network namespace it
+/// owns, `lo` up, made ahead of the machine that will join them (see
+/// [`fresh_namespaces`]).
+#[derive(Debug)]
+pub struct FreshNamespaces {
+    pub range: crate::spec::IdRange,
+    pub user: OwnedFd,
+    pub net: OwnedFd,
+}
+
+/// Makes a [`FreshNamespaces`] (open namespace files, close-on-exec). The
+/// id map is written before the network namespace is created: the kernel
+/// takes the owner of `/proc/net` and of `lo`'s sysfs files from the owning
+/// user namespace's root when the namespace is made, so with no map yet
+/// they would show as `nobody` inside and be closed to the machine's root.
+pub fn fresh_namespaces(range: crate::spec::IdRange) -> io::Result<FreshNamespaces> {
+    let (user, net) = with_ns_helper(Some(range), |child| {
+        let open = |ns: &str| -> io::Result<OwnedFd> {
+            let p = format!("/proc/{child}/ns/{ns}");
+            fs::File::open(&p)
+                .map(OwnedFd::from)
+                .map_err(|e| io::Error::new(e.kind(), format!("{p}: {e}")))
+        };
+        Ok((open("user")?, open("net")?))
+    })?;
+    // The helper's steps are ordered by pipes, so these are its new
+    // namespaces; checked all the same: never hand a machine ours.
+    use std::os::unix::fs::MetadataExt;
+    let id = |f: &fs::File| f.metadata().map(|m| (m.dev(), m.ino()));
+    let (u, n) = (fs::File::from(user), fs::File::from(net));
+    if id(&u)? == id(&fs::File::open("/proc/self/ns/user")?)?
+        || id(&n)? == id(&fs::File::open("/proc/self/ns/net")?)?
+    {
+        return Err(io::Error::other(
+            "the namespaces made for the machine are this process's own",
+        ));
+    }
+    Ok(FreshNamespaces {
+        range,
+        user: u.into(),
+        net: n.into(),
+    })
+}
+
+/// Runs `then(pid)` while a forked helper `pid` sits in a new network
+/// namespace with `lo` up, owned, with `user = Some(range)`, by a new user
+/// namespace mapping root to `range`. The caller never changes namespace:
+/// it maps the helper's user namespace from outside, and `then` opens or
+/// mounts the helper's `/proc/<pid>/ns/*`; pipes order the steps, and the
+/// helper exits when `then` returns.
+fn with_ns_helper<T>(
+    user: Option<crate::spec::IdRange>,
+    then: impl FnOnce(libc::pid_t) -> io::Result<T>,
+) -> io::Result<T> {
     let (to_parent_r, to_parent_w) = pipe()?;
     let (to_child_r, to_child_w) = pipe()?;
     let with_user = user.is_some();
@@ -515,7 +590,7 @@ pub fn create_persistent_netns(
             if libc::ioctl(s, libc::SIOCSIFFLAGS, &req) != 0 {
                 libc::_exit(6);
             }
-            // The parent bind-mounts our namespaces, then lets us go.
+            // The parent opens or mounts our namespaces, then lets us go.
             libc::write(w, b.as_ptr().cast(), 1);
             libc::read(r, b.as_mut_ptr().cast(), 1);
             libc::_exit(0);
@@ -525,10 +600,10 @@ pub fn create_persistent_netns(
     drop(to_child_r);
     let mut from_child = fs::File::from(to_parent_r);
     let mut to_child = fs::File::from(to_child_w);
-    let result = (|| -> io::Result<()> {
+    let result = (|| -> io::Result<T> {
         use std::io::{Read, Write};
         let mut b = [0u8; 1];
-        if let Some((_, range)) = user {
+        if let Some(range) = user {
             from_child.read_exact(&mut b)?;
             let map = format!("0 {} {}\n", range.host_id, range.size);
             fs::write(format!("/proc/{child}/uid_map"), &map)?;
@@ -536,29 +611,13 @@ pub fn create_persistent_netns(
             to_child.write_all(&b)?;
         }
         from_child.read_exact(&mut b)?;
-        bind(&format!("/proc/{child}/ns/net"), net)?;
-        if let Some((u, _)) = user {
-            bind(&format!("/proc/{child}/ns/user"), u)?;
-        }
+        let out = then(child)?;
         to_child.write_all(&b)?;
-        Ok(())
+        Ok(out)
     })();
     drop(to_child);
     let st = wait_pid(child)?;
-    if let Err(e) = result {
-        let _ = remove_ns_mount(net);
-        if let Some((u, _)) = user {
-            let _ = remove_ns_mount(u);
-        }
-        return Err(io::Error::new(
-            e.kind(),
-            format!(
-                "creating a network namespace on {} failed: {e} (helper {st:?})",
-                net.display()
-            ),
-        ));
-    }
-    Ok(())
+    result.map_err(|e| io::Error::new(e.kind(), format!("{e} (helper {st:?})")))
 }
 
 fn bind(src: &str, target: &std::path::Path) -> io::Result<()> {

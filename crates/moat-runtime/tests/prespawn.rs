@@ -72,4 +72,80 @@ fn prespawned_supervisor_runs_the_next_launch_and_an_unused_one_exits() {
     assert!(gone(third), "dead warm supervisor {third} not reaped");
     let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
     assert!(out.contains("fallback-out"), "{out}");
+
+    // Told the machine's id range ahead (`prespawn_hint`), the warm one makes
+    // its user and network namespaces while the launcher prepares: the
+    // machine joins them, and sees exactly what it would have made itself.
+    let probe = "cat /proc/self/uid_map; readlink /proc/self/ns/net; ls /sys/class/net; \
+                 cat /sys/class/net/lo/flags; stat -c 'netowner=%u:%g' /proc/self/net/dev";
+    let host_net = std::fs::read_link("/proc/self/ns/net").expect("our netns");
+    let host_net = host_net.to_string_lossy().into_owned();
+    let range = IdRange::for_machine(machine_number());
+    let fourth = machine::prespawn(&supervisor()).expect("prespawn");
+    machine::prespawn_hint(range);
+    let fx = busybox_fixture();
+    let name = unique("warmns");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh(probe));
+    spec.idmap = Some(range);
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard3 = Guard(dir.clone());
+    machine::launch(&dir, &SupervisorConfig::new(spec), &supervisor()).expect("launch");
+    let s = wait_phase(&dir, Phase::Exited, Duration::from_secs(20));
+    assert!(gone(fourth), "warm supervisor {fourth} not reaped");
+    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
+    assert_eq!(s.exit_code, Some(0), "{out}");
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let map: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        map,
+        ["0", &range.host_id.to_string(), &range.size.to_string()],
+        "{out}"
+    );
+    assert!(lines[1].starts_with("net:["), "{out}");
+    assert_ne!(
+        lines[1], host_net,
+        "the machine is in the host's network namespace"
+    );
+    let log = std::fs::read_to_string(dir.supervisor_log()).unwrap_or_default();
+    assert!(
+        log.contains("made ahead: user:[") && log.contains(&format!(" {}\n", lines[1])),
+        "the machine did not join the namespaces made ahead ({}): {log}",
+        lines[1]
+    );
+    assert_eq!(lines[2], "lo", "interfaces of the machine: {out}");
+    let flags = u32::from_str_radix(lines[3].trim_start_matches("0x"), 16).expect("lo flags");
+    assert_eq!(flags & 1, 1, "lo is not up: {out}");
+    // Owned by the machine's root, as in a namespace it made itself (the
+    // kernel takes this owner when the namespace is made).
+    assert_eq!(lines[4], "netowner=0:0", "{out}");
+
+    // A hint for another range: the machine makes its own namespaces.
+    let other = IdRange::for_machine(machine_number());
+    machine::prespawn(&supervisor()).expect("prespawn");
+    machine::prespawn_hint(IdRange {
+        host_id: other.host_id + other.size,
+        size: other.size,
+    });
+    let fx = busybox_fixture();
+    let name = unique("warmother");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh(probe));
+    spec.idmap = Some(other);
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard4 = Guard(dir.clone());
+    machine::launch(&dir, &SupervisorConfig::new(spec), &supervisor()).expect("launch");
+    let s = wait_phase(&dir, Phase::Exited, Duration::from_secs(20));
+    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
+    assert_eq!(s.exit_code, Some(0), "{out}");
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    let map: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        map,
+        ["0", &other.host_id.to_string(), &other.size.to_string()],
+        "{out}"
+    );
+    assert_ne!(lines[1], host_net);
+    let log = std::fs::read_to_string(dir.supervisor_log()).unwrap_or_default();
+    assert!(!log.contains("made ahead"), "{log}");
+    assert_eq!(lines[2], "lo", "{out}");
+    assert_eq!(lines[4], "netowner=0:0", "{out}");
 }
