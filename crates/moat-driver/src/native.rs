@@ -522,14 +522,6 @@ impl Driver for NativeDriver {
             machine: name.clone(),
             source: e,
         })?;
-        // A warm supervisor (`run`) makes the machine's user and network
-        // namespaces while this process prepares the rest.
-        if !spec.machine.privileged
-            && spec.machine.network != NetworkMode::Host
-            && !self.persistent_netns(spec)
-        {
-            machine::prespawn_hint(IdRange::for_machine(id_number));
-        }
         let rootfs = self
             .rootfs
             .prepare_spec_unmounted(ctx, spec)

@@ -15,7 +15,7 @@ use libcontainer::container::{Container, ContainerStatus};
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
 use std::fs;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 /// Where libcontainer keeps container state and where bundles are written.
@@ -84,44 +84,77 @@ fn dev_null() -> Result<OwnedFd, RuntimeError> {
     Ok(OwnedFd::from(f))
 }
 
+/// The id range of the user namespace that `spec` makes, when it also
+/// makes a network namespace of its own: then both can be made ahead, in
+/// parallel with the rest of its preparation (`sys::NsAhead`, see
+/// [`create`]).
+pub fn namespaces_ahead(spec: &ContainerSpec) -> Option<crate::spec::IdRange> {
+    (spec.uses_userns()
+        && spec.userns_path.is_none()
+        && matches!(spec.network, NetworkSpec::Own | NetworkSpec::None))
+    .then_some(spec.idmap)
+    .flatten()
+}
+
 /// Writes config.json, prepares the rootfs (ownership, /etc files) and creates
 /// the container. On return the namespaces exist and init waits for [`start`].
 ///
-/// `premade`: a user namespace mapped as `spec.idmap` and a network
-/// namespace it owns, `lo` up (`sys::fresh_namespaces`, made ahead by a warm
-/// supervisor), which the container joins instead of creating its own
-/// (the caller checked that `spec` would make the same ones); the user
-/// namespace also idmaps the root's image layers.
+/// `ahead`: the container's user and network namespaces, being made in
+/// parallel (`sys::NsAhead`, for a `spec` that would make the same ones:
+/// root mapped to `spec.idmap`, a network of its own): the user namespace
+/// idmaps the root's image layers, and the container joins both instead of
+/// making them on its start path. If the network namespace cannot be had,
+/// the container makes its own.
 pub fn create(
     spec: &ContainerSpec,
     paths: &Paths,
     stdio: Stdio,
-    premade: Option<crate::sys::FreshNamespaces>,
+    ahead: Option<crate::sys::NsAhead>,
 ) -> Result<Created, RuntimeError> {
     spec.validate()?;
+    let ahead = ahead.filter(|a| namespaces_ahead(spec) == Some(a.range()));
+    fs::create_dir_all(&paths.bundle).map_err(|e| RuntimeError::io(&paths.bundle, e))?;
+    fs::create_dir_all(&paths.state_root).map_err(|e| RuntimeError::io(&paths.state_root, e))?;
+    // The root first: it may be mounted only now (`ContainerSpec::overlay`),
+    // and the spec reads the image's /etc/passwd in it.
+    rootfs::prepare(spec, &paths.bundle, ahead.as_ref().map(|a| a.user()))?;
+    let fresh = ahead.and_then(|a| match a.finish() {
+        Ok(f) => Some(f),
+        Err(e) => {
+            eprintln!(
+                "moat: {}: the namespaces made ahead failed ({e}); the container makes its own",
+                spec.name
+            );
+            None
+        }
+    });
     let joining;
-    let spec = match &premade {
-        Some(p) => {
+    let spec = match &fresh {
+        Some(f) => {
+            // For whoever reads the supervisor's log (and the tests).
+            let ino = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .and_then(|d| fs::File::from(d).metadata())
+                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                    .unwrap_or(0)
+            };
+            eprintln!(
+                "moat: {}: joins namespaces made ahead: user:[{}] net:[{}]",
+                spec.name,
+                ino(&f.user),
+                ino(&f.net)
+            );
             // The library opens these paths in its own processes, forked
             // from this one: they hold the same descriptors.
             let fd_path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
             let mut s = spec.clone();
-            s.userns_path = Some(fd_path(&p.user));
-            s.network = NetworkSpec::Join(fd_path(&p.net));
+            s.userns_path = Some(fd_path(&f.user));
+            s.network = NetworkSpec::Join(fd_path(&f.net));
             joining = s;
             &joining
         }
         None => spec,
     };
-    fs::create_dir_all(&paths.bundle).map_err(|e| RuntimeError::io(&paths.bundle, e))?;
-    fs::create_dir_all(&paths.state_root).map_err(|e| RuntimeError::io(&paths.state_root, e))?;
-    // The root first: it may be mounted only now (`ContainerSpec::overlay`),
-    // and the spec reads the image's /etc/passwd in it.
-    rootfs::prepare(
-        spec,
-        &paths.bundle,
-        premade.as_ref().map(|p| p.user.as_fd()),
-    )?;
     let config = oci_config(spec)?;
     let cfg_path = paths.bundle.join("config.json");
     let text = serde_json::to_vec_pretty(&config).map_err(|e| RuntimeError::InvalidSpec {

@@ -477,8 +477,6 @@ struct Warm {
     child: std::process::Child,
     go: Option<OwnedFd>,
     notify_r: Option<OwnedFd>,
-    /// [`prespawn_hint`] wrote its record on the go pipe.
-    hinted: bool,
 }
 
 /// A warm supervisor that could not be handed its machine.
@@ -567,7 +565,6 @@ pub fn prespawn(supervisor: &Path) -> Option<u32> {
             child,
             go: Some(go_w),
             notify_r: Some(notify_r),
-            hinted: false,
         })
     };
     let w = spawn().ok()?;
@@ -576,48 +573,6 @@ pub fn prespawn(supervisor: &Path) -> Option<u32> {
     drop(slot);
     drop(old);
     Some(pid)
-}
-
-/// Tells the warm supervisor (if this process has one, see [`prespawn`])
-/// the id range of the machine it is about to get, as soon as the caller
-/// knows it: while the caller goes on preparing the machine, the supervisor
-/// makes the machine's user namespace (that range mapped) and a network
-/// namespace owned by it, `lo` up (`sys::fresh_namespaces`), which the
-/// container then joins instead of creating them on its start path (a
-/// network namespace alone costs ~0.7 ms of kernel time here). The
-/// supervisor uses them only if the machine it gets has that range, a user
-/// namespace and a network of its own; otherwise it drops them. Once per
-/// warm supervisor; best effort.
-///
-/// On the go pipe the hint is a record `\0ids HOST_ID SIZE\0` ahead of the
-/// machine folder (a path never holds a NUL byte).
-pub fn prespawn_hint(range: crate::spec::IdRange) {
-    let Ok(mut slot) = WARM.lock() else {
-        return;
-    };
-    let Some(w) = slot.as_mut().filter(|w| !w.hinted) else {
-        return;
-    };
-    let Some(go) = &w.go else {
-        return;
-    };
-    w.hinted = true;
-    let rec = format!("\0ids {} {}\0", range.host_id, range.size);
-    // A few bytes into a pipe nobody has written yet: never blocks. A
-    // supervisor that died meanwhile: EPIPE, and `launch` starts another.
-    // SAFETY: write(2) of a live buffer to an fd we own.
-    let _ = unsafe { libc::write(go.as_raw_fd(), rec.as_ptr().cast(), rec.len()) };
-}
-
-/// Parses the record of [`prespawn_hint`] (without its NUL bytes).
-pub(crate) fn parse_hint(rec: &[u8]) -> Option<crate::spec::IdRange> {
-    let text = std::str::from_utf8(rec).ok()?;
-    let mut f = text.strip_prefix("ids ")?.split(' ');
-    let host_id = f.next()?.parse().ok()?;
-    let size = f.next()?.parse().ok()?;
-    f.next()
-        .is_none()
-        .then_some(crate::spec::IdRange { host_id, size })
 }
 
 fn take_warm(supervisor: &Path) -> Option<Warm> {
@@ -985,34 +940,4 @@ pub fn freeze(dir: &MachineDir, timeout: Duration) -> Result<Frozen, RuntimeErro
         });
     }
     Ok(frozen)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_hint;
-    use crate::spec::IdRange;
-
-    #[test]
-    fn a_hint_names_one_range_exactly() {
-        assert_eq!(
-            parse_hint(b"ids 1065536 65536"),
-            Some(IdRange {
-                host_id: 1_065_536,
-                size: 65536
-            })
-        );
-        for bad in [
-            &b""[..],
-            b"ids",
-            b"ids 1",
-            b"ids 1 2 3",
-            b"ids -1 2",
-            b"ids 1  2",
-            b"IDS 1 2",
-            b"ids 99999999999 2",
-            b"\xff",
-        ] {
-            assert_eq!(parse_hint(bad), None, "{bad:?}");
-        }
-    }
 }

@@ -67,12 +67,11 @@ pub fn main_entry() -> i32 {
             }
         };
     }
-    let mut premade = None;
     let dir = if args.get(1).is_some_and(|a| a == "--wait") {
         // Started ahead of its machine (`machine::prespawn`): set up what
         // does not depend on it, then wait for the folder.
         crate::cgroups::preload();
-        match wait_for_go(&mut premade) {
+        match wait_for_go() {
             Ok(Some(d)) => d,
             // The launcher went away without a machine for us.
             Ok(None) => return 0,
@@ -133,9 +132,6 @@ pub fn main_entry() -> i32 {
             return 1;
         }
     };
-    // Namespaces made ahead (`machine::prespawn_hint`), for a machine
-    // that would make the same ones.
-    let premade = premade.filter(|p| premade_fits(&cfg, p));
     let notify = notify_fd();
     // SAFETY: fork while single-threaded (nothing has spawned threads yet).
     let child = unsafe { libc::fork() };
@@ -157,10 +153,12 @@ pub fn main_entry() -> i32 {
     }
     drop(log);
     let _ = std::env::set_current_dir("/");
+    // Started first: the helper makes the network namespace while we set up.
+    let ahead = namespaces_ahead(&cfg);
     let code = match Supervisor::new(dir, cfg) {
         Ok(mut s) => {
             s.notify = notify;
-            s.premade = premade;
+            s.ns_ahead = ahead;
             s.run()
         }
         Err(e) => {
@@ -199,16 +197,10 @@ fn inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
 }
 
 /// A warm supervisor's machine folder: all its launcher writes to the go
-/// pipe before closing it, after an optional hint record (see
-/// `machine::prespawn_hint`) on which the namespaces it names are made into
-/// `premade` (silently none when they cannot be: the container then makes
-/// its own, and reports what fails). `Ok(None)` when the launcher closed the
-/// pipe with no folder written (no machine for us); `Err` on anything else
-/// (a launcher that wrote the folder then sees us fail at once instead of
-/// waiting).
-fn wait_for_go(
-    premade: &mut Option<sys::FreshNamespaces>,
-) -> io::Result<Option<std::ffi::OsString>> {
+/// pipe before closing it. `Ok(None)` when it closed it with nothing
+/// written (no machine for us); `Err` on anything else (a launcher that
+/// wrote the folder then sees us fail at once instead of waiting).
+fn wait_for_go() -> io::Result<Option<std::ffi::OsString>> {
     use std::os::unix::ffi::OsStringExt;
     let fd = inherited_fd(crate::machine::GO_FD_ENV)?.ok_or_else(|| {
         io::Error::new(
@@ -216,45 +208,21 @@ fn wait_for_go(
             "no go pipe (MOAT_SUPERVISOR_GO_FD) in the environment",
         )
     })?;
-    let mut f = fs::File::from(fd);
     let mut buf = Vec::new();
-    let mut hint_seen = false;
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = match f.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        if !hint_seen && !buf.is_empty() {
-            if buf[0] != 0 {
-                hint_seen = true;
-            } else if let Some(end) = buf[1..].iter().position(|b| *b == 0) {
-                hint_seen = true;
-                let rec: Vec<u8> = buf.drain(..end + 2).collect();
-                *premade = crate::machine::parse_hint(&rec[1..=end])
-                    .and_then(|r| sys::fresh_namespaces(r).ok());
-            }
-        }
-    }
+    fs::File::from(fd).read_to_end(&mut buf)?;
     Ok((!buf.is_empty()).then(|| std::ffi::OsString::from_vec(buf)))
 }
 
-/// Whether the machine of `cfg` would make for itself the namespaces made
-/// ahead in `p`: a container (not a host process) with a user namespace
-/// of `p`'s range, not joining one, with a network of its own.
-fn premade_fits(cfg: &SupervisorConfig, p: &sys::FreshNamespaces) -> bool {
-    let c = &cfg.container;
-    cfg.process.is_none()
-        && !c.privileged
-        && c.idmap == Some(p.range)
-        && c.userns_path.is_none()
-        && matches!(
-            c.network,
-            crate::spec::NetworkSpec::Own | crate::spec::NetworkSpec::None
-        )
+/// The user and network namespaces of the container of `cfg`, started now
+/// in a helper (see `sys::NsAhead`, `container::create`) when it would make
+/// such namespaces. Silently none when they cannot be: the container then
+/// makes its own (and reports what fails).
+fn namespaces_ahead(cfg: &SupervisorConfig) -> Option<sys::NsAhead> {
+    if cfg.process.is_some() {
+        return None;
+    }
+    let range = container::namespaces_ahead(&cfg.container)?;
+    sys::NsAhead::start(range).ok()
 }
 
 /// The write end of the launcher's notify pipe (see `machine::launch`), when
@@ -303,9 +271,9 @@ struct Supervisor {
     replay: Vec<u8>,
     /// The container created and not started yet (libcontainer's handle).
     created: Option<container::Created>,
-    /// Namespaces made ahead for the first container (see `wait_for_go`);
-    /// a restart makes its own.
-    premade: Option<sys::FreshNamespaces>,
+    /// Namespaces being made for the next container (see
+    /// [`namespaces_ahead`]); `create` starts them itself when none are.
+    ns_ahead: Option<sys::NsAhead>,
 }
 
 /// How much of the terminal's output a newly attached client gets first (the
@@ -439,7 +407,7 @@ impl Supervisor {
             client: None,
             replay: Vec::new(),
             created: None,
-            premade: None,
+            ns_ahead: None,
         })
     }
 
@@ -598,26 +566,12 @@ impl Supervisor {
             stdout: self.out_w.try_clone().ok(),
             stderr: self.err_w.try_clone().ok(),
         };
-        let premade = self.premade.take();
-        if let Some(p) = &premade {
-            // For whoever reads the log (and the tests): which ones.
-            let ino = |fd: &OwnedFd| {
-                fs::File::from(fd.try_clone().ok()?)
-                    .metadata()
-                    .ok()
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-            };
-            eprintln!(
-                "moat-supervisor: joining the namespaces made ahead: user:[{}] net:[{}]",
-                ino(&p.user).unwrap_or(0),
-                ino(&p.net).unwrap_or(0)
-            );
-        }
+        let ahead = self.ns_ahead.take().or_else(|| namespaces_ahead(&self.cfg));
         let mut created = container::create(
             &self.cfg.container,
             &self.dir.container_paths(),
             stdio,
-            premade,
+            ahead,
         )?;
         self.console = created.console.take();
         if let Some(m) = &self.console {

@@ -57,6 +57,31 @@ fn app_container_exec_limits_hardening_logs_lifecycle() {
     let MachineState::Running { pid } = st else {
         panic!("not running: {st:?}")
     };
+    // Device access (cgroup v1 here): deny all but the standard nodes. The
+    // spec only denies all; the library adds these (see `spec::oci_config`).
+    let list = format!(
+        "/sys/fs/cgroup/devices{}/devices.list",
+        cfg.container.cgroup_path()
+    );
+    if let Ok(list) = std::fs::read_to_string(&list) {
+        let got: std::collections::BTreeSet<&str> = list.lines().collect();
+        let want: std::collections::BTreeSet<&str> = [
+            "c 1:3 rwm",
+            "c 1:5 rwm",
+            "c 1:7 rwm",
+            "c 1:8 rwm",
+            "c 1:9 rwm",
+            "c 5:0 rwm",
+            "c 5:1 rwm",
+            "c 5:2 rwm",
+            "c 136:* rwm",
+            "c 10:200 rwm",
+            "c *:* m",
+            "b *:* m",
+        ]
+        .into();
+        assert_eq!(got, want, "devices.list of the container");
+    }
     // The host's cgroup2 mount now favours dynamic changes (kernel 6.0+), so
     // the next container's move into its cgroup waits for no grace period.
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -558,4 +583,82 @@ fn a_second_supervisor_for_a_machine_touches_nothing() {
     assert_eq!((code, out.trim()), (0, "alive"));
     machine::stop(&dir, Duration::from_millis(300)).expect("stop");
     assert!(!dir.supervisor_alive());
+}
+
+/// The supervisor has a helper make a container's user and network
+/// namespaces while it prepares the rest (`sys::NsAhead`); the container
+/// joins them and sees what it would have made itself: its own id map, a
+/// network namespace of its own with only `lo`, up, and `/proc/net` owned
+/// by its root (the kernel takes that owner when the namespace is made).
+/// Each restart gets new ones; a host-network machine gets none.
+#[test]
+fn a_container_joins_the_namespaces_made_ahead_for_it() {
+    if !can_run() {
+        return;
+    }
+    let probe = "cat /proc/self/uid_map; readlink /proc/self/ns/net; ls /sys/class/net; \
+                 cat /sys/class/net/lo/flags; stat -c 'netowner=%u:%g' /proc/self/net/dev";
+    let host_net = std::fs::read_link("/proc/self/ns/net").expect("our netns");
+    let host_net = host_net.to_string_lossy().into_owned();
+    let fx = busybox_fixture();
+    let name = unique("ahead");
+    let range = IdRange::for_machine(machine_number());
+    // Fails twice (then gives up): three containers, each with new namespaces.
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh(&format!("{probe}; exit 1")));
+    spec.idmap = Some(range);
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.restart = RestartPolicy::OnFailure;
+    cfg.max_restarts = Some(2);
+    machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    let s = wait_phase(&dir, Phase::Exited, Duration::from_secs(30));
+    assert_eq!(s.restarts, 2);
+    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
+    let log = std::fs::read_to_string(dir.supervisor_log()).unwrap_or_default();
+    let lines: Vec<&str> = out.lines().map(str::trim).collect();
+    assert_eq!(lines.len(), 15, "{out}");
+    for run in lines.chunks(5) {
+        let map: Vec<&str> = run[0].split_whitespace().collect();
+        assert_eq!(
+            map,
+            ["0", &range.host_id.to_string(), &range.size.to_string()],
+            "{out}"
+        );
+        assert!(run[1].starts_with("net:[") && run[1] != host_net, "{out}");
+        assert!(
+            log.contains(&format!(" {}\n", run[1])),
+            "{} was not made ahead: {log}",
+            run[1]
+        );
+        assert_eq!(run[2], "lo", "interfaces: {out}");
+        let flags = u32::from_str_radix(run[3].trim_start_matches("0x"), 16).expect("lo flags");
+        assert_eq!(flags & 1, 1, "lo is not up: {out}");
+        assert_eq!(run[4], "netowner=0:0", "{out}");
+    }
+    // One pair made for each container (a namespace's inode number is
+    // reused once it is freed, so equal numbers say nothing here).
+    assert_eq!(
+        log.matches("joins namespaces made ahead").count(),
+        3,
+        "{log}"
+    );
+
+    // The host's network: nothing to make ahead.
+    let fx = busybox_fixture();
+    let mut spec = ContainerSpec::new(
+        unique("aheadhost"),
+        &fx.rootfs,
+        sh("readlink /proc/self/ns/net"),
+    );
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    spec.network = NetworkSpec::Host;
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard2 = Guard(dir.clone());
+    machine::launch(&dir, &SupervisorConfig::new(spec), &supervisor()).expect("launch");
+    wait_phase(&dir, Phase::Exited, Duration::from_secs(20));
+    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
+    assert_eq!(out.trim(), host_net);
+    let log = std::fs::read_to_string(dir.supervisor_log()).unwrap_or_default();
+    assert!(!log.contains("made ahead"), "{log}");
 }
