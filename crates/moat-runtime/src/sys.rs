@@ -480,11 +480,10 @@ pub fn create_persistent_netns(
     Ok(())
 }
 
-/// A user namespace mapping root to `range` and a network namespace it
-/// owns, `lo` up (see [`NsAhead`]), as open namespace files (close-on-exec).
+/// A user namespace and a network namespace it owns, `lo` up (see
+/// [`NsAhead`]), as open namespace files (close-on-exec).
 #[derive(Debug)]
 pub struct FreshNamespaces {
-    pub range: crate::spec::IdRange,
     pub user: OwnedFd,
     pub net: OwnedFd,
 }
@@ -502,40 +501,63 @@ pub struct FreshNamespaces {
 #[derive(Debug)]
 pub struct NsAhead {
     range: crate::spec::IdRange,
-    helper: libc::pid_t,
+    helper: Helper,
     user: OwnedFd,
     from_child: fs::File,
     to_child: fs::File,
-    done: bool,
+}
+
+/// A child process that is killed and reaped if dropped before [`Helper::wait`].
+#[derive(Debug)]
+struct Helper(libc::pid_t);
+
+impl Helper {
+    fn wait(self) -> io::Result<ExitStatus> {
+        let pid = self.0;
+        std::mem::forget(self);
+        wait_pid(pid)
+    }
+
+    /// Kills it (a helper that already exited keeps its status) and reaps it.
+    fn stop(self) -> io::Result<ExitStatus> {
+        let _ = kill(self.0, libc::SIGKILL);
+        self.wait()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = kill(self.0, libc::SIGKILL);
+        let _ = wait_pid(self.0);
+    }
 }
 
 impl NsAhead {
     /// Forks the helper and maps its user namespace.
     pub fn start(range: crate::spec::IdRange) -> io::Result<NsAhead> {
         use std::io::{Read, Write};
-        let (helper, mut from_child, mut to_child) = spawn_ns_helper(true)?;
-        let ahead = |from_child: &mut fs::File, to_child: &mut fs::File| -> io::Result<OwnedFd> {
+        let (pid, mut from_child, mut to_child) = spawn_ns_helper(true)?;
+        let helper = Helper(pid);
+        let mut map_user = || -> io::Result<OwnedFd> {
             let mut b = [0u8; 1];
             from_child.read_exact(&mut b)?;
-            write_id_maps(helper, range)?;
+            write_id_maps(pid, range)?;
             to_child.write_all(&b)?;
-            let p = format!("/proc/{helper}/ns/user");
+            let p = format!("/proc/{pid}/ns/user");
             fs::File::open(&p)
                 .map(OwnedFd::from)
                 .map_err(|e| io::Error::new(e.kind(), format!("{p}: {e}")))
         };
-        match ahead(&mut from_child, &mut to_child) {
+        match map_user() {
             Ok(user) => Ok(NsAhead {
                 range,
                 helper,
                 user,
                 from_child,
                 to_child,
-                done: false,
             }),
             Err(e) => {
-                let _ = kill(helper, libc::SIGKILL);
-                let st = wait_pid(helper);
+                let st = helper.stop();
                 Err(io::Error::new(e.kind(), format!("{e} (helper {st:?})")))
             }
         }
@@ -552,14 +574,21 @@ impl NsAhead {
     }
 
     /// Waits for the network namespace; the helper then exits.
-    pub fn finish(mut self) -> io::Result<FreshNamespaces> {
+    pub fn finish(self) -> io::Result<FreshNamespaces> {
         use std::io::{Read, Write};
         use std::os::unix::fs::MetadataExt;
-        let mut b = [0u8; 1];
-        let helper = self.helper;
-        let net = (|| -> io::Result<OwnedFd> {
-            self.from_child.read_exact(&mut b)?;
-            let p = format!("/proc/{helper}/ns/net");
+        let NsAhead {
+            helper,
+            user,
+            mut from_child,
+            mut to_child,
+            ..
+        } = self;
+        let pid = helper.0;
+        let mut open_net = || -> io::Result<OwnedFd> {
+            let mut b = [0u8; 1];
+            from_child.read_exact(&mut b)?;
+            let p = format!("/proc/{pid}/ns/net");
             let net =
                 fs::File::open(&p).map_err(|e| io::Error::new(e.kind(), format!("{p}: {e}")))?;
             // The pipes order the helper's steps, so this is its new
@@ -570,29 +599,18 @@ impl NsAhead {
                     "the network namespace made for the machine is this process's own",
                 ));
             }
-            self.to_child.write_all(&b)?;
+            to_child.write_all(&b)?;
             Ok(net.into())
-        })();
-        self.done = true;
-        if net.is_err() {
-            let _ = kill(helper, libc::SIGKILL);
-        }
-        let st = wait_pid(helper);
-        let net = net.map_err(|e| io::Error::new(e.kind(), format!("{e} (helper {st:?})")))?;
-        let user = self.user.try_clone()?;
-        Ok(FreshNamespaces {
-            range: self.range,
-            user,
-            net,
-        })
-    }
-}
-
-impl Drop for NsAhead {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = kill(self.helper, libc::SIGKILL);
-            let _ = wait_pid(self.helper);
+        };
+        match open_net() {
+            Ok(net) => {
+                let _ = helper.wait();
+                Ok(FreshNamespaces { user, net })
+            }
+            Err(e) => {
+                let st = helper.stop();
+                Err(io::Error::new(e.kind(), format!("{e} (helper {st:?})")))
+            }
         }
     }
 }
