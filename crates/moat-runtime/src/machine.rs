@@ -470,11 +470,17 @@ fn supervisor_command(supervisor: &Path, notify_w: &OwnedFd, go_r: Option<&Owned
 /// The environment variable that gives a warm supervisor its go fd.
 pub(crate) const GO_FD_ENV: &str = "MOAT_SUPERVISOR_GO_FD";
 
-/// A supervisor started ahead of its machine (see [`prespawn`]): it has
-/// exec'd, loaded and set itself up, and blocks reading its go pipe.
+/// The environment variable that gives a warm supervisor the CPU affinity
+/// to take back once it runs (see [`prespawn`]), as a list: `0,1`.
+pub(crate) const CPUS_ENV: &str = "MOAT_SUPERVISOR_CPUS";
+
+/// A supervisor started ahead of its machine (see [`prespawn`]): it
+/// execs, loads and sets itself up, then blocks reading its go pipe.
 struct Warm {
     supervisor: PathBuf,
-    child: std::process::Child,
+    child: sys::Spawned,
+    /// Reaped (by [`Warm::go`]).
+    reaped: bool,
     go: Option<OwnedFd>,
     notify_r: Option<OwnedFd>,
 }
@@ -487,20 +493,34 @@ impl Warm {
     /// first process (which forks the real supervisor and exits, as in a
     /// plain launch): its exit status, `None` when it cannot be had (the
     /// machine is the supervisor's all the same: the caller must not start
-    /// another). `Err` when it was not delivered (the supervisor died
-    /// meanwhile; dropping `self` reaps it): the caller starts one.
+    /// another). `Err` when it was not delivered (its exec failed, or it
+    /// died meanwhile; dropping `self` reaps it): the caller starts one.
     fn go(
         mut self,
         dir: &MachineDir,
     ) -> Result<(Option<std::process::ExitStatus>, OwnedFd), NotDelivered> {
         use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::process::ExitStatusExt;
+        self.child.exec_done().map_err(|_| NotDelivered)?;
         let mut f = fs::File::from(self.go.take().ok_or(NotDelivered)?);
         // A supervisor that died meanwhile: EPIPE (SIGPIPE is ignored here).
         f.write_all(dir.dir.as_os_str().as_bytes())
             .map_err(|_| NotDelivered)?;
         drop(f);
         let notify_r = self.notify_r.take().ok_or(NotDelivered)?;
-        Ok((self.child.wait().ok(), notify_r))
+        let st = loop {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid out pointer.
+            let r = unsafe { libc::waitpid(self.child.pid, &mut status, 0) };
+            if r == self.child.pid {
+                break Some(std::process::ExitStatus::from_raw(status));
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                break None;
+            }
+        };
+        self.reaped = true;
+        Ok((st, notify_r))
     }
 }
 
@@ -510,65 +530,98 @@ impl Drop for Warm {
         // nothing to run, so it is ended outright (no wait on it reaching
         // its read of the go pipe), then reaped.
         if self.notify_r.take().is_some() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = sys::kill(self.child.pid, libc::SIGKILL);
+        }
+        if !self.reaped {
+            let _ = sys::wait_pid(self.child.pid);
         }
     }
 }
 
 static WARM: std::sync::Mutex<Option<Warm>> = std::sync::Mutex::new(None);
 
-/// Starts a supervisor ahead of [`launch`], so that its exec, dynamic
-/// loading and set-up overlap the caller's own work (recording the machine,
-/// mounting its root) instead of following it. The next `launch` of this
-/// process with the same supervisor binary hands it the machine; one left
-/// unused exits when this process closes the pipe (its exit, or the next
+/// Starts a supervisor ahead of [`launch`], so that its exec, loading and
+/// set-up overlap the caller's own work (recording the machine, preparing
+/// its root) instead of following it. The next `launch` of this process
+/// with the same supervisor binary hands it the machine; one left unused
+/// exits when this process closes the pipe (its exit, or the next
 /// prespawn). Best effort: on any failure `launch` starts one as usual.
 /// Returns the warm supervisor's PID; one of the same binary already
 /// waiting is kept (and its PID returned).
+///
+/// This process does not wait for the supervisor's exec (see
+/// [`sys::spawn_nowait`]); `launch` learns whether it worked.
 pub fn prespawn(supervisor: &Path) -> Option<u32> {
     let mut slot = WARM.lock().ok()?;
     if let Some(w) = slot.as_ref() {
         if w.supervisor == supervisor {
-            return Some(w.child.id());
+            return Some(w.child.pid as u32);
         }
     }
     let spawn = || -> std::io::Result<Warm> {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
         let (notify_r, notify_w) = sys::pipe()?;
         let (go_r, go_w) = sys::pipe()?;
-        let mut cmd = supervisor_command(supervisor, &notify_w, Some(&go_r));
-        cmd.arg("--wait");
+        let cstr = |b: &[u8]| {
+            CString::new(b).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a NUL byte in an argument",
+                )
+            })
+        };
+        let prog = cstr(supervisor.as_os_str().as_bytes())?;
+        let argv = vec![prog.clone(), cstr(b"--wait")?];
         // The supervisor starts on another CPU than this launcher's. Linux
         // puts a forked child on its parent's CPU, where it often preempts
         // the parent: the launcher, whose preparation of the machine is
         // what the warm supervisor then waits for, sat behind the
         // supervisor's exec and start-up (~1.1 ms, in 26 of 40 runs here)
         // while the other CPU idled. The child leaves this CPU before its
-        // exec; its affinity is given back once the exec is done.
+        // exec, and takes back the affinity given in CPUS_ENV once it runs.
         let mask = sys::affinity();
-        if let Some(m) = mask {
-            // SAFETY: sched_getcpu and sched_setaffinity are plain system
-            // calls on a cpu_set_t copied into the closure.
-            unsafe {
-                cmd.pre_exec(move || {
-                    sys::leave_this_cpu(&m);
-                    Ok(())
-                });
+        let mut envp = Vec::new();
+        for (k, v) in std::env::vars_os() {
+            if [NOTIFY_FD_ENV, GO_FD_ENV, CPUS_ENV]
+                .iter()
+                .any(|n| k.as_bytes() == n.as_bytes())
+            {
+                continue;
+            }
+            let mut kv = k.as_bytes().to_vec();
+            kv.push(b'=');
+            kv.extend_from_slice(v.as_bytes());
+            if let Ok(c) = CString::new(kv) {
+                envp.push(c);
             }
         }
-        let child = cmd.spawn()?;
-        if let Some(m) = mask {
-            sys::set_affinity(child.id() as i32, &m);
+        envp.push(cstr(
+            format!("{NOTIFY_FD_ENV}={}", notify_w.as_raw_fd()).as_bytes(),
+        )?);
+        envp.push(cstr(
+            format!("{GO_FD_ENV}={}", go_r.as_raw_fd()).as_bytes(),
+        )?);
+        if let Some(m) = &mask {
+            envp.push(cstr(format!("{CPUS_ENV}={}", sys::cpu_list(m)).as_bytes())?);
         }
+        let child = sys::spawn_nowait(
+            &prog,
+            &argv,
+            &envp,
+            &[notify_w.as_raw_fd(), go_r.as_raw_fd()],
+            mask.as_ref(),
+        )?;
         Ok(Warm {
             supervisor: supervisor.to_path_buf(),
             child,
+            reaped: false,
             go: Some(go_w),
             notify_r: Some(notify_r),
         })
     };
     let w = spawn().ok()?;
-    let pid = w.child.id();
+    let pid = w.child.pid as u32;
     let old = slot.replace(w);
     drop(slot);
     drop(old);

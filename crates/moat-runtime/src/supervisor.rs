@@ -70,6 +70,7 @@ pub fn main_entry() -> i32 {
     let dir = if args.get(1).is_some_and(|a| a == "--wait") {
         // Started ahead of its machine (`machine::prespawn`): set up what
         // does not depend on it, then wait for the folder.
+        take_back_affinity();
         crate::cgroups::preload();
         match wait_for_go() {
             Ok(Some(d)) => d,
@@ -194,6 +195,24 @@ fn inherited_fd(var: &str) -> io::Result<Option<OwnedFd>> {
     Ok(Some(unsafe {
         <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(n)
     }))
+}
+
+/// A warm supervisor left its launcher's CPU before its exec (see
+/// `machine::prespawn`): it takes back the launcher's affinity, which the
+/// machine's processes inherit from it. Single-threaded here, so changing
+/// the environment is sound.
+fn take_back_affinity() {
+    let Ok(list) = std::env::var(crate::machine::CPUS_ENV) else {
+        return;
+    };
+    std::env::remove_var(crate::machine::CPUS_ENV);
+    match sys::parse_cpu_list(&list) {
+        Some(set) => sys::set_affinity(0, &set),
+        None => eprintln!(
+            "moat-supervisor: {} is not a list of CPUs: {list}",
+            crate::machine::CPUS_ENV
+        ),
+    }
 }
 
 /// A warm supervisor's machine folder: all its launcher writes to the go

@@ -663,9 +663,15 @@ fn spawn_ns_helper(with_user: bool) -> io::Result<(libc::pid_t, fs::File, fs::Fi
     let (to_child_r, to_child_w) = pipe()?;
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
+    // The helper's unshare(CLONE_NEWNET) is ~0.5 ms of kernel work that
+    // does not yield; Linux starts a forked child on its parent's CPU, so
+    // the parent, which goes on preparing the machine meanwhile, sat
+    // runnable behind it while the other CPU idled (scheduler trace: ~0.6 ms
+    // of a `moat run`). The helper moves to the other CPUs first.
+    let cpus = affinity().as_ref().and_then(other_cpus);
     // SAFETY: fork in a process that may have threads: the child only calls
-    // async-signal-safe syscalls (close, prctl, unshare, read, write, socket,
-    // ioctl, _exit).
+    // async-signal-safe syscalls (close, prctl, sched_getcpu,
+    // sched_setaffinity, unshare, read, write, socket, ioctl, _exit).
     let child = unsafe { libc::fork() };
     if child < 0 {
         return Err(io::Error::last_os_error());
@@ -692,6 +698,9 @@ fn spawn_ns_helper(with_user: bool) -> io::Result<(libc::pid_t, fs::File, fs::Fi
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if libc::getppid() != parent {
                 libc::_exit(9);
+            }
+            if let Some(others) = &cpus {
+                avoid_cpu(others);
             }
             let mut b = [0u8; 1];
             if with_user {
@@ -846,14 +855,14 @@ pub fn affinity() -> Option<libc::cpu_set_t> {
     (rc == 0 && unsafe { libc::CPU_COUNT(&set) } > 1).then_some(set)
 }
 
-/// Moves the calling thread off the CPU it runs on, to the others of `set`
-/// (nothing when that leaves none). Async-signal-safe (two system calls), for
-/// a `pre_exec` hook.
-pub fn leave_this_cpu(set: &libc::cpu_set_t) {
+/// The CPUs of `set` but the one this thread runs on now, for a child
+/// about to be forked to move to (see [`avoid_cpu`]); `None` when that
+/// leaves none or the CPU is unknown.
+pub fn other_cpus(set: &libc::cpu_set_t) -> Option<libc::cpu_set_t> {
     // SAFETY: sched_getcpu takes no argument.
     let cpu = unsafe { libc::sched_getcpu() };
     if cpu < 0 || cpu as usize >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-        return;
+        return None;
     }
     let mut others = *set;
     // SAFETY: CPU_CLR and CPU_COUNT on a valid cpu_set_t; a CPU number the
@@ -862,13 +871,218 @@ pub fn leave_this_cpu(set: &libc::cpu_set_t) {
         libc::CPU_CLR(cpu as usize, &mut others);
         libc::CPU_COUNT(&others)
     };
-    if left > 0 {
-        set_affinity(0, &others);
-    }
+    (left > 0).then_some(others)
+}
+
+/// In a freshly forked child: moves to `others` (from [`other_cpus`], taken
+/// in the parent before the fork, so the child leaves its parent's CPU
+/// wherever the kernel put it first). Async-signal-safe (one system call).
+pub fn avoid_cpu(others: &libc::cpu_set_t) {
+    set_affinity(0, others);
 }
 
 /// Best effort: `pid`'s CPU affinity becomes `set`.
 pub fn set_affinity(pid: i32, set: &libc::cpu_set_t) {
     // SAFETY: a live cpu_set_t of the size given; errors are ignored.
     unsafe { libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), set) };
+}
+
+/// The CPUs of `set`, as a list for an environment variable: `0,1,3`.
+pub fn cpu_list(set: &libc::cpu_set_t) -> String {
+    (0..8 * std::mem::size_of::<libc::cpu_set_t>())
+        // SAFETY: CPU_ISSET on a valid cpu_set_t, within its size.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The set of [`cpu_list`]'s text; `None` when it names no CPU or is not
+/// such a list.
+pub fn parse_cpu_list(s: &str) -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is valid (the empty set).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    let mut any = false;
+    for part in s.split(',') {
+        let c: usize = part.trim().parse().ok().filter(|c| *c < max)?;
+        // SAFETY: CPU_SET on a valid cpu_set_t, within its size (checked).
+        unsafe { libc::CPU_SET(c, &mut set) };
+        any = true;
+    }
+    any.then_some(set)
+}
+
+/// A child started by [`spawn_nowait`], before its exec is known to be done.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: libc::pid_t,
+    /// Close-on-exec in the child: end of file once its exec succeeded, the
+    /// exec's errno (4 bytes) when it failed.
+    exec_result: Option<OwnedFd>,
+}
+
+impl Spawned {
+    /// Whether the exec succeeded, waiting for it if it has not happened yet
+    /// (once: later calls answer from the first).
+    pub fn exec_done(&mut self) -> io::Result<()> {
+        let Some(fd) = self.exec_result.take() else {
+            return Ok(());
+        };
+        let mut buf = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            // SAFETY: read into the live remainder of buf from an fd we own.
+            let n = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    buf[got..].as_mut_ptr().cast(),
+                    buf.len() - got,
+                )
+            };
+            match n {
+                0 => break,
+                n if n > 0 => got += n as usize,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        match got {
+            0 => Ok(()),
+            4 => Err(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
+            _ => Err(io::Error::other("short report of a failed exec")),
+        }
+    }
+}
+
+/// Starts `prog` with `argv` and `envp` (`KEY=value`) like
+/// `std::process::Command::spawn`, stdin on /dev/null and the descriptors
+/// of `keep` left open across the exec, but returns at once after the fork:
+/// `spawn` waits until the child has exec'd, and on this 2-core host that
+/// wait (the child's exec, and its move off this CPU first) was ~1 ms of a
+/// `moat run`. [`Spawned::exec_done`] tells, later, whether the exec
+/// worked. With `cpus`, the child first moves to the CPUs of that set other
+/// than this thread's (see [`other_cpus`]); the program must then put its
+/// affinity back itself (it is not known here when the exec is done).
+///
+/// The child calls async-signal-safe functions only, so this may run in a
+/// process with threads.
+pub fn spawn_nowait(
+    prog: &std::ffi::CStr,
+    argv: &[std::ffi::CString],
+    envp: &[std::ffi::CString],
+    keep: &[i32],
+    cpus: Option<&libc::cpu_set_t>,
+) -> io::Result<Spawned> {
+    let null = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/null")?;
+    let (err_r, err_w) = pipe()?;
+    let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_p.push(std::ptr::null());
+    let mut envp_p: Vec<*const libc::c_char> = envp.iter().map(|e| e.as_ptr()).collect();
+    envp_p.push(std::ptr::null());
+    let others = cpus.and_then(other_cpus);
+    // SAFETY: the child only makes async-signal-safe calls (sigprocmask,
+    // sigaction, dup2, fcntl, sched_getcpu, sched_setaffinity, execve,
+    // write, _exit) on data prepared before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: see above; every pointer was made before the fork and is live.
+        unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Rust ignores SIGPIPE, and an ignored signal stays ignored
+            // across exec (std's spawn puts it back too).
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let ok = libc::dup2(null.as_raw_fd(), 0) == 0
+                && keep
+                    .iter()
+                    .all(|fd| libc::fcntl(*fd, libc::F_SETFD, 0) == 0);
+            if ok {
+                if let Some(o) = &others {
+                    avoid_cpu(o);
+                }
+                libc::execve(prog.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
+            }
+            let errno = *libc::__errno_location();
+            libc::write(err_w.as_raw_fd(), errno.to_ne_bytes().as_ptr().cast(), 4);
+            libc::_exit(127);
+        }
+    }
+    drop(err_w);
+    Ok(Spawned {
+        pid,
+        exec_result: Some(err_r),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::io::Read;
+
+    #[test]
+    fn a_cpu_list_reads_back_as_the_same_set() {
+        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        for c in [0usize, 1, 5, 63] {
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+        let text = cpu_list(&set);
+        assert_eq!(text, "0,1,5,63");
+        let back = parse_cpu_list(&text).expect("a list");
+        assert_eq!(cpu_list(&back), text);
+        assert!(parse_cpu_list("").is_none());
+        assert!(parse_cpu_list("0,x").is_none());
+        assert!(parse_cpu_list("999999").is_none());
+    }
+
+    fn c(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    #[test]
+    fn spawn_nowait_runs_the_program_with_its_env_and_kept_fds() {
+        let (r, w) = pipe().unwrap();
+        let script = format!("echo \"$MOAT_T\" >&{}", w.as_raw_fd());
+        let mut child = spawn_nowait(
+            &c("/bin/sh"),
+            &[c("sh"), c("-c"), c(&script)],
+            &[c("MOAT_T=hello"), c("PATH=/usr/bin:/bin")],
+            &[w.as_raw_fd()],
+            affinity().as_ref(),
+        )
+        .expect("spawn");
+        child.exec_done().expect("exec");
+        assert_eq!(wait_pid(child.pid).unwrap(), ExitStatus::Code(0));
+        drop(w);
+        let mut out = String::new();
+        fs::File::from(r).read_to_string(&mut out).unwrap();
+        assert_eq!(out, "hello\n");
+    }
+
+    #[test]
+    fn spawn_nowait_reports_a_failed_exec_later() {
+        let mut child = spawn_nowait(
+            &c("/nonexistent/moat-supervisor"),
+            &[c("moat-supervisor")],
+            &[],
+            &[],
+            None,
+        )
+        .expect("the fork itself works");
+        let e = child.exec_done().expect_err("no such program");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
+        assert_eq!(wait_pid(child.pid).unwrap(), ExitStatus::Code(127));
+    }
 }
