@@ -371,6 +371,47 @@ fn is_mount_point_in_mountinfo(path: &Path) -> Result<bool, MountError> {
         .any(|mp| unescape_mountinfo(mp) == want))
 }
 
+/// Whether a mount made at `path` (a folder) would propagate to other mount
+/// namespaces: the mount that holds `path` is in a shared peer group
+/// (`shared:N` in mountinfo, as `/` is on a host booted with systemd). A
+/// mount made below a private or slave mount stays where it is made.
+pub fn propagates(path: &Path) -> Result<bool, MountError> {
+    let c = cpath(path)?;
+    // SAFETY: an all-zero statx is a valid value to be overwritten.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is NUL-terminated and `st` is a live, writable statx.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_NO_AUTOMOUNT,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    if rc != 0 {
+        return Err(MountError::MountInfo(io::Error::last_os_error()));
+    }
+    if st.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(MountError::MountInfo(io::Error::other(
+            "statx gives no mount id (kernel older than 5.8)",
+        )));
+    }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
+    Ok(shared_in(&info, st.stx_mnt_id))
+}
+
+/// Whether mount `id` of the mountinfo text `info` is in a shared peer group.
+fn shared_in(info: &str, id: u64) -> bool {
+    info.lines().any(|l| {
+        let mut f = l.split(' ');
+        f.next().and_then(|i| i.parse::<u64>().ok()) == Some(id)
+            && l.split(" - ")
+                .next()
+                .is_some_and(|left| left.split(' ').skip(6).any(|o| o.starts_with("shared:")))
+    })
+}
+
 /// Every mount point at or below `prefix`, deepest first (the order to unmount them in).
 pub fn mounts_under(prefix: &Path) -> Result<Vec<PathBuf>, MountError> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(MountError::MountInfo)?;
@@ -480,6 +521,17 @@ pub const BTRFS_MAGIC: i64 = 0x9123_683e;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_in_a_shared_peer_group_propagates() {
+        let info = "25 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n\
+                    26 25 0:22 / /proc rw,nosuid - proc proc rw\n\
+                    40 25 0:40 / /var/lib/moat/machines/m rw master:7 - tmpfs t rw\n";
+        assert!(shared_in(info, 25));
+        assert!(!shared_in(info, 26));
+        assert!(!shared_in(info, 40), "a slave does not send");
+        assert!(!shared_in(info, 99));
+    }
 
     #[test]
     fn escapes_overlay_separators() {

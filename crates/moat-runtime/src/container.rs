@@ -96,6 +96,34 @@ pub fn namespaces_ahead(spec: &ContainerSpec) -> Option<crate::spec::IdRange> {
     .flatten()
 }
 
+/// Where `create` prepares a container's read-only cgroup view (see
+/// `cgroups::readonly_view`), in its bundle folder.
+pub fn cgroup_view_dir(bundle: &Path) -> PathBuf {
+    bundle.join("cgroupfs")
+}
+
+/// `s` joins the namespaces made ahead for it (see [`create`]).
+fn joined_namespaces(s: &mut ContainerSpec, f: &crate::sys::FreshNamespaces) {
+    // For whoever reads the supervisor's log (and the tests).
+    let ino = |fd: &OwnedFd| {
+        fd.try_clone()
+            .and_then(|d| fs::File::from(d).metadata())
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .unwrap_or(0)
+    };
+    eprintln!(
+        "moat: {}: joins namespaces made ahead: user:[{}] net:[{}]",
+        s.name,
+        ino(&f.user),
+        ino(&f.net)
+    );
+    // The library opens these paths in its own processes, forked from this
+    // one: they hold the same descriptors.
+    let fd_path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    s.userns_path = Some(fd_path(&f.user));
+    s.network = NetworkSpec::Join(fd_path(&f.net));
+}
+
 /// Writes config.json, prepares the rootfs (ownership, /etc files) and creates
 /// the container. On return the namespaces exist and init waits for [`start`].
 ///
@@ -115,9 +143,35 @@ pub fn create(
     let ahead = ahead.filter(|a| namespaces_ahead(spec) == Some(a.range()));
     fs::create_dir_all(&paths.bundle).map_err(|e| RuntimeError::io(&paths.bundle, e))?;
     fs::create_dir_all(&paths.state_root).map_err(|e| RuntimeError::io(&paths.state_root, e))?;
+    // A stale state folder from a crashed supervisor would make create fail
+    // (removed first: with it go its cgroups, which the view below binds).
+    let stale = paths.state_root.join(&spec.name);
+    if stale.exists() {
+        let _ = delete(&spec.name, &paths.state_root, true, spec.keep_cgroup_parent);
+        let _ = fs::remove_dir_all(&stale);
+    }
     // The root first: it may be mounted only now (`ContainerSpec::overlay`),
     // and the spec reads the image's /etc/passwd in it.
     rootfs::prepare(spec, &paths.bundle, ahead.as_ref().map(|a| a.user()))?;
+    // What the container is to see at /sys/fs/cgroup, prepared here on a
+    // v1 host (see `cgroups::readonly_view`); off the host again once the
+    // container has its copy (dropped after the build below). Made while
+    // the network namespace is still being made ahead.
+    let view = if spec.kind == ContainerKind::Application && !spec.privileged {
+        let owner = spec.uses_userns().then_some(spec.idmap).flatten();
+        crate::cgroups::readonly_view(
+            &spec.cgroup_path(),
+            &cgroup_view_dir(&paths.bundle),
+            owner.map(|r| r.host_id),
+        )
+        .map_err(|e| RuntimeError::Sys {
+            container: spec.name.clone(),
+            op: "prepare the read-only cgroup view",
+            source: e,
+        })?
+    } else {
+        None
+    };
     let fresh = ahead.and_then(|a| match a.finish() {
         Ok(f) => Some(f),
         Err(e) => {
@@ -129,31 +183,17 @@ pub fn create(
         }
     });
     let joining;
-    let spec = match &fresh {
-        Some(f) => {
-            // For whoever reads the supervisor's log (and the tests).
-            let ino = |fd: &OwnedFd| {
-                fd.try_clone()
-                    .and_then(|d| fs::File::from(d).metadata())
-                    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-                    .unwrap_or(0)
-            };
-            eprintln!(
-                "moat: {}: joins namespaces made ahead: user:[{}] net:[{}]",
-                spec.name,
-                ino(&f.user),
-                ino(&f.net)
-            );
-            // The library opens these paths in its own processes, forked
-            // from this one: they hold the same descriptors.
-            let fd_path = |fd: &OwnedFd| PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let spec = match (&fresh, &view) {
+        (None, None) => spec,
+        _ => {
             let mut s = spec.clone();
-            s.userns_path = Some(fd_path(&f.user));
-            s.network = NetworkSpec::Join(fd_path(&f.net));
+            s.cgroup_view = view.as_ref().map(|v| v.path().to_path_buf());
+            if let Some(f) = &fresh {
+                joined_namespaces(&mut s, f);
+            }
             joining = s;
             &joining
         }
-        None => spec,
     };
     let config = oci_config(spec)?;
     let cfg_path = paths.bundle.join("config.json");
@@ -162,13 +202,6 @@ pub fn create(
         reason: e.to_string(),
     })?;
     fs::write(&cfg_path, text).map_err(|e| RuntimeError::io(&cfg_path, e))?;
-
-    // A stale state folder from a crashed supervisor would make create fail.
-    let stale = paths.state_root.join(&spec.name);
-    if stale.exists() {
-        let _ = delete(&spec.name, &paths.state_root, true, spec.keep_cgroup_parent);
-        let _ = fs::remove_dir_all(&stale);
-    }
 
     let stdin = match stdio.stdin {
         Some(fd) => fd,
@@ -232,6 +265,9 @@ pub fn create(
     if let Some(e) = entered {
         let _ = e.leave();
     }
+    // The container's init has made its mounts (build returns once it waits
+    // for start): the view goes from the host.
+    drop(view);
     let container = built?;
     if let Some(id) = delegate_to {
         crate::cgroups::delegate_after_create(&spec.cgroup_path(), id).map_err(|e| {

@@ -873,6 +873,9 @@ pub fn cleanup_dead(dir: &MachineDir) -> Result<(), RuntimeError> {
         }
         return Ok(());
     }
+    // A supervisor killed while it created the container may have left the
+    // container's cgroup view mounted (one statx when not).
+    crate::cgroups::release_view(&container::cgroup_view_dir(&dir.bundle_dir()));
     let name = &cfg.container.name;
     let root = dir.state_root();
     let status = match container::status(name, &root) {

@@ -126,6 +126,12 @@ pub struct ContainerSpec {
     /// used when nothing is mounted at `rootfs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub overlay: Option<crate::idmap::OverlayLayout>,
+    /// A read-only folder to bind at /sys/fs/cgroup instead of letting the
+    /// library mount the cgroup hierarchies (`cgroups::readonly_view`, made
+    /// by `container::create` for a hardened application container on a v1
+    /// host). Set for one create only; never in a saved config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_view: Option<PathBuf>,
 }
 
 impl ContainerSpec {
@@ -161,6 +167,7 @@ impl ContainerSpec {
             userns_path: None,
             terminal: false,
             overlay: None,
+            cgroup_view: None,
         }
     }
 
@@ -344,10 +351,16 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
     } else {
         sys_ro
     };
-    mounts.push(
-        json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-                       "options": ["nosuid", "noexec", "nodev", "relatime", cgroup_ro]}),
-    );
+    match &spec.cgroup_view {
+        Some(view) if hardened && spec.kind == ContainerKind::Application => mounts.push(
+            json!({"destination": "/sys/fs/cgroup", "type": "none", "source": view,
+                   "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}),
+        ),
+        _ => mounts.push(
+            json!({"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+                   "options": ["nosuid", "noexec", "nodev", "relatime", cgroup_ro]}),
+        ),
+    }
     if spec.kind == ContainerKind::System {
         // What systemd expects of a container (systemd.io/CONTAINER_INTERFACE):
         // /run and /run/lock as tmpfs, /tmp a tmpfs like on most hosts.
@@ -451,6 +464,40 @@ pub fn oci_config(spec: &ContainerSpec) -> Result<Value, RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cgroup_view_is_bound_read_only_for_a_hardened_application_container() {
+        let mut s = ContainerSpec::new("v", "/tmp/r", vec!["/bin/true".into()]);
+        s.cgroup_view = Some(PathBuf::from("/m/bundle/cgroupfs"));
+        let find = |c: &serde_json::Value| {
+            c["mounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["destination"] == "/sys/fs/cgroup")
+                .cloned()
+                .expect("cgroupfs")
+        };
+        let m = find(&oci_config(&s).unwrap());
+        assert_eq!(m["type"], "none");
+        assert_eq!(m["source"], "/m/bundle/cgroupfs");
+        let opts: Vec<&str> = m["options"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_str().unwrap())
+            .collect();
+        assert!(opts.contains(&"rbind") && opts.contains(&"ro"), "{opts:?}");
+        // A system container (delegated, writable) and a privileged one keep
+        // the library's cgroup mount.
+        let mut t = s.clone();
+        t.kind = ContainerKind::System;
+        assert_eq!(find(&oci_config(&t).unwrap())["type"], "cgroup");
+        let mut p = s.clone();
+        p.privileged = true;
+        p.idmap = None;
+        assert_eq!(find(&oci_config(&p).unwrap())["type"], "cgroup");
+    }
 
     #[test]
     fn home_comes_from_the_users_passwd_line() {

@@ -186,6 +186,33 @@ fn app_container_exec_limits_hardening_logs_lifecycle() {
     assert_ne!(code, 0, "/proc/sys is writable");
     let (_, sysmnt, _) = exec_ok(&dir, "grep ' /sys ' /proc/mounts");
     assert!(sysmnt.contains(" ro,"), "/sys not read-only: {sysmnt}");
+    // The cgroupfs below it too, every mount of it (on a v1 host: the view
+    // `cgroups::readonly_view` made, a bind of each hierarchy's own cgroup).
+    let (_, cgmnt, _) = exec_ok(&dir, "grep ' /sys/fs/cgroup' /proc/mounts");
+    assert!(!cgmnt.trim().is_empty(), "no cgroupfs inside");
+    for l in cgmnt.lines() {
+        assert!(l.contains(" ro,"), "writable cgroupfs mount inside: {l}");
+    }
+    let (code, _, err) = exec_ok(&dir, "touch /sys/fs/cgroup/made-inside");
+    assert_ne!(code, 0, "the cgroupfs root is writable");
+    assert!(err.contains("Read-only"), "{err}");
+    let (_, own, _) = exec_ok(&dir, "cat /proc/self/cgroup");
+    for l in own.lines() {
+        assert!(l.ends_with(":/"), "not at its cgroup namespace's root: {l}");
+    }
+    if std::path::Path::new("/sys/fs/cgroup/pids").is_dir() {
+        // Its own pids cgroup: PID 1 and the cat are all it holds.
+        let (_, procs, _) = exec_ok(&dir, "cat /sys/fs/cgroup/pids/cgroup.procs");
+        assert!(procs.lines().any(|l| l.trim() == "1"), "{procs}");
+        // The view is off the host once the container has its copy.
+        let view = fx.machine_dir.join("bundle").join("cgroupfs");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        assert!(
+            !mounts.contains(&view.display().to_string()),
+            "the cgroup view is still mounted on the host"
+        );
+        assert!(!view.exists(), "{} left", view.display());
+    }
     let (_, dev, _) = exec_ok(&dir, "ls /dev");
     assert!(
         dev.contains("null") && !dev.contains("kmsg") && !dev.contains("sda"),
@@ -661,4 +688,128 @@ fn a_container_joins_the_namespaces_made_ahead_for_it() {
     assert_eq!(out.trim(), host_net);
     let log = std::fs::read_to_string(dir.supervisor_log()).unwrap_or_default();
     assert!(!log.contains("made ahead"), "{log}");
+}
+
+/// The read-only cgroup view of an application container on a v1 host
+/// (`cgroups::readonly_view`) is on the host only while the container is
+/// created: one left by a supervisor killed meanwhile is removed by the next
+/// create and by the clean-up after a dead supervisor (so `destroy` can
+/// remove the folder).
+#[test]
+fn a_cgroup_view_left_behind_is_removed() {
+    if !can_run() {
+        return;
+    }
+    if moat_runtime::cgroups::layout() == moat_runtime::cgroups::Layout::Unified {
+        eprintln!("SKIP: a cgroup v2 host keeps the library's cgroup2 mount (no view)");
+        return;
+    }
+    let fx = busybox_fixture();
+    if moat_host::mount::propagates(fx.tmp.path()).unwrap_or(true) {
+        eprintln!("SKIP: the temporary folder is on a shared mount (no view is made there)");
+        return;
+    }
+    let name = unique("view");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh("exec sleep 1000"));
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let cgroup = spec.cgroup_path();
+    let dir = MachineDir::new(&fx.machine_dir);
+    let guard = Guard(dir.clone());
+    let view_dir = moat_runtime::container::cgroup_view_dir(&dir.bundle_dir());
+    std::fs::create_dir_all(dir.bundle_dir()).unwrap();
+    let mounted = |p: &std::path::Path| {
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(&p.display().to_string()))
+    };
+    // What a killed supervisor leaves: the view, mounted, read-only.
+    let view = moat_runtime::cgroups::readonly_view(&cgroup, &view_dir, None)
+        .expect("view")
+        .expect("a view on a v1 host");
+    std::mem::forget(view);
+    assert!(mounted(&view_dir));
+    let probe = view_dir.join("made-on-host");
+    assert!(std::fs::write(&probe, "x").is_err(), "the view is writable");
+    let mems = std::fs::read_dir(&view_dir).unwrap().count();
+    assert!(mems > 0, "an empty view");
+    // The next create replaces it, and removes it once the container has
+    // its copy.
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 300;
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
+    assert!(
+        !mounted(&view_dir),
+        "the view is still mounted after create"
+    );
+    let (_, inside, _) = exec_ok(&dir, "ls /sys/fs/cgroup | wc -l");
+    assert!(inside.trim().parse::<usize>().unwrap() >= mems, "{inside}");
+    // A dead supervisor's clean-up removes one too.
+    machine::stop(&dir, Duration::from_secs(2)).expect("stop");
+    let view = moat_runtime::cgroups::readonly_view(&cgroup, &view_dir, None)
+        .expect("view")
+        .expect("a view on a v1 host");
+    std::mem::forget(view);
+    assert!(mounted(&view_dir));
+    machine::cleanup_dead(&dir).expect("cleanup_dead");
+    assert!(!mounted(&view_dir), "cleanup_dead left the view mounted");
+    assert!(!view_dir.exists());
+    drop(guard);
+    moat_runtime::cgroups::remove_tree(&cgroup);
+    let left = leftovers(&name, fx.tmp.path());
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// Below a shared mount (`/` on a host booted with systemd) no view is made
+/// (its tmpfs would be copied into the other mount namespaces of the peer
+/// group and stay there): the library mounts the hierarchies itself.
+#[test]
+fn below_a_shared_mount_the_library_mounts_the_cgroup_hierarchies() {
+    if !can_run() {
+        return;
+    }
+    if moat_runtime::cgroups::layout() == moat_runtime::cgroups::Layout::Unified {
+        eprintln!("SKIP: a cgroup v2 host makes no view");
+        return;
+    }
+    let fx = busybox_fixture();
+    let name = unique("shared");
+    // The machine folder on a tmpfs of its own, shared.
+    let shared = fx.tmp.path().join("shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    moat_host::mount::mount_tmpfs(&shared, "moat-test-shared", 0o755).expect("tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = moat_host::mount::unmount(&self.0, true);
+        }
+    }
+    let _unmount = Unmount(shared.clone());
+    let st = std::process::Command::new("mount")
+        .args(["--make-shared"])
+        .arg(&shared)
+        .status()
+        .expect("mount --make-shared");
+    assert!(st.success());
+    assert!(moat_host::mount::propagates(&shared).unwrap());
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh("exec sleep 1000"));
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(shared.join("machine"));
+    let guard = Guard(dir.clone());
+    let mut cfg = SupervisorConfig::new(spec);
+    cfg.stop_timeout_ms = 300;
+    let st = machine::launch(&dir, &cfg, &supervisor()).expect("launch");
+    assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
+    let (_, mnt, _) = exec_ok(&dir, "grep ' /sys/fs/cgroup ' /proc/mounts");
+    assert!(!mnt.contains("moat-cgroup"), "a view was made: {mnt}");
+    let (_, pids, _) = exec_ok(&dir, "ls /sys/fs/cgroup | wc -l");
+    assert!(pids.trim().parse::<usize>().unwrap() > 0);
+    drop(guard);
+    let left = leftovers(&name, fx.tmp.path());
+    let left: Vec<&String> = left
+        .iter()
+        .filter(|l| !l.contains("moat-test-shared"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
 }
