@@ -695,13 +695,6 @@ pub fn readonly_view(
         let at = dir.join(name);
         fs::create_dir(&at)?;
         mount_sys(Some(src), &at, None, libc::MS_BIND, None)?;
-        mount_sys(
-            None,
-            &at,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | safe,
-            None,
-        )?;
     }
     // The host's aliases of comounted hierarchies (`cpu -> cpu,cpuacct`).
     if let Ok(rd) = fs::read_dir(ROOT) {
@@ -713,14 +706,67 @@ pub fn readonly_view(
             }
         }
     }
-    mount_sys(
-        None,
-        dir,
-        None,
-        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | safe,
-        None,
-    )?;
+    readonly_tree(dir, &sources)?;
     Ok(Some(view))
+}
+
+/// Makes the view at `dir` and every bind below it read-only (and nosuid,
+/// nodev, noexec): one recursive mount_setattr(2), or (a kernel before 5.12)
+/// one bind remount per mount.
+fn readonly_tree(dir: &Path, sources: &[(V1Hierarchy, Option<PathBuf>)]) -> io::Result<()> {
+    use moat_host::mount::api::{MountAttr, MOUNT_ATTR_RDONLY};
+    use std::os::unix::ffi::OsStrExt;
+    const AT_RECURSIVE: libc::c_uint = 0x8000;
+    const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    const MOUNT_ATTR_NODEV: u64 = 0x4;
+    const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+    let attr = MountAttr {
+        attr_set: u64::from(MOUNT_ATTR_RDONLY)
+            | MOUNT_ATTR_NOSUID
+            | MOUNT_ATTR_NODEV
+            | MOUNT_ATTR_NOEXEC,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid path string and a live mount_attr of the size given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOSYS) {
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "mount_setattr(read-only, recursive) on {}: {e}",
+                dir.display()
+            ),
+        ));
+    }
+    let flags = libc::MS_BIND
+        | libc::MS_REMOUNT
+        | libc::MS_RDONLY
+        | libc::MS_NOSUID
+        | libc::MS_NODEV
+        | libc::MS_NOEXEC;
+    for (h, src) in sources {
+        if let (Some(_), Some(name)) = (src, h.mount.file_name()) {
+            mount_sys(None, &dir.join(name), None, flags, None)?;
+        }
+    }
+    mount_sys(None, dir, None, flags, None)
 }
 
 #[cfg(test)]

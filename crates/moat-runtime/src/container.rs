@@ -151,27 +151,45 @@ pub fn create(
         let _ = fs::remove_dir_all(&stale);
     }
     // The root first: it may be mounted only now (`ContainerSpec::overlay`),
-    // and the spec reads the image's /etc/passwd in it.
-    rootfs::prepare(spec, &paths.bundle, ahead.as_ref().map(|a| a.user()))?;
-    // What the container is to see at /sys/fs/cgroup, prepared here on a
-    // v1 host (see `cgroups::readonly_view`); off the host again once the
-    // container has its copy (dropped after the build below). Made while
-    // the network namespace is still being made ahead.
-    let view = if spec.kind == ContainerKind::Application && !spec.privileged {
-        let owner = spec.uses_userns().then_some(spec.idmap).flatten();
-        crate::cgroups::readonly_view(
-            &spec.cgroup_path(),
-            &cgroup_view_dir(&paths.bundle),
-            owner.map(|r| r.host_id),
-        )
-        .map_err(|e| RuntimeError::Sys {
-            container: spec.name.clone(),
-            op: "prepare the read-only cgroup view",
-            source: e,
-        })?
-    } else {
-        None
-    };
+    // and the spec reads the image's /etc/passwd in it. Meanwhile, on the
+    // other CPU (where the namespaces are being made ahead too), what the
+    // container is to see at /sys/fs/cgroup on a v1 host (see
+    // `cgroups::readonly_view`), off the host again once the container has
+    // its copy (dropped after the build below). Without it (it could not
+    // be made), the library mounts the hierarchies itself.
+    let want_view = spec.kind == ContainerKind::Application && !spec.privileged;
+    let others = crate::sys::affinity()
+        .as_ref()
+        .and_then(crate::sys::other_cpus);
+    let (prepared, view) = std::thread::scope(|sc| {
+        let view = want_view.then(|| {
+            sc.spawn(|| {
+                if let Some(o) = &others {
+                    crate::sys::avoid_cpu(o);
+                }
+                let owner = spec.uses_userns().then_some(spec.idmap).flatten();
+                crate::cgroups::readonly_view(
+                    &spec.cgroup_path(),
+                    &cgroup_view_dir(&paths.bundle),
+                    owner.map(|r| r.host_id),
+                )
+            })
+        });
+        let prepared = rootfs::prepare(spec, &paths.bundle, ahead.as_ref().map(|a| a.user()));
+        let view = view.and_then(|h| match h.join() {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                eprintln!(
+                    "moat: {}: no read-only cgroup view ({e}); the library mounts the hierarchies",
+                    spec.name
+                );
+                None
+            }
+            Err(_) => None,
+        });
+        (prepared, view)
+    });
+    prepared?;
     let fresh = ahead.and_then(|a| match a.finish() {
         Ok(f) => Some(f),
         Err(e) => {
