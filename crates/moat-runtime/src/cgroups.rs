@@ -636,9 +636,9 @@ fn mount_sys(
 /// folders are made here (libcontainer then finds them).
 ///
 /// Why: libcontainer mounts each v1 hierarchy itself, in the container's
-/// cgroup namespace, through its checked path resolution: about a quarter
-/// of a `moat run --rm busybox -- true` here (1.3 ms of 7.2 in create,
-/// A/B of 60 runs). It also left them (and the tmpfs below them) writable
+/// cgroup namespace, through its checked path resolution: 1.3 ms of the
+/// ~7 ms of its create in a `moat run --rm busybox -- true` here (A/B of 60
+/// runs). It also left them (and the tmpfs below them) writable
 /// whatever the spec said: the files were safe only by their ownership.
 /// Here each is a read-only bind, which the container cannot make writable
 /// (the kernel locks the flag in its user namespace); what it sees is the
