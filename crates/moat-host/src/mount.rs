@@ -16,6 +16,10 @@ pub mod api {
     pub const OPEN_TREE_CLONE: libc::c_uint = 1;
     pub const AT_EMPTY_PATH: libc::c_uint = 0x1000;
     pub const MOUNT_ATTR_RDONLY: libc::c_uint = 1;
+    pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+    pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+    pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+    pub const AT_RECURSIVE: libc::c_uint = 0x8000;
     pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
     pub const FSOPEN_CLOEXEC: libc::c_uint = 1;
     pub const FSCONFIG_SET_FLAG: libc::c_uint = 0;

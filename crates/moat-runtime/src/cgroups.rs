@@ -714,12 +714,11 @@ pub fn readonly_view(
 /// nodev, noexec): one recursive mount_setattr(2), or (a kernel before 5.12)
 /// one bind remount per mount.
 fn readonly_tree(dir: &Path, sources: &[(V1Hierarchy, Option<PathBuf>)]) -> io::Result<()> {
-    use moat_host::mount::api::{MountAttr, MOUNT_ATTR_RDONLY};
+    use moat_host::mount::api::{
+        MountAttr, AT_RECURSIVE, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID,
+        MOUNT_ATTR_RDONLY,
+    };
     use std::os::unix::ffi::OsStrExt;
-    const AT_RECURSIVE: libc::c_uint = 0x8000;
-    const MOUNT_ATTR_NOSUID: u64 = 0x2;
-    const MOUNT_ATTR_NODEV: u64 = 0x4;
-    const MOUNT_ATTR_NOEXEC: u64 = 0x8;
     let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
     let attr = MountAttr {
