@@ -361,8 +361,19 @@ impl MachineFs {
 
     fn unmount_inner(&self, reset_disposable: bool) -> Result<()> {
         let rootfs = self.rootfs();
+        // Most often the overlay is all there is: one unmount, no read of the
+        // mount table (the kernel refuses it with EBUSY while anything is
+        // mounted below it or it is in use, and the loop below sees to that).
+        // One statx checks that no second mount was stacked below it.
+        let done = self.state.backend == Backend::Overlay
+            && moat_host::mount::unmount(&rootfs, false).is_ok()
+            && !moat_host::mount::is_mount_point(&rootfs).unwrap_or(true);
         // Mounts the runtime left below the rootfs (proc, dev, ...) go first.
-        for m in moat_host::mount::mounts_under(&rootfs)? {
+        for m in (!done)
+            .then(|| moat_host::mount::mounts_under(&rootfs))
+            .transpose()?
+            .unwrap_or_default()
+        {
             if moat_host::mount::unmount(&m, false).is_err() {
                 moat_host::mount::unmount(&m, true)?;
             }

@@ -128,13 +128,19 @@ fn mount_table() -> String {
 /// `nsdelegate` and the other flags stay. Errors are ignored: inside a
 /// container, or on an older kernel, moat simply runs without it.
 pub fn favor_dynmods() {
+    // Done once per process ([`preload`] does it in a warm supervisor): the
+    // mount table is not read again for nothing.
+    if FAVOR_DYNMODS.is_completed() {
+        return;
+    }
     favor_dynmods_with(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
 }
 
+static FAVOR_DYNMODS: std::sync::Once = std::sync::Once::new();
+
 /// [`favor_dynmods`] with the mount table (all of it) read by the caller.
 fn favor_dynmods_with(info: &str) {
-    static DONE: std::sync::Once = std::sync::Once::new();
-    DONE.call_once(|| {
+    FAVOR_DYNMODS.call_once(|| {
         if std::env::var_os("MOAT_CGROUP_FAVORDYNMODS").is_some_and(|v| v == "0") {
             return;
         }
