@@ -648,6 +648,7 @@ static NOTIFY: std::sync::Mutex<Vec<(PathBuf, OwnedFd)>> = std::sync::Mutex::new
 const NOTIFY_KEPT: usize = 64;
 
 fn remember_notify(dir: &MachineDir, fd: OwnedFd) {
+    set_finished(dir, None);
     if let Ok(mut v) = NOTIFY.lock() {
         v.retain(|(d, _)| d != &dir.dir);
         if v.len() >= NOTIFY_KEPT {
@@ -660,6 +661,34 @@ fn remember_notify(dir: &MachineDir, fd: OwnedFd) {
 fn forget_notify(dir: &MachineDir) {
     if let Ok(mut v) = NOTIFY.lock() {
         v.retain(|(d, _)| d != &dir.dir);
+    }
+}
+
+/// Supervisors (machine folder, pid, start time) launched by this process
+/// that said they were done with their folder by closing their notify pipe
+/// after their container ended, and may still be exiting.
+type Finished = (PathBuf, i32, u64);
+static FINISHED: std::sync::Mutex<Vec<Finished>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether the supervisor of `s` is done with `dir` (see [`FINISHED`]).
+fn finished(dir: &MachineDir, s: &Status) -> bool {
+    FINISHED.lock().is_ok_and(|v| {
+        v.iter()
+            .any(|(d, p, t)| d == &dir.dir && *p == s.supervisor_pid && *t == s.supervisor_start)
+    })
+}
+
+/// Records that the supervisor of `s` is done with `dir` (`Some`), or
+/// forgets the folder (`None`).
+fn set_finished(dir: &MachineDir, s: Option<&Status>) {
+    if let Ok(mut v) = FINISHED.lock() {
+        v.retain(|(d, _, _)| d != &dir.dir);
+        if let Some(s) = s {
+            if v.len() >= NOTIFY_KEPT {
+                v.remove(0);
+            }
+            v.push((dir.dir.clone(), s.supervisor_pid, s.supervisor_start));
+        }
     }
 }
 
@@ -682,8 +711,12 @@ pub fn wait_change(dir: &MachineDir, timeout: Duration) {
         // SAFETY: read into a live buffer from an fd we own.
         let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n == 0 {
-            // The supervisor is gone: nothing will come any more.
+            // The supervisor is gone, or done (see [`wait_finished`]):
+            // nothing will come any more.
             forget_notify(dir);
+            if let Some(s) = dir.read_status().filter(|s| s.phase.is_final()) {
+                set_finished(dir, Some(&s));
+            }
         }
     }
 }
@@ -709,19 +742,40 @@ pub fn start(dir: &MachineDir) -> Result<(), RuntimeError> {
 /// alive (see [`Phase::is_final`]), waits for it to finish removing the
 /// container and exit: true then, false when there was nothing to wait for,
 /// an error if it is still there after 30 s (a v1 cgroup removal can take a
-/// while on a loaded host).
+/// while on a loaded host). A supervisor this process launched is done
+/// when it closes its notify pipe, its last act (see
+/// `supervisor::let_go_of_the_folder`): its exit is not waited for then.
 fn wait_finished(dir: &MachineDir, s: &Status) -> Result<bool, RuntimeError> {
-    if !s.phase.is_final() || !sys::alive(s.supervisor_pid, s.supervisor_start) {
+    if !s.phase.is_final() {
         return Ok(false);
     }
-    if !sys::wait_gone(
+    if finished(dir, s) {
+        return Ok(true);
+    }
+    if !sys::alive(s.supervisor_pid, s.supervisor_start) {
+        return Ok(false);
+    }
+    let pipe = NOTIFY.lock().ok().and_then(|v| {
+        v.iter()
+            .find(|(d, _)| d == &dir.dir)
+            .and_then(|(_, fd)| fd.try_clone().ok())
+    });
+    let (pid, started, limit) = (
         s.supervisor_pid,
         s.supervisor_start,
         Duration::from_secs(30),
-    ) {
+    );
+    let done = match &pipe {
+        Some(p) => sys::wait_gone_or_closed(pid, started, p, limit),
+        None => sys::wait_gone(pid, started, limit),
+    };
+    if !done {
         return Err(dir.err("the supervisor did not exit after its container ended"));
     }
     forget_notify(dir);
+    if pipe.is_some() {
+        set_finished(dir, Some(s));
+    }
     Ok(true)
 }
 

@@ -160,7 +160,11 @@ pub fn main_entry() -> i32 {
         Ok(mut s) => {
             s.notify = notify;
             s.ns_ahead = ahead;
-            s.run()
+            let code = s.run();
+            let last = s.notify.take();
+            drop(s);
+            let_go_of_the_folder(last);
+            code
         }
         Err(e) => {
             eprintln!("moat-supervisor: {e}");
@@ -169,6 +173,37 @@ pub fn main_entry() -> i32 {
     };
     // SAFETY: leave without running atexit handlers inherited from the parent half.
     unsafe { libc::_exit(code) }
+}
+
+/// The end of a supervisor: every fd it still has is closed, stdout and
+/// stderr (`supervisor.log`, in the machine folder) put on /dev/null, and
+/// the notify pipe last. Its launcher takes the end of file on that pipe for
+/// "done with the machine folder" (see `machine::wait_finished`) and may
+/// unmount or remove the folder while this process is still exiting: its
+/// memory teardown is then off the launcher's path.
+fn let_go_of_the_folder(notify: Option<OwnedFd>) {
+    // SAFETY: plain syscalls; nothing else runs in this process any more
+    // (the container is gone, its threads were joined), so closing fds that
+    // no owner will close again is sound: the process exits right after.
+    unsafe {
+        if let Ok(null) = fs::File::open("/dev/null") {
+            libc::dup2(null.as_raw_fd(), 1);
+            libc::dup2(null.as_raw_fd(), 2);
+        }
+        match &notify {
+            Some(fd) => {
+                let n = fd.as_raw_fd() as u32;
+                if n > 3 {
+                    libc::syscall(libc::SYS_close_range, 3u32, n - 1, 0u32);
+                }
+                libc::syscall(libc::SYS_close_range, n + 1, u32::MAX, 0u32);
+            }
+            None => {
+                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            }
+        }
+    }
+    drop(notify);
 }
 
 /// A pipe end the launcher left open across exec, its number in `var`:

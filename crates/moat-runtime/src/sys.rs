@@ -152,6 +152,72 @@ pub fn wait_gone(pid: i32, started: u64, timeout: Duration) -> bool {
     wait_readable(&fd, timeout) && !alive(pid, started)
 }
 
+/// [`wait_gone`], or until `pipe`'s write end is closed by all that hold
+/// it, whichever comes first: true then. A supervisor closes the notify
+/// pipe it writes to as its very last act (see `supervisor::let_go_of_the_folder`), so
+/// its end of file means "done" while its exit may still be under way.
+/// Bytes read from `pipe` on the way are dropped (they only wake readers).
+pub fn wait_gone_or_closed(pid: i32, started: u64, pipe: &OwnedFd, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags, and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if raw < 0 {
+        return wait_gone(pid, started, timeout);
+    }
+    // SAFETY: pidfd_open returned a new fd that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+    if !alive(pid, started) {
+        return true;
+    }
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = [
+            libc::pollfd {
+                fd: pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pipe.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: poll over two live pollfds.
+        let r = unsafe { libc::poll(p.as_mut_ptr(), 2, ms) };
+        if r < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return false;
+        }
+        if r == 0 {
+            return false;
+        }
+        if p[0].revents != 0 {
+            return !alive(pid, started);
+        }
+        if p[1].revents != 0 {
+            let mut buf = [0u8; 64];
+            // SAFETY: read into a live buffer from a fd the caller owns.
+            let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n == 0 {
+                return true;
+            }
+            if n < 0
+                && !matches!(
+                    io::Error::last_os_error().kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                )
+            {
+                // Not a pipe we can read: the process's end decides.
+                return wait_gone(pid, started, left);
+            }
+        }
+    }
+}
+
 /// Waits up to `timeout` for `fd` to be readable (or at its end, or in
 /// error); true if it is. Interruptions by signals wait again for the rest.
 pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
@@ -1049,6 +1115,72 @@ mod tests {
 
     fn c(s: &str) -> CString {
         CString::new(s).unwrap()
+    }
+
+    /// A `sleep` child that holds none of our pipes, with its start time.
+    fn sleeper(secs: &str) -> (std::process::Child, i32, u64) {
+        let child = std::process::Command::new("sleep")
+            .arg(secs)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let started = start_time(pid).expect("the child runs");
+        (child, pid, started)
+    }
+
+    #[test]
+    fn a_closed_pipe_ends_the_wait_while_the_process_still_runs() {
+        let (r, w) = pipe().unwrap();
+        let (mut child, pid, started) = sleeper("5");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            // A status byte first: read and dropped, the wait goes on.
+            let _ = std::io::Write::write_all(&mut fs::File::from(w.try_clone().unwrap()), b"s");
+            std::thread::sleep(Duration::from_millis(50));
+            drop(w);
+        });
+        let t = Instant::now();
+        assert!(wait_gone_or_closed(
+            pid,
+            started,
+            &r,
+            Duration::from_secs(4)
+        ));
+        assert!(
+            t.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(alive(pid, started), "the process itself was not waited for");
+        closer.join().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn a_process_that_ends_ends_the_wait_even_with_its_pipe_held_elsewhere() {
+        let (r, _w) = pipe().unwrap();
+        let (mut child, pid, started) = sleeper("0.1");
+        assert!(wait_gone_or_closed(
+            pid,
+            started,
+            &r,
+            Duration::from_secs(4)
+        ));
+        assert!(!alive(pid, started));
+        child.wait().unwrap();
+        // Neither: the wait gives up after its time.
+        let (mut child, pid, started) = sleeper("5");
+        let t = Instant::now();
+        assert!(!wait_gone_or_closed(
+            pid,
+            started,
+            &r,
+            Duration::from_millis(100)
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(100));
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]
