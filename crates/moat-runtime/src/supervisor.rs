@@ -162,8 +162,9 @@ pub fn main_entry() -> i32 {
             s.ns_ahead = ahead;
             let code = s.run();
             let last = s.notify.take();
+            let ns = s.held_mnt_ns.take();
             drop(s);
-            let_go_of_the_folder(last);
+            let_go_of_the_folder(last, ns);
             code
         }
         Err(e) => {
@@ -180,8 +181,14 @@ pub fn main_entry() -> i32 {
 /// the notify pipe last. Its launcher takes the end of file on that pipe for
 /// "done with the machine folder" (see `machine::wait_finished`) and may
 /// unmount or remove the folder while this process is still exiting: its
-/// memory teardown is then off the launcher's path.
-fn let_go_of_the_folder(notify: Option<OwnedFd>) {
+/// memory teardown is then off the launcher's path, and so is the teardown
+/// of a disposable container's mount namespace (`held`, closed after).
+fn let_go_of_the_folder(notify: Option<OwnedFd>, held: Option<OwnedFd>) {
+    let keep: Vec<u32> = [&notify, &held]
+        .into_iter()
+        .flatten()
+        .map(|fd| fd.as_raw_fd() as u32)
+        .collect();
     // SAFETY: plain syscalls; nothing else runs in this process any more
     // (the container is gone, its threads were joined), so closing fds that
     // no owner will close again is sound: the process exits right after.
@@ -190,20 +197,10 @@ fn let_go_of_the_folder(notify: Option<OwnedFd>) {
             libc::dup2(null.as_raw_fd(), 1);
             libc::dup2(null.as_raw_fd(), 2);
         }
-        match &notify {
-            Some(fd) => {
-                let n = fd.as_raw_fd() as u32;
-                if n > 3 {
-                    libc::syscall(libc::SYS_close_range, 3u32, n - 1, 0u32);
-                }
-                libc::syscall(libc::SYS_close_range, n + 1, u32::MAX, 0u32);
-            }
-            None => {
-                libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
-            }
-        }
+        sys::close_fds_except(3, &keep);
     }
     drop(notify);
+    drop(held);
 }
 
 /// A pipe end the launcher left open across exec, its number in `var`:
@@ -328,6 +325,12 @@ struct Supervisor {
     /// Namespaces being made for the next container (see
     /// [`namespaces_ahead`]); `create` starts them itself when none are.
     ns_ahead: Option<sys::NsAhead>,
+    /// A disposable container's mount namespace, held from its creation:
+    /// its teardown (its few dozen mounts, the overlay, an RCU grace period)
+    /// then happens when this process lets go of it after the exit was
+    /// reported and the folder released (see [`let_go_of_the_folder`]),
+    /// not in PID 1's exit, before anyone learns of it.
+    held_mnt_ns: Option<OwnedFd>,
 }
 
 /// How much of the terminal's output a newly attached client gets first (the
@@ -462,6 +465,7 @@ impl Supervisor {
             replay: Vec::new(),
             created: None,
             ns_ahead: None,
+            held_mnt_ns: None,
         })
     }
 
@@ -635,6 +639,20 @@ impl Supervisor {
         self.init_exit = None;
         self.status.pid = Some(created.pid);
         self.status.rootfs_ownership = self.dir.rootfs_ownership();
+        // Only a disposable root (a volatile overlay, its folder removed after
+        // the run): a kept upper layer must be free for the next mount at once.
+        self.held_mnt_ns = None;
+        if self
+            .cfg
+            .container
+            .overlay
+            .as_ref()
+            .is_some_and(|o| o.volatile)
+        {
+            self.held_mnt_ns = fs::File::open(format!("/proc/{}/ns/mnt", created.pid))
+                .ok()
+                .map(OwnedFd::from);
+        }
         self.created = Some(created);
         Ok(())
     }

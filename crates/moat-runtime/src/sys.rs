@@ -218,6 +218,35 @@ pub fn wait_gone_or_closed(pid: i32, started: u64, pipe: &OwnedFd, timeout: Dura
     }
 }
 
+/// Closes every fd from `from` up but those in `keep` (at most 8; more are
+/// not kept), with `close_range`. Async-signal-safe (no allocation): usable
+/// in a forked child.
+///
+/// # Safety
+/// Fds owned by live objects are closed under them: the caller must not
+/// use (or drop) such objects afterwards, except those in `keep`.
+pub unsafe fn close_fds_except(from: u32, keep: &[u32]) {
+    let mut k = [u32::MAX; 8];
+    let n = keep.len().min(k.len());
+    k[..n].copy_from_slice(&keep[..n]);
+    k[..n].sort_unstable();
+    let mut lo = from;
+    for &fd in &k[..n] {
+        if fd < lo {
+            continue;
+        }
+        if fd > lo {
+            // SAFETY: close_range on a range of fd numbers (see above).
+            unsafe { libc::syscall(libc::SYS_close_range, lo, fd - 1, 0u32) };
+        }
+        lo = fd.saturating_add(1);
+    }
+    if lo != u32::MAX {
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_close_range, lo, u32::MAX, 0u32) };
+    }
+}
+
 /// Waits up to `timeout` for `fd` to be readable (or at its end, or in
 /// error); true if it is. Interruptions by signals wait again for the rest.
 pub fn wait_readable(fd: &OwnedFd, timeout: Duration) -> bool {
@@ -753,14 +782,7 @@ fn spawn_ns_helper(with_user: bool) -> io::Result<(libc::pid_t, fs::File, fs::Fi
             // our copies of the caller's pipe ends, our reads see EOF when
             // it dies, and the death signal ends us even in a syscall that
             // does not return.
-            let (lo, hi) = (w.min(r) as u32, w.max(r) as u32);
-            if lo > 0 {
-                libc::syscall(libc::SYS_close_range, 0u32, lo - 1, 0u32);
-            }
-            if hi > lo + 1 {
-                libc::syscall(libc::SYS_close_range, lo + 1, hi - 1, 0u32);
-            }
-            libc::syscall(libc::SYS_close_range, hi + 1, u32::MAX, 0u32);
+            close_fds_except(0, &[w as u32, r as u32]);
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             if libc::getppid() != parent {
                 libc::_exit(9);
@@ -1115,6 +1137,38 @@ mod tests {
 
     fn c(s: &str) -> CString {
         CString::new(s).unwrap()
+    }
+
+    #[test]
+    fn close_fds_except_closes_all_from_the_first_but_the_kept_ones() {
+        let files: Vec<fs::File> = (0..4)
+            .map(|_| fs::File::open("/dev/null").unwrap())
+            .collect();
+        let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
+        let (r, w) = pipe().unwrap();
+        let (first, wn) = (fds[0], w.as_raw_fd());
+        // SAFETY: the child only makes async-signal-safe calls and exits.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            unsafe {
+                close_fds_except(first as u32, &[wn as u32, fds[2] as u32]);
+                let mut mask = 0u8;
+                for (i, fd) in fds.iter().enumerate() {
+                    if libc::fcntl(*fd, libc::F_GETFD) != -1 {
+                        mask |= 1 << i;
+                    }
+                }
+                libc::write(wn, (&mask as *const u8).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        drop(w);
+        let mut got = Vec::new();
+        fs::File::from(r).read_to_end(&mut got).unwrap();
+        let mut st = 0;
+        unsafe { libc::waitpid(child, &mut st, 0) };
+        assert_eq!(got, vec![0b0100], "only the kept file stays open");
     }
 
     /// A `sleep` child that holds none of our pipes, with its start time.
