@@ -520,6 +520,13 @@ impl Warm {
             }
         };
         self.reaped = true;
+        // Killed, not exited: the daemon half it forked ahead (see
+        // `supervisor::fork_ahead`) may or may not have the machine. A
+        // supervisor started the usual way then runs it, or finds it taken
+        // (`SUPERVISOR_BUSY`) and the launch waits for the holder's status.
+        if st.is_some_and(|s| s.signal().is_some()) {
+            return Err(NotDelivered);
+        }
         Ok((st, notify_r))
     }
 }

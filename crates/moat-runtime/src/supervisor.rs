@@ -67,11 +67,17 @@ pub fn main_entry() -> i32 {
             }
         };
     }
+    let mut handover = None;
     let dir = if args.get(1).is_some_and(|a| a == "--wait") {
         // Started ahead of its machine (`machine::prespawn`): set up what
         // does not depend on it, then wait for the folder.
         take_back_affinity();
         crate::cgroups::preload();
+        match fork_ahead() {
+            Ahead::Launcher(code) => return code,
+            Ahead::Daemon(fd) => handover = Some(fd),
+            Ahead::NotForked => {}
+        }
         match wait_for_go() {
             Ok(Some(d)) => d,
             // The launcher went away without a machine for us.
@@ -90,7 +96,67 @@ pub fn main_entry() -> i32 {
             }
         }
     };
-    let dir = MachineDir::new(dir);
+    let code = supervise(MachineDir::new(dir), &mut handover);
+    if let Some(fd) = handover {
+        hand_over(fd, code);
+    }
+    code
+}
+
+/// What [`fork_ahead`] made of this process.
+enum Ahead {
+    /// The half its launcher waits for: exit with this code.
+    Launcher(i32),
+    /// The supervisor to be: it reports the launcher half's exit code on
+    /// this pipe (see [`hand_over`]) once it has its machine or failed.
+    Daemon(OwnedFd),
+    /// No fork (it failed): the supervisor forks once it has its machine.
+    NotForked,
+}
+
+/// A warm supervisor forks its daemon half while it waits for its machine,
+/// not after: the fork (page tables of the whole binary, the child's first
+/// run on a CPU) is then off the path of the run. The launcher (`moat run`)
+/// waits for its own child, which now waits for the daemon's word on a
+/// pipe and exits with the code the fork at the go used to give.
+fn fork_ahead() -> Ahead {
+    let Ok((r, w)) = sys::pipe() else {
+        return Ahead::NotForked;
+    };
+    // SAFETY: fork while single-threaded (nothing has spawned threads yet).
+    let child = unsafe { libc::fork() };
+    if child < 0 {
+        return Ahead::NotForked;
+    }
+    if child == 0 {
+        drop(r);
+        return Ahead::Daemon(w);
+    }
+    drop(w);
+    // The go and notify pipes, the log: the daemon's alone (a copy here would
+    // keep the notify pipe's end of file from its launcher). Nothing else
+    // runs or is used in this process any more.
+    // SAFETY: no object whose fd is closed here is used or dropped after.
+    unsafe { sys::close_fds_except(3, &[r.as_raw_fd() as u32]) };
+    let mut b = [0u8; 1];
+    let code = match fs::File::from(r).read(&mut b) {
+        Ok(1) => i32::from(b[0]),
+        // The daemon died before it said anything.
+        _ => 1,
+    };
+    Ahead::Launcher(code)
+}
+
+/// Tells the launcher half of [`fork_ahead`] its exit code.
+fn hand_over(fd: OwnedFd, code: i32) {
+    let b = [code.clamp(0, 255) as u8];
+    let _ = fs::File::from(fd).write_all(&b);
+}
+
+/// The supervisor of the machine in `dir`, from its lock to its end. With
+/// `handover` (a warm supervisor forked ahead), this process is the daemon
+/// already: it hands the launcher half its code instead of forking.
+fn supervise(dir: MachineDir, handover: &mut Option<OwnedFd>) -> i32 {
     // One supervisor per machine, before anything of the machine is read or
     // touched (socket, status, container state). The lock lives as long as
     // this open file: the forked supervisor below keeps it (close-on-exec, so
@@ -134,14 +200,19 @@ pub fn main_entry() -> i32 {
         }
     };
     let notify = notify_fd();
-    // SAFETY: fork while single-threaded (nothing has spawned threads yet).
-    let child = unsafe { libc::fork() };
-    if child < 0 {
-        eprintln!("moat-supervisor: fork: {}", io::Error::last_os_error());
-        return 1;
-    }
-    if child > 0 {
-        return 0;
+    if let Some(fd) = handover.take() {
+        // Forked ahead: the launcher half exits 0 now.
+        hand_over(fd, 0);
+    } else {
+        // SAFETY: fork while single-threaded (nothing has spawned threads yet).
+        let child = unsafe { libc::fork() };
+        if child < 0 {
+            eprintln!("moat-supervisor: fork: {}", io::Error::last_os_error());
+            return 1;
+        }
+        if child > 0 {
+            return 0;
+        }
     }
     // SAFETY: plain syscalls on valid fds in the forked child.
     unsafe {

@@ -72,4 +72,39 @@ fn prespawned_supervisor_runs_the_next_launch_and_an_unused_one_exits() {
     assert!(gone(third), "dead warm supervisor {third} not reaped");
     let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
     assert!(out.contains("fallback-out"), "{out}");
+
+    // The half this process waits for killed after it forked its daemon
+    // half ahead (see `supervisor::fork_ahead`): the daemon may take the
+    // machine; the launch starts one the usual way, which runs it or finds
+    // it taken and waits for the holder.
+    let fourth = machine::prespawn(&supervisor()).expect("prespawn");
+    let children = format!("/proc/{fourth}/task/{fourth}/children");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let daemon: u32 = loop {
+        let c = std::fs::read_to_string(&children).unwrap_or_default();
+        if let Some(pid) = c.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            break pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "warm supervisor {fourth} did not fork ahead"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    // SAFETY: kill of a child of this process, not yet reaped.
+    assert_eq!(unsafe { libc::kill(fourth as i32, libc::SIGKILL) }, 0);
+    let fx = busybox_fixture();
+    let name = unique("warmhalf");
+    let mut spec = ContainerSpec::new(&name, &fx.rootfs, sh("echo half-out; exit 7"));
+    spec.idmap = Some(IdRange::for_machine(machine_number()));
+    let dir = MachineDir::new(&fx.machine_dir);
+    let _guard3 = Guard(dir.clone());
+    machine::launch(&dir, &SupervisorConfig::new(spec), &supervisor()).expect("launch");
+    let s = wait_phase(&dir, Phase::Exited, Duration::from_secs(20));
+    assert_eq!(s.exit_code, Some(7));
+    let out = std::fs::read_to_string(dir.stdout_log()).expect("stdout log");
+    assert!(out.contains("half-out"), "{out}");
+    assert!(gone(fourth), "killed warm supervisor {fourth} not reaped");
+    machine::stop(&dir, Duration::from_secs(5)).expect("stop");
+    assert!(gone(daemon), "its daemon half {daemon} is still there");
 }
