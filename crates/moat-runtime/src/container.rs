@@ -425,6 +425,22 @@ fn recorded_cgroup(c: &Container) -> Option<String> {
         .and_then(|v| v["linux"]["cgroupsPath"].as_str().map(str::to_string))
 }
 
+/// [`delete`] for a container whose PID 1 the caller (its supervisor) has
+/// reaped, so that nothing of it runs any more (its PID namespace ended
+/// with it): its cgroup is the spec's, and nothing is read back from disk
+/// (libcontainer's state, the bundle's config) unless removing the cgroup
+/// folders fails, when [`delete`] takes over.
+pub fn delete_ended(spec: &ContainerSpec, state_root: &Path) -> Result<(), RuntimeError> {
+    if crate::cgroups::remove_tree_with(&spec.cgroup_path(), spec.keep_cgroup_parent) {
+        let dir = state_root.join(&spec.name);
+        return match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::io(&dir, e)),
+            _ => Ok(()),
+        };
+    }
+    delete(&spec.name, state_root, true, spec.keep_cgroup_parent)
+}
+
 /// Removes the container: its processes (when `force`), cgroups and state.
 /// A missing container is not an error. `keep_cgroup_parent`: see
 /// `ContainerSpec::keep_cgroup_parent`.

@@ -645,7 +645,8 @@ impl Supervisor {
                 });
             }
             if self.cfg.process.is_none() {
-                if let Err(e) = container::delete(&name, &root, true, keep) {
+                // PID 1 was reaped above: its cgroup is known, nothing runs.
+                if let Err(e) = container::delete_ended(&self.cfg.container, &root) {
                     eprintln!("moat-supervisor: {e}");
                 }
             }
