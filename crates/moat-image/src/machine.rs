@@ -369,11 +369,12 @@ impl MachineFs {
             && moat_host::mount::unmount(&rootfs, false).is_ok()
             && !moat_host::mount::is_mount_point(&rootfs).unwrap_or(true);
         // Mounts the runtime left below the rootfs (proc, dev, ...) go first.
-        for m in (!done)
-            .then(|| moat_host::mount::mounts_under(&rootfs))
-            .transpose()?
-            .unwrap_or_default()
-        {
+        let left = if done {
+            Vec::new()
+        } else {
+            moat_host::mount::mounts_under(&rootfs)?
+        };
+        for m in left {
             if moat_host::mount::unmount(&m, false).is_err() {
                 moat_host::mount::unmount(&m, true)?;
             }

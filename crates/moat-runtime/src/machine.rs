@@ -671,6 +671,15 @@ fn forget_notify(dir: &MachineDir) {
     }
 }
 
+/// A copy of the read end of `dir`'s notify pipe, if this process has one.
+fn notify_pipe(dir: &MachineDir) -> Option<OwnedFd> {
+    NOTIFY.lock().ok().and_then(|v| {
+        v.iter()
+            .find(|(d, _)| d == &dir.dir)
+            .and_then(|(_, fd)| fd.try_clone().ok())
+    })
+}
+
 /// Supervisors (machine folder, pid, start time) launched by this process
 /// that said they were done with their folder by closing their notify pipe
 /// after their container ended, and may still be exiting.
@@ -704,12 +713,7 @@ fn set_finished(dir: &MachineDir, s: Option<&Status>) {
 /// exits; otherwise (another process launched it) sleeps min(timeout,
 /// 300 µs) before the caller looks again.
 pub fn wait_change(dir: &MachineDir, timeout: Duration) {
-    let fd = NOTIFY.lock().ok().and_then(|v| {
-        v.iter()
-            .find(|(d, _)| d == &dir.dir)
-            .and_then(|(_, fd)| fd.try_clone().ok())
-    });
-    let Some(fd) = fd else {
+    let Some(fd) = notify_pipe(dir) else {
         std::thread::sleep(timeout.min(Duration::from_micros(300)));
         return;
     };
@@ -762,21 +766,9 @@ fn wait_finished(dir: &MachineDir, s: &Status) -> Result<bool, RuntimeError> {
     if !sys::alive(s.supervisor_pid, s.supervisor_start) {
         return Ok(false);
     }
-    let pipe = NOTIFY.lock().ok().and_then(|v| {
-        v.iter()
-            .find(|(d, _)| d == &dir.dir)
-            .and_then(|(_, fd)| fd.try_clone().ok())
-    });
-    let (pid, started, limit) = (
-        s.supervisor_pid,
-        s.supervisor_start,
-        Duration::from_secs(30),
-    );
-    let done = match &pipe {
-        Some(p) => sys::wait_gone_or_closed(pid, started, p, limit),
-        None => sys::wait_gone(pid, started, limit),
-    };
-    if !done {
+    let pipe = notify_pipe(dir);
+    let (pid, started) = (s.supervisor_pid, s.supervisor_start);
+    if !sys::wait_gone_or_closed(pid, started, pipe.as_ref(), Duration::from_secs(30)) {
         return Err(dir.err("the supervisor did not exit after its container ended"));
     }
     forget_notify(dir);

@@ -127,13 +127,28 @@ pub fn alive(pid: i32, started: u64) -> bool {
 /// it ends (not at the next poll tick); without pidfd_open (Linux < 5.3) it
 /// checks every 2 ms.
 pub fn wait_gone(pid: i32, started: u64, timeout: Duration) -> bool {
+    wait_gone_or_closed(pid, started, None, timeout)
+}
+
+/// [`wait_gone`], or, with `pipe`, until its write end is closed by all
+/// that hold it, whichever comes first: true then. A supervisor closes the
+/// notify pipe it writes to as its very last act (see
+/// `supervisor::let_go_of_the_folder`), so its end of file means "done"
+/// while its exit may still be under way. Bytes read from `pipe` on the way
+/// are dropped (they only wake readers).
+pub fn wait_gone_or_closed(
+    pid: i32,
+    started: u64,
+    pipe: Option<&OwnedFd>,
+    timeout: Duration,
+) -> bool {
+    let deadline = Instant::now() + timeout;
     // SAFETY: pidfd_open takes a pid and flags, and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd < 0 {
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if raw < 0 {
         if io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
             return true;
         }
-        let deadline = Instant::now() + timeout;
         while alive(pid, started) {
             if Instant::now() >= deadline {
                 return false;
@@ -143,46 +158,22 @@ pub fn wait_gone(pid: i32, started: u64, timeout: Duration) -> bool {
         return true;
     }
     // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
     // Checked after the open: the pidfd is then known to be the process
     // recorded, not a later one that got its pid.
     if !alive(pid, started) {
         return true;
     }
-    wait_readable(&fd, timeout) && !alive(pid, started)
-}
-
-/// [`wait_gone`], or until `pipe`'s write end is closed by all that hold
-/// it, whichever comes first: true then. A supervisor closes the notify
-/// pipe it writes to as its very last act (see `supervisor::let_go_of_the_folder`), so
-/// its end of file means "done" while its exit may still be under way.
-/// Bytes read from `pipe` on the way are dropped (they only wake readers).
-pub fn wait_gone_or_closed(pid: i32, started: u64, pipe: &OwnedFd, timeout: Duration) -> bool {
-    // SAFETY: pidfd_open takes a pid and flags, and returns a new fd or -1.
-    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if raw < 0 {
-        return wait_gone(pid, started, timeout);
-    }
-    // SAFETY: pidfd_open returned a new fd that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
-    if !alive(pid, started) {
-        return true;
-    }
-    let deadline = Instant::now() + timeout;
+    let Some(pipe) = pipe else {
+        return wait_readable(&pidfd, timeout) && !alive(pid, started);
+    };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let mut p = [
-            libc::pollfd {
-                fd: pidfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: pipe.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
+        let mut p = [pidfd.as_raw_fd(), pipe.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
         let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
         // SAFETY: poll over two live pollfds.
         let r = unsafe { libc::poll(p.as_mut_ptr(), 2, ms) };
@@ -198,22 +189,20 @@ pub fn wait_gone_or_closed(pid: i32, started: u64, pipe: &OwnedFd, timeout: Dura
         if p[0].revents != 0 {
             return !alive(pid, started);
         }
-        if p[1].revents != 0 {
-            let mut buf = [0u8; 64];
-            // SAFETY: read into a live buffer from a fd the caller owns.
-            let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n == 0 {
-                return true;
-            }
-            if n < 0
-                && !matches!(
-                    io::Error::last_os_error().kind(),
-                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                )
-            {
-                // Not a pipe we can read: the process's end decides.
-                return wait_gone(pid, started, left);
-            }
+        let mut buf = [0u8; 64];
+        // SAFETY: read into a live buffer from a fd the caller owns.
+        let n = unsafe { libc::read(pipe.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n == 0 {
+            return true;
+        }
+        if n < 0
+            && !matches!(
+                io::Error::last_os_error().kind(),
+                io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+            )
+        {
+            // Not a pipe we can read: the process's end decides.
+            return wait_readable(&pidfd, left) && !alive(pid, started);
         }
     }
 }
@@ -1197,7 +1186,7 @@ mod tests {
         assert!(wait_gone_or_closed(
             pid,
             started,
-            &r,
+            Some(&r),
             Duration::from_secs(4)
         ));
         assert!(
@@ -1218,7 +1207,7 @@ mod tests {
         assert!(wait_gone_or_closed(
             pid,
             started,
-            &r,
+            Some(&r),
             Duration::from_secs(4)
         ));
         assert!(!alive(pid, started));
@@ -1229,7 +1218,7 @@ mod tests {
         assert!(!wait_gone_or_closed(
             pid,
             started,
-            &r,
+            Some(&r),
             Duration::from_millis(100)
         ));
         assert!(t.elapsed() >= Duration::from_millis(100));
