@@ -44,6 +44,10 @@ pub struct Created {
     pub console: Option<OwnedFd>,
     /// libcontainer's handle, for [`Created::start`] (no reload from disk).
     container: Container,
+    /// The read-only cgroup view the init copied (see [`create`]): off the
+    /// host after the start (or when taken and dropped, or when this is
+    /// dropped unstarted).
+    view: Option<crate::cgroups::ReadOnlyView>,
 }
 
 impl Created {
@@ -52,6 +56,16 @@ impl Created {
     pub fn start(mut self) -> Result<(), RuntimeError> {
         let name = self.container.id().to_string();
         self.container.start().map_err(lc_err(&name, "start"))
+        // The view goes now, while the init runs its program: its unmount
+        // waits for an RCU grace period, which between create and start
+        // held the start back (~0.1-0.35 ms here).
+    }
+
+    /// The container's read-only cgroup view, for a caller that removes it
+    /// from the host later than [`Created::start`] would (after it has
+    /// reported the start). Dropping it removes it.
+    pub fn take_view(&mut self) -> Option<crate::cgroups::ReadOnlyView> {
+        self.view.take()
     }
 }
 
@@ -155,7 +169,7 @@ pub fn create(
     // other CPU (where the namespaces are being made ahead too), what the
     // container is to see at /sys/fs/cgroup on a v1 host (see
     // `cgroups::readonly_view`), off the host again once the container has
-    // its copy (dropped after the build below). Without it (it could not
+    // its copy and is started (`Created::view`). Without it (it could not
     // be made), the library mounts the hierarchies itself.
     let want_view = spec.kind == ContainerKind::Application && !spec.privileged;
     let others = crate::sys::affinity()
@@ -284,8 +298,8 @@ pub fn create(
         let _ = e.leave();
     }
     // The container's init has made its mounts (build returns once it waits
-    // for start): the view goes from the host.
-    drop(view);
+    // for start): the view goes from the host after the start
+    // (`Created::start`), or with `view` here on an error.
     let container = built?;
     if let Some(id) = delegate_to {
         crate::cgroups::delegate_after_create(&spec.cgroup_path(), id).map_err(|e| {
@@ -329,6 +343,7 @@ pub fn create(
         pid,
         console,
         container,
+        view,
     })
 }
 

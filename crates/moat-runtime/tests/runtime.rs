@@ -708,8 +708,8 @@ fn a_container_joins_the_namespaces_made_ahead_for_it() {
 }
 
 /// The read-only cgroup view of an application container on a v1 host
-/// (`cgroups::readonly_view`) is on the host only while the container is
-/// created: one left by a supervisor killed meanwhile is removed by the next
+/// (`cgroups::readonly_view`) is on the host only from the container's
+/// create to its start: one left by a supervisor killed meanwhile is removed by the next
 /// create and by the clean-up after a dead supervisor (so `destroy` can
 /// remove the folder).
 #[test]
@@ -761,7 +761,7 @@ fn a_cgroup_view_left_behind_is_removed() {
     assert!(matches!(st, MachineState::Running { .. }), "{st:?}");
     assert!(
         !mounted(&view_dir),
-        "the view is still mounted after create"
+        "the view is still mounted after the start"
     );
     let (_, inside, _) = exec_ok(&dir, "ls /sys/fs/cgroup | wc -l");
     assert!(inside.trim().parse::<usize>().unwrap() >= mems, "{inside}");
