@@ -27,6 +27,27 @@ pub struct Ctx {
     pub root_tag: String,
 }
 
+/// What a driver that keeps one folder per machine in `<root>/machines`
+/// (native, nspawn) observes there: each folder through `observe` (which
+/// returns `None` for one that is not its own), sorted by full name. No
+/// `machines` folder is no machine.
+pub(crate) fn list_machine_folders(
+    ctx: &Ctx,
+    mut observe: impl FnMut(&str) -> Result<Option<ObservedMachine>>,
+) -> Result<Vec<ObservedMachine>> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(ctx.root.join("machines")) else {
+        return Ok(out);
+    };
+    for e in rd.flatten() {
+        if let Some(m) = observe(&e.file_name().to_string_lossy())? {
+            out.push(m);
+        }
+    }
+    out.sort_by(|a, b| a.full_name.cmp(&b.full_name));
+    Ok(out)
+}
+
 /// Everything a driver needs to create one machine.
 #[derive(Clone, Debug)]
 pub struct MachineSpec {

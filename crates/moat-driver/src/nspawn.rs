@@ -688,18 +688,7 @@ impl Driver for NspawnDriver {
     }
 
     fn list(&self, ctx: &Ctx) -> Result<Vec<ObservedMachine>> {
-        let mut out = Vec::new();
-        let Ok(rd) = fs::read_dir(ctx.root.join("machines")) else {
-            return Ok(out);
-        };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(m) = self.observe(ctx, &name)? {
-                out.push(m);
-            }
-        }
-        out.sort_by(|a, b| a.full_name.cmp(&b.full_name));
-        Ok(out)
+        crate::list_machine_folders(ctx, |name| self.observe(ctx, name))
     }
 
     fn observe(&self, ctx: &Ctx, full_name: &str) -> Result<Option<ObservedMachine>> {
