@@ -446,14 +446,29 @@ fn recorded_cgroup(c: &Container) -> Option<String> {
 /// (libcontainer's state, the bundle's config) unless removing the cgroup
 /// folders fails, when [`delete`] takes over.
 pub fn delete_ended(spec: &ContainerSpec, state_root: &Path) -> Result<(), RuntimeError> {
-    if crate::cgroups::remove_tree_with(&spec.cgroup_path(), spec.keep_cgroup_parent) {
-        let dir = state_root.join(&spec.name);
-        return match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::io(&dir, e)),
-            _ => Ok(()),
-        };
+    let (cgroup, keep) = (spec.cgroup_path(), spec.keep_cgroup_parent);
+    remove_ended(&cgroup, &spec.name, state_root, keep)
+        .unwrap_or_else(|| delete(&spec.name, state_root, true, keep))
+}
+
+/// What is left of a container nothing of which runs any more: every
+/// folder of `cgroup` (rmdir refuses one that holds a process), then its
+/// state folder. `None` when a cgroup folder stays (the caller then takes
+/// libcontainer's path).
+fn remove_ended(
+    cgroup: &str,
+    name: &str,
+    state_root: &Path,
+    keep_cgroup_parent: bool,
+) -> Option<Result<(), RuntimeError>> {
+    if !crate::cgroups::remove_tree_with(cgroup, keep_cgroup_parent) {
+        return None;
     }
-    delete(&spec.name, state_root, true, spec.keep_cgroup_parent)
+    let dir = state_root.join(name);
+    Some(match fs::remove_dir_all(&dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::io(&dir, e)),
+        _ => Ok(()),
+    })
 }
 
 /// Removes the container: its processes (when `force`), cgroups and state.
@@ -483,14 +498,8 @@ pub fn delete(
         .pid()
         .is_some_and(|p| crate::sys::start_time(p.as_raw()).is_none());
     if let Some(cg) = recorded.as_deref().filter(|_| pid1_gone) {
-        if crate::cgroups::remove_tree_with(cg, keep_cgroup_parent) {
-            let dir = state_root.join(name);
-            return match fs::remove_dir_all(&dir) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(RuntimeError::io(&dir, e))
-                }
-                _ => Ok(()),
-            };
+        if let Some(r) = remove_ended(cg, name, state_root, keep_cgroup_parent) {
+            return r;
         }
     }
     let cgroup = recorded.unwrap_or_else(|| format!("/moat/{name}"));
