@@ -45,9 +45,8 @@ pub struct Created {
     /// libcontainer's handle, for [`Created::start`] (no reload from disk).
     container: Container,
     /// The read-only cgroup view the init copied (see [`create`]): off the
-    /// host after the start (or when taken and dropped, or when this is
-    /// dropped unstarted).
-    view: Option<crate::cgroups::ReadOnlyView>,
+    /// host right after the start (or when this is dropped unstarted).
+    _view: Option<crate::cgroups::ReadOnlyView>,
 }
 
 impl Created {
@@ -59,13 +58,6 @@ impl Created {
         // The view goes now, while the init runs its program: its unmount
         // waits for an RCU grace period, which between create and start
         // held the start back (~0.1-0.35 ms here).
-    }
-
-    /// The container's read-only cgroup view, for a caller that removes it
-    /// from the host later than [`Created::start`] would (after it has
-    /// reported the start). Dropping it removes it.
-    pub fn take_view(&mut self) -> Option<crate::cgroups::ReadOnlyView> {
-        self.view.take()
     }
 }
 
@@ -169,7 +161,7 @@ pub fn create(
     // other CPU (where the namespaces are being made ahead too), what the
     // container is to see at /sys/fs/cgroup on a v1 host (see
     // `cgroups::readonly_view`), off the host again once the container has
-    // its copy and is started (`Created::view`). Without it (it could not
+    // its copy and is started (`Created::start`). Without it (it could not
     // be made), the library mounts the hierarchies itself.
     let want_view = spec.kind == ContainerKind::Application && !spec.privileged;
     let others = crate::sys::affinity()
@@ -343,7 +335,7 @@ pub fn create(
         pid,
         console,
         container,
-        view,
+        _view: view,
     })
 }
 

@@ -584,17 +584,10 @@ impl Supervisor {
             }
             first = false;
             if !self.stop_requested {
-                // The cgroup view goes once the start is reported (it is
-                // the container's by then; its unmount waits for an RCU
-                // grace period).
-                let mut view = None;
                 let started = match self.cfg.process {
                     Some(_) => Ok(()),
                     None => match self.created.take() {
-                        Some(mut c) => {
-                            view = c.take_view();
-                            c.start()
-                        }
+                        Some(c) => c.start(),
                         None => container::start(&name, &root),
                     },
                 };
@@ -611,7 +604,6 @@ impl Supervisor {
                 self.status.message = None;
                 self.set_phase(Phase::Running);
                 self.trim_at = Some(Instant::now() + TRIM_AFTER);
-                drop(view);
             } else {
                 self.created = None;
                 let _ = self.kill_init(libc::SIGKILL);
